@@ -1,0 +1,257 @@
+"""Typed, layered configuration: YAML files validated into pydantic models.
+
+A pipeline file (``pipelines/*.yaml``) may name a ``base:`` file it extends (a path
+relative to itself); mappings merge key by key, the later file winning. Command-line
+overrides (``--set preprocess.bin=2``) go on top. Every error names the file, the key,
+the value received and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from chemmap.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # A typo in a key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthConfig(_Section):
+    """The built-in synthetic scanner (used when ``data.source`` is ``synthetic``)."""
+
+    instrument: Literal["vnir", "nir"] = "vnir"
+    n_samples: int = Field(180, ge=6)
+    lines: int = Field(128, ge=16)  # along the belt
+    samples: int = Field(96, ge=16)  # across the belt (detector pixels)
+    bands: int | None = Field(None, ge=8)  # None: the instrument preset
+    wavelength_range: tuple[float, float] | None = None  # nm; None: the preset
+    scans_per_sample: int = Field(1, ge=1, le=4)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    """Where scans and lab values come from."""
+
+    source: Literal["synthetic", "folder"] = "synthetic"
+    # A scanner's output folder (source: folder); relative paths are relative to the config file.
+    root: str | None = None
+    references: str = "references.csv"  # relative to root
+    # Glob patterns with {scan_id}, relative to root; None finds the Specim recorder layout.
+    raw_pattern: str | None = None
+    white_pattern: str | None = None
+    dark_pattern: str | None = None
+    # What to do with a scan that fails validation: stop, or report it and go on without it.
+    on_error: Literal["fail", "skip"] = "fail"
+
+    @model_validator(mode="after")
+    def _root_for_folder(self) -> DataConfig:
+        if self.source == "folder" and not self.root:
+            raise ValueError("data.root is required when data.source is 'folder'")
+        return self
+
+
+class SavGolConfig(_Section):
+    window: int = Field(7, ge=3)
+    polyorder: int = Field(2, ge=0)
+    deriv: int = Field(1, ge=0, le=2)
+
+    @model_validator(mode="after")
+    def _odd_window(self) -> SavGolConfig:
+        if self.window % 2 == 0:
+            raise ValueError(f"savgol.window must be odd, got {self.window}")
+        if self.polyorder >= self.window:
+            raise ValueError(f"savgol.polyorder must be < window ({self.window}), got {self.polyorder}")
+        return self
+
+
+class MaskConfig(_Section):
+    """How the sample is told from the belt.
+
+    ``threshold``: mean reflectance over ``band_range`` above ``threshold``, then a
+    morphological opening, hole filling, dropping components under ``min_size`` pixels
+    and an erosion of the edge (mixed meat/belt pixels). ``files``: a mask image per scan
+    (``.npy`` or ``.png``, non-zero = sample) found by ``pattern`` relative to the data root.
+    Saturated and dead pixels are removed from either.
+    """
+
+    method: Literal["threshold", "files"] = "threshold"
+    band_range: tuple[float, float] | None = None  # nm; None: every selected band
+    threshold: float = 0.15  # reflectance
+    opening: int = Field(1, ge=0)  # px radius
+    erode: int = Field(1, ge=0)  # px radius
+    min_size: int = Field(64, ge=1)  # px
+    fill_holes: bool = True
+    pattern: str | None = None  # for method: files, e.g. "{scan_id}/capture/{scan_id}_mask.png"
+
+    @model_validator(mode="after")
+    def _pattern_for_files(self) -> MaskConfig:
+        if self.method == "files" and not self.pattern:
+            raise ValueError("mask.pattern is required when mask.method is 'files'")
+        return self
+
+
+class PreprocessConfig(_Section):
+    """The preprocessing recipe: raw counts -> model input. Stored with the dataset and the model."""
+
+    calibration: Literal["white_dark", "none"] = "white_dark"
+    wavelength_min: float | None = None  # nm, inclusive
+    wavelength_max: float | None = None  # nm, inclusive
+    bin: int = Field(1, ge=1)  # average this many adjacent bands
+    transform: Literal["reflectance", "absorbance"] = "reflectance"
+    snv: bool = False
+    savgol: SavGolConfig | None = None
+    # Counts at or above this are saturated; None: the header's 'ceiling', else the dtype's maximum.
+    saturation: int | None = None
+    # A detector element whose white minus dark is below this many counts is dead.
+    min_white_signal: float = 20.0
+    mask: MaskConfig = MaskConfig()
+    # Storage: zarr chunk of the calibrated cube (all bands, chunk_lines x chunk_samples).
+    chunk_lines: int = Field(128, ge=8)
+    chunk_samples: int = Field(256, ge=8)
+    shard_lines: int | None = None  # zarr v3 shards (multiples of the chunk); None: unsharded
+    # Dask: "threads" (local, default), "synchronous", or a dask.distributed address.
+    scheduler: str = "threads"
+    num_workers: int | None = None  # threads; None: one per core
+    # Patch index: core tile size in px at the input's resolution; the halo comes from the model.
+    patch_core: int = Field(64, ge=8)
+
+
+class ChemmapConfig(_Section):
+    """A whole pipeline."""
+
+    name: str = "pork_belly"
+    # Stage outputs go under workdir/<stage>/<key>/; relative to the config file's folder.
+    workdir: str = "runs"
+    seed: int = 0
+    targets: list[str] = Field(default_factory=lambda: ["fat"])
+    data: DataConfig = DataConfig()
+    synth: SynthConfig = SynthConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    # U-Net options (chemmap.models.unet.UNetConfig); in/out channels come from the dataset.
+    model: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("targets must name at least one reference column, e.g. [fat]")
+        return v
+
+    # Set by load_config: the file's folder, against which relative paths resolve.
+    _base_dir: Path = Path(".")
+    _source: str = "<defaults>"
+
+    def resolve_path(self, p: str | os.PathLike) -> Path:
+        """A path from the config, relative to the config file's folder unless absolute or a URL."""
+        s = str(p)
+        if "://" in s:
+            return Path(s)
+        path = Path(s).expanduser()
+        return path if path.is_absolute() else (self._base_dir / path)
+
+    @property
+    def workdir_path(self) -> Path:
+        return self.resolve_path(self.workdir)
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' files include each other: {' -> '.join(map(str, seen))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: key 'base' must be a path, got {base!r}")
+        parent = _read_yaml((path.parent / base), (*seen, path))
+        data = _deep_merge(parent, data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3); the value is parsed as YAML (so lists and numbers work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def _format_error(err: ValidationError, source: str, data: dict) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<top>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{loc}: {msg}{got_s}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: Path | None = None) -> ChemmapConfig:
+    """Validate a plain mapping into a :class:`ChemmapConfig`; errors name ``source`` and the key."""
+    try:
+        cfg = ChemmapConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source, data)) from None
+    cfg._base_dir = base_dir or Path(".").resolve()
+    cfg._source = source
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ChemmapConfig:
+    """Read a pipeline YAML (following ``base:``), apply ``key=value`` overrides and validate."""
+    path = Path(path)
+    data = _read_yaml(path)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(keys[:-1])} is not a mapping")
+            node = nxt
+        node[keys[-1]] = value
+    return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (what was actually run)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
