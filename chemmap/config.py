@@ -236,11 +236,9 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: Path | Non
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ChemmapConfig:
-    """Read a pipeline YAML (following ``base:``), apply ``key=value`` overrides and validate."""
-    path = Path(path)
-    data = _read_yaml(path)
-    for item in overrides or []:
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set ``key.path=value`` items into a config mapping (in place; returned for chaining)."""
+    for item in overrides:
         keys, value = parse_override(item)
         node = data
         for k in keys[:-1]:
@@ -249,6 +247,19 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
                 raise ConfigError(f"override {item!r}: {'.'.join(keys[:-1])} is not a mapping")
             node = nxt
         node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> ChemmapConfig:
+    """Read a pipeline YAML (following ``base:``), apply ``key=value`` overrides and validate.
+
+    With ``path=None`` the embedded defaults are the base.
+    """
+    if path is None:
+        data = apply_overrides({}, overrides or [])
+        return config_from_dict(data, source="--set" if overrides else "<defaults>")
+    path = Path(path)
+    data = apply_overrides(_read_yaml(path), overrides or [])
     return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)
 
 

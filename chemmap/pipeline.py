@@ -1,0 +1,153 @@
+"""The pipeline's stages, each a function of the resolved config, chained through stage keys.
+
+``synth`` (when the data source is the built-in scanner) -> ``preprocess`` -> (``train`` ->
+``evaluate`` -> ``register`` -> ``score``). Each stage computes its key from its own config
+section and its inputs' keys, returns at once when that folder is complete, and otherwise
+builds it and writes its completion marker last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chemmap.config import ChemmapConfig, dump_config
+from chemmap.errors import InputError
+from chemmap.stages import StageDir, files_key, stable_hash, stage_dir
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """What the preprocess stage reads: the scans, the per-sample references, and their key."""
+
+    root: Path
+    scans: list  # list[ScanInput]
+    references: Any  # pandas.DataFrame, one row per sample: sample_id, targets..., split
+    key: str
+    skipped: list[str]
+
+
+def synth_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) -> StageDir:
+    """Write the built-in scanner's output for ``cfg.synth`` (once per distinct config)."""
+    from chemmap.synth import SynthSpec, synthesize
+
+    section = cfg.synth.model_dump(mode="json")
+    stage = stage_dir(cfg.workdir_path, "synth", section)
+    if stage.complete:
+        log(f"synth: done already ({stage.path})")
+        return stage
+    stage.begin()
+    spec = SynthSpec(**{**cfg.synth.model_dump(), "wavelength_range": cfg.synth.wavelength_range})
+    log(f"synth: {spec.n_samples} samples x {spec.scans_per_sample} scans, {spec.lines}x{spec.samples} px, "
+        f"{spec.instrument} -> {stage.path / 'scans'}")
+    synthesize(stage.path / "scans", spec, progress=progress)
+    stage.finish({"root": str(stage.path / "scans")}, dump_config(cfg.synth))
+    return stage
+
+
+def data_source(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) -> DataSource:
+    """Find the scans and references the config names (synthesising them if it says so)."""
+    from chemmap.io import discover_scans, read_references
+    from chemmap.preprocess.dataset import ScanInput
+
+    if cfg.data.source == "synthetic":
+        stage = synth_stage(cfg, progress=progress, log=log)
+        root = stage.path / "scans"
+        base_key = stage.key
+    else:
+        root = cfg.resolve_path(cfg.data.root)
+        if not root.is_dir():
+            raise InputError(f"{cfg.source}: data.root: folder not found: {root}")
+        base_key = None
+    files = discover_scans(root, cfg.data.raw_pattern, cfg.data.white_pattern, cfg.data.dark_pattern)
+    refs, skipped = read_references(
+        root / cfg.data.references, [f.scan_id for f in files], cfg.targets, on_error=cfg.data.on_error,
+        seed=cfg.seed,
+    )
+    for msg in skipped:
+        log(f"[skip] {msg}")
+    sample_of = dict(zip(refs["scan_id"].astype(str), refs["sample_id"].astype(str), strict=True))
+    mask_pattern = cfg.preprocess.mask.pattern if cfg.preprocess.mask.method == "files" else None
+    scans = []
+    for f in files:
+        if f.scan_id not in sample_of:
+            continue  # reported by read_references (on_error: skip)
+        mask_file = root / mask_pattern.format(scan_id=f.scan_id) if mask_pattern else None
+        scans.append(ScanInput(f.scan_id, sample_of[f.scan_id], f.raw, f.white, f.dark, mask_file))
+    per_sample = refs.drop_duplicates("sample_id")[["sample_id", *cfg.targets, "split"]].reset_index(drop=True)
+    if base_key is None:
+        paths = [root / cfg.data.references]
+        for s in scans:
+            paths += [p for p in (s.raw, s.white, s.dark, s.mask_file) if p is not None]
+            paths += [p.with_suffix(".raw") for p in (s.raw, s.white, s.dark) if p is not None
+                      and p.with_suffix(".raw").exists()]
+        base_key = files_key(sorted(set(paths)), root)
+    key = stable_hash({"files": base_key, "refs": per_sample.to_dict(orient="list")})
+    return DataSource(root=root, scans=scans, references=per_sample, key=key, skipped=skipped)
+
+
+def model_geometry(cfg: ChemmapConfig, n_channels: int) -> tuple[int, int]:
+    """Receptive radius and stride grid of the configured U-Net, computed from the model."""
+    from chemmap.models.tiling import model_geometry as geometry_of
+    from chemmap.models.unet import UNet, UNetConfig
+
+    try:
+        ucfg = UNetConfig(**{**cfg.model, "in_channels": n_channels, "out_channels": len(cfg.targets)})
+    except TypeError as err:
+        raise InputError(f"{cfg.source}: model: {err}") from None
+    g = geometry_of(UNet(ucfg))
+    return int(g.radius), int(g.stride)
+
+
+def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) -> StageDir:
+    """Raw scans -> ``dataset.zarr`` (chunk-parallel with Dask), plus the model's patch index."""
+    import zarr
+
+    from chemmap.preprocess.dataset import DatasetBuilder, write_patch_index
+
+    src = data_source(cfg, progress=progress, log=log)
+    section = {
+        "preprocess": cfg.preprocess.model_dump(mode="json", exclude={"scheduler", "num_workers"}),
+        "targets": cfg.targets,
+        "on_error": cfg.data.on_error,
+    }
+    stage = stage_dir(cfg.workdir_path, "preprocess", section, [src.key])
+    store = stage.path / "dataset.zarr"
+    if stage.complete:
+        log(f"preprocess: done already ({store})")
+        return stage
+    resumed = stage.path.exists()
+    stage.begin()
+    log(f"preprocess: {len(src.scans)} scans -> {store}" + (" (resuming)" if resumed else ""))
+    builder = DatasetBuilder(store, cfg.preprocess, cfg.targets, on_error=cfg.data.on_error,
+                             progress=progress, log=log)
+    summary = builder.build(src.scans, src.references, src.key)
+    radius, stride = model_geometry(cfg, summary["n_channels"])
+    summary["patches"] = write_patch_index(store, radius, stride, cfg.preprocess.patch_core)
+    summary["skipped"] = src.skipped + summary["skipped"]
+    zarr.consolidate_metadata(store)
+    summary["store"] = str(store)
+    stage.finish(summary, dump_config(cfg))
+    log(f"preprocess: {summary['n_samples']} samples, {summary['n_channels']} channels, "
+        f"{summary['mask_pixels']} sample pixels")
+    return stage
+
+
+STAGES = ("synth", "preprocess")
+
+
+def run(cfg: ChemmapConfig, *, until: str = STAGES[-1], progress: bool = True, log: Log = print) -> dict:
+    """Run the pipeline's stages in order up to ``until``; returns each stage's folder."""
+    if until not in STAGES:
+        raise InputError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+    out: dict[str, Path] = {}
+    if cfg.data.source == "synthetic":
+        out["synth"] = synth_stage(cfg, progress=progress, log=log).path
+    if until == "synth":
+        return out
+    out["preprocess"] = preprocess_stage(cfg, progress=progress, log=log).path
+    return out

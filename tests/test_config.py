@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chemmap.config import dump_config, load_config
+from chemmap.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pipeline_and_ci_presets_validate():
+    cfg = load_config(ROOT / "pipelines" / "pork_belly.yaml")
+    assert cfg.preprocess.wavelength_min == 750 and cfg.preprocess.bin == 2
+    assert cfg.workdir_path.resolve() == (ROOT / "runs").resolve()
+    ci = load_config(ROOT / "configs" / "ci.yaml")
+    # ci.yaml extends the pipeline: its own keys win, the rest is inherited.
+    assert ci.synth.n_samples == 12 and ci.synth.instrument == cfg.synth.instrument
+    assert ci.preprocess.bin == 2 and ci.preprocess.mask.min_size == 16
+    assert ci.preprocess.mask.threshold == cfg.preprocess.mask.threshold
+
+
+def test_overrides_parse_as_yaml(tmp_path):
+    cfg = load_config(ROOT / "configs" / "ci.yaml", ["preprocess.bin=3", "targets=[fat, water]"])
+    assert cfg.preprocess.bin == 3 and cfg.targets == ["fat", "water"]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("preprocess:\n  bin: zero\n", ["preprocess.bin", "'zero'", "integer"]),
+        ("preprocess:\n  binn: 2\n", ["preprocess.binn", "unknown key"]),
+        ("synth:\n  instrument: swir\n", ["synth.instrument", "'swir'", "vnir"]),
+        ("preprocess:\n  savgol: {window: 6}\n", ["preprocess.savgol", "odd", "6"]),
+        ("data:\n  source: folder\n", ["data.root", "required"]),
+        ("targets: []\n", ["targets"]),
+    ],
+)
+def test_errors_name_file_key_value_and_expectation(tmp_path, text, needles):
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    msg = str(info.value)
+    assert str(p) in msg
+    for n in needles:
+        assert n in msg, msg
+    assert "\n" not in msg
+
+
+def test_bad_yaml_missing_file_and_base_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = _write(tmp_path, "a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["preprocess.bin"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs" / "ci.yaml")
+    p = _write(tmp_path, dump_config(cfg))
+    again = load_config(p)
+    assert again.model_dump() == cfg.model_dump()

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chemmap.stages import files_key, stable_hash, stage_dir
+
+
+def test_key_depends_on_config_and_inputs_not_dict_order(tmp_path):
+    a = stage_dir(tmp_path, "s", {"x": 1, "y": [1, 2]}, ["in1"])
+    b = stage_dir(tmp_path, "s", {"y": [1, 2], "x": 1}, ["in1"])
+    assert a.path == b.path
+    assert stage_dir(tmp_path, "s", {"x": 2, "y": [1, 2]}, ["in1"]).key != a.key
+    assert stage_dir(tmp_path, "s", {"x": 1, "y": [1, 2]}, ["in2"]).key != a.key
+    assert stage_dir(tmp_path, "t", {"x": 1, "y": [1, 2]}, ["in1"]).key != a.key
+    assert stable_hash({"a": 1}) == stable_hash({"a": 1})
+
+
+def test_marker_is_written_last_and_completes_the_stage(tmp_path):
+    st = stage_dir(tmp_path, "s", {"x": 1})
+    assert not st.complete
+    out = st.begin()
+    (out / "result.txt").write_text("partial")
+    assert not st.complete  # outputs alone are not a finished stage
+    with pytest.raises(FileNotFoundError):
+        st.summary()
+    st.finish({"n": 3})
+    assert st.complete
+    rec = json.loads(st.marker.read_text())
+    assert rec["n"] == 3 and rec["key"] == st.key
+    assert (out / "config.yaml").is_file()
+    with pytest.raises(RuntimeError):
+        st.begin()
+
+
+def test_fresh_begin_removes_leftovers(tmp_path):
+    st = stage_dir(tmp_path, "s", {"x": 1})
+    (st.begin() / "junk").write_text("x")
+    st.begin(fresh=True)
+    assert not (st.path / "junk").exists()
+
+
+def test_files_key_changes_when_a_file_is_rewritten(tmp_path):
+    f = tmp_path / "a.raw"
+    f.write_bytes(b"1234")
+    k1 = files_key([f], tmp_path)
+    assert files_key([f], tmp_path) == k1
+    f.write_bytes(b"12345")
+    assert files_key([f], tmp_path) != k1
