@@ -42,8 +42,10 @@ def synth_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) 
         return stage
     stage.begin()
     spec = SynthSpec(**{**cfg.synth.model_dump(), "wavelength_range": cfg.synth.wavelength_range})
-    log(f"synth: {spec.n_samples} samples x {spec.scans_per_sample} scans, {spec.lines}x{spec.samples} px, "
-        f"{spec.instrument} -> {stage.path / 'scans'}")
+    log(
+        f"synth: {spec.n_samples} samples x {spec.scans_per_sample} scans, {spec.lines}x{spec.samples} px, "
+        f"{spec.instrument} -> {stage.path / 'scans'}"
+    )
     synthesize(stage.path / "scans", spec, progress=progress)
     stage.finish({"root": str(stage.path / "scans")}, dump_config(cfg.synth))
     return stage
@@ -65,7 +67,10 @@ def data_source(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) 
         base_key = None
     files = discover_scans(root, cfg.data.raw_pattern, cfg.data.white_pattern, cfg.data.dark_pattern)
     refs, skipped = read_references(
-        root / cfg.data.references, [f.scan_id for f in files], cfg.targets, on_error=cfg.data.on_error,
+        root / cfg.data.references,
+        [f.scan_id for f in files],
+        cfg.targets,
+        on_error=cfg.data.on_error,
         seed=cfg.seed,
     )
     for msg in skipped:
@@ -78,13 +83,17 @@ def data_source(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) 
             continue  # reported by read_references (on_error: skip)
         mask_file = root / mask_pattern.format(scan_id=f.scan_id) if mask_pattern else None
         scans.append(ScanInput(f.scan_id, sample_of[f.scan_id], f.raw, f.white, f.dark, mask_file))
-    per_sample = refs.drop_duplicates("sample_id")[["sample_id", *cfg.targets, "split"]].reset_index(drop=True)
+    columns = ["sample_id", *cfg.targets, "split"]
+    per_sample = refs.drop_duplicates("sample_id")[columns].reset_index(drop=True)
     if base_key is None:
         paths = [root / cfg.data.references]
         for s in scans:
             paths += [p for p in (s.raw, s.white, s.dark, s.mask_file) if p is not None]
-            paths += [p.with_suffix(".raw") for p in (s.raw, s.white, s.dark) if p is not None
-                      and p.with_suffix(".raw").exists()]
+            paths += [
+                p.with_suffix(".raw")
+                for p in (s.raw, s.white, s.dark)
+                if p is not None and p.with_suffix(".raw").exists()
+            ]
         base_key = files_key(sorted(set(paths)), root)
     key = stable_hash({"files": base_key, "refs": per_sample.to_dict(orient="list")})
     return DataSource(root=root, scans=scans, references=per_sample, key=key, skipped=skipped)
@@ -123,8 +132,9 @@ def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = pr
     resumed = stage.path.exists()
     stage.begin()
     log(f"preprocess: {len(src.scans)} scans -> {store}" + (" (resuming)" if resumed else ""))
-    builder = DatasetBuilder(store, cfg.preprocess, cfg.targets, on_error=cfg.data.on_error,
-                             progress=progress, log=log)
+    builder = DatasetBuilder(
+        store, cfg.preprocess, cfg.targets, on_error=cfg.data.on_error, progress=progress, log=log
+    )
     summary = builder.build(src.scans, src.references, src.key)
     radius, stride = model_geometry(cfg, summary["n_channels"])
     summary["patches"] = write_patch_index(store, radius, stride, cfg.preprocess.patch_core)
@@ -132,8 +142,10 @@ def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = pr
     zarr.consolidate_metadata(store)
     summary["store"] = str(store)
     stage.finish(summary, dump_config(cfg))
-    log(f"preprocess: {summary['n_samples']} samples, {summary['n_channels']} channels, "
-        f"{summary['mask_pixels']} sample pixels")
+    log(
+        f"preprocess: {summary['n_samples']} samples, {summary['n_channels']} channels, "
+        f"{summary['mask_pixels']} sample pixels"
+    )
     return stage
 
 

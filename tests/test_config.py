@@ -64,7 +64,7 @@ def test_bad_yaml_missing_file_and_base_cycle(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="include each other"):
         load_config(tmp_path / "a.yaml")
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         load_config(None, ["preprocess.bin"])
 
 

@@ -71,7 +71,8 @@ def _dask_scheduler(cfg: PreprocessConfig):
     try:
         client = Client(cfg.scheduler, timeout="10s", set_as_default=True)
     except OSError as err:
-        raise InputError(f"preprocess.scheduler: cannot reach Dask scheduler {cfg.scheduler!r}: {err}") from None
+        msg = f"preprocess.scheduler: cannot reach Dask scheduler {cfg.scheduler!r}: {err}"
+        raise InputError(msg) from None
 
     @contextlib.contextmanager
     def _ctx():
@@ -135,8 +136,15 @@ def write_patch_index(store: Path, radius: int, stride: int, core: int) -> str:
         f"patches/{name}", shape=index.shape, dtype="int32", chunks=(max(len(index), 1), 5), overwrite=True
     )
     arr[...] = index
-    arr.attrs.update({"core": core, "halo": halo, "stride": stride, "radius": radius,
-                      "columns": ["scan", "y0", "x0", "y1", "x1"]})
+    arr.attrs.update(
+        {
+            "core": core,
+            "halo": halo,
+            "stride": stride,
+            "radius": radius,
+            "columns": ["scan", "y0", "x0", "y1", "x1"],
+        }
+    )
     return name
 
 
@@ -189,9 +197,10 @@ class DatasetBuilder:
             white, dark = dask.compute(
                 w_scan.data.astype(np.float64).mean(axis=1), d_scan.data.astype(np.float64).mean(axis=1)
             )
-        bands, lines, samples = scan.shape
+        _, lines, samples = scan.shape
         raw = scan.data.rechunk({0: -1, 1: cfg.chunk_lines, 2: -1})
-        cube, refl_mean, bad = recipe.apply(raw, white, dark, recipe.saturation_level(scan.header, scan.dtype))
+        saturation = recipe.saturation_level(scan.header, scan.dtype)
+        cube, refl_mean, bad = recipe.apply(raw, white, dark, saturation)
         channels = cube.shape[0]
 
         group = root.require_group(f"scans/{scan_in.scan_id}")
@@ -202,8 +211,14 @@ class DatasetBuilder:
             shard_y = math.ceil(min(cfg.shard_lines, lines) / chunks[1]) * chunks[1]
             shards = (channels, shard_y, math.ceil(samples / chunks[2]) * chunks[2])
         arr = group.create_array(
-            "cube", shape=(channels, lines, samples), dtype="float32", chunks=chunks, shards=shards,
-            compressors=CUBE_COMPRESSORS, fill_value=np.float32("nan"), dimension_names=("band", "y", "x"),
+            "cube",
+            shape=(channels, lines, samples),
+            dtype="float32",
+            chunks=chunks,
+            shards=shards,
+            compressors=CUBE_COMPRESSORS,
+            fill_value=np.float32("nan"),
+            dimension_names=("band", "y", "x"),
             overwrite=True,
         )
         # Every Dask block must cover whole shards (or chunks): concurrent writers of one shard
@@ -234,10 +249,22 @@ class DatasetBuilder:
                 f"{scan.path}: no sample pixels found (mask method {cfg.mask.method}, "
                 f"threshold {cfg.mask.threshold}); is the scan empty or the threshold wrong?"
             )
-        group.create_array("mask", shape=mask.shape, dtype="bool", chunks=mask.shape,
-                           dimension_names=("y", "x"), overwrite=True)[...] = mask
-        wl = group.create_array("wavelength", shape=(channels,), dtype="float64", chunks=(channels,),
-                                dimension_names=("band",), overwrite=True)
+        group.create_array(
+            "mask",
+            shape=mask.shape,
+            dtype="bool",
+            chunks=mask.shape,
+            dimension_names=("y", "x"),
+            overwrite=True,
+        )[...] = mask
+        wl = group.create_array(
+            "wavelength",
+            shape=(channels,),
+            dtype="float64",
+            chunks=(channels,),
+            dimension_names=("band",),
+            overwrite=True,
+        )
         wl[...] = np.asarray(recipe.wavelengths)
         wl.attrs.update({"units": "nm"})
 
@@ -281,15 +308,22 @@ class DatasetBuilder:
             raise InputError("no scans to preprocess")
         first = open_scan(scans[0].raw)
         recipe = Recipe.create(self.config, first.wavelengths, str(first.path))
-        split_of = dict(zip(references["sample_id"].astype(str), references["split"].astype(int), strict=True))
+        ids, splits = references["sample_id"].astype(str), references["split"].astype(int)
+        split_of = dict(zip(ids, splits, strict=True))
 
         root = zarr.open_group(self.store, mode="a", zarr_format=3)
         infos: list[dict[str, Any]] = []
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        columns = (TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.description}"))
-        with Progress(*columns, disable=not self.progress, transient=False) as bar, _dask_scheduler(self.config):
+        columns = (
+            TextColumn("preprocess"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+        )
+        bar = Progress(*columns, disable=not self.progress, transient=False)
+        with bar, _dask_scheduler(self.config):
             task = bar.add_task("", total=len(scans))
             for s in scans:
                 bar.update(task, description=s.scan_id)
@@ -334,22 +368,26 @@ class DatasetBuilder:
             sid = str(row["sample_id"])
             if sid not in kept:
                 continue
-            samples.append({
-                "sample_id": sid,
-                "split": int(row["split"]),
-                "targets": [float(row[t]) for t in self.targets],
-                "scans": [i["scan_id"] for i in infos if i["sample_id"] == sid],
-            })
+            samples.append(
+                {
+                    "sample_id": sid,
+                    "split": int(row["split"]),
+                    "targets": [float(row[t]) for t in self.targets],
+                    "scans": [i["scan_id"] for i in infos if i["sample_id"] == sid],
+                }
+            )
         scan_table = [{k: v for k, v in i.items() if k not in ("stats", "complete")} for i in infos]
-        root.attrs.update({
-            "format": DATASET_FORMAT,
-            "recipe": recipe.to_dict(),
-            "targets": self.targets,
-            "samples": samples,
-            "scans": scan_table,
-            "input_key": input_key,
-            "skipped": self.skipped,
-        })
+        root.attrs.update(
+            {
+                "format": DATASET_FORMAT,
+                "recipe": recipe.to_dict(),
+                "targets": self.targets,
+                "samples": samples,
+                "scans": scan_table,
+                "input_key": input_key,
+                "skipped": self.skipped,
+            }
+        )
         return {
             "n_scans": len(infos),
             "n_samples": len(samples),

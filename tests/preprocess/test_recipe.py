@@ -59,7 +59,8 @@ def test_recipe_numbers_and_flags():
     ok[:, 1] = False
     np.testing.assert_allclose(cube[:, ok], expect[:, ok], rtol=1e-5)
     assert cube.shape == (5, 6, 5) and r.n_channels == 5
-    np.testing.assert_allclose(r.wavelengths, 0.5 * (WL[list(r.band_index)][0::2] + WL[list(r.band_index)][1::2]))
+    wl = WL[list(r.band_index)]
+    np.testing.assert_allclose(r.wavelengths, 0.5 * (wl[0::2] + wl[1::2]))
     assert bad[2, 3] and bad[:, 1].all() and bad.sum() == 6 + 1
     np.testing.assert_allclose(refl_mean[ok], refl.mean(axis=0)[ok], rtol=1e-5)
 
