@@ -7,10 +7,18 @@ header conventions.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from chemmap.errors import InputError
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 # ENVI 'data type' codes and the numpy kinds they mean (ENVI header format reference).
 ENVI_DTYPES: dict[int, np.dtype] = {
@@ -142,3 +150,356 @@ def create_envi(
         fields.update(extra)
     write_header(hdr_path, fields)
     return mm
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+# Where the binary may sit beside ``<stem>.hdr``: the suffixes recorders and ENVI use, tried in
+# this order (Specim writes .raw; ENVI .img/.dat; GDAL-style ``x.raw.hdr`` is the empty suffix).
+DATA_SUFFIXES = ("", ".raw", ".img", ".dat", ".bin", ".bil", ".bip", ".bsq")
+
+# 'wavelength units' that are lengths, and the factor that turns them into nm. Missing or
+# 'Unknown' units are taken as nm (what VNIR/NIR recorders write); others are refused.
+_UNIT_TO_NM: dict[str, float] = {
+    "nanometers": 1.0,
+    "nanometer": 1.0,
+    "nm": 1.0,
+    "micrometers": 1e3,
+    "micrometer": 1e3,
+    "microns": 1e3,
+    "micron": 1e3,
+    "um": 1e3,
+    "µm": 1e3,
+    "millimeters": 1e6,
+    "mm": 1e6,
+    "centimeters": 1e7,
+    "cm": 1e7,
+    "meters": 1e9,
+    "m": 1e9,
+    "angstroms": 0.1,
+    "unknown": 1.0,
+}
+
+# Bytes per dask block when the caller does not choose the lines per chunk.
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True, eq=False)
+class Scan:
+    """An ENVI scan opened lazily: nothing is read until ``data`` is computed.
+
+    Attributes:
+        path: the ``.hdr`` file.
+        data_path: the binary beside it.
+        data: dask array ``(bands, lines, samples)`` of raw, unscaled values in the native byte
+            order of ``dtype``; blocks span all bands and samples and a run of lines.
+        wavelengths: band centres in nm, float64 ``(bands,)``, strictly increasing; None when
+            the header has no ``wavelength`` list.
+        header: the parsed header (lowercase keys, string values as spectral gives them), with
+            ``interleave`` lowercased and ``byte order`` / ``header offset`` filled in.
+        dtype: the values' dtype in native byte order.
+        interleave: ``"bil"``, ``"bip"`` or ``"bsq"`` (file order; ``data`` is always BSQ-shaped).
+        shape: ``(bands, lines, samples)``.
+        byte_order: 0 little endian, 1 big endian (in the file).
+        header_offset: bytes before the data in the binary.
+    """
+
+    path: Path
+    data_path: Path
+    data: da.Array
+    wavelengths: np.ndarray | None
+    header: dict[str, Any]
+    dtype: np.dtype
+    interleave: str
+    shape: tuple[int, int, int]
+    byte_order: int = 0
+    header_offset: int = 0
+
+    @property
+    def bands(self) -> int:
+        return self.shape[0]
+
+    @property
+    def lines(self) -> int:
+        return self.shape[1]
+
+    @property
+    def samples(self) -> int:
+        return self.shape[2]
+
+    @property
+    def ceiling(self) -> float | None:
+        """The header's ``ceiling`` (counts at or above it are saturated), or None if absent."""
+        return _optional_float(self.header.get("ceiling"))
+
+    @property
+    def scale_factor(self) -> float | None:
+        """The header's ``reflectance scale factor`` (not applied to ``data``), or None if absent."""
+        return _optional_float(self.header.get("reflectance scale factor"))
+
+    def __repr__(self) -> str:
+        size = " x ".join(
+            f"{n} {name}" for n, name in zip(self.shape, ("bands", "lines", "samples"), strict=True)
+        )
+        return f"Scan({str(self.path)!r}, {size}, {self.dtype}, {self.interleave})"
+
+
+def _optional_float(value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+class _EnviSource:
+    """Array-like view of an ENVI binary as ``(bands, lines, samples)`` in native byte order.
+
+    ``dask.array.from_array`` slices it once per block. It pickles as its file name and
+    layout (never the mapped bytes), so blocks can be read by any worker that sees the file,
+    and each process maps the file once.
+    """
+
+    ndim = 3
+
+    def __init__(
+        self,
+        path: Path,
+        file_dtype: np.dtype,
+        offset: int,
+        interleave: str,
+        shape: tuple[int, int, int],
+    ) -> None:
+        self.path = path
+        self.file_dtype = file_dtype
+        self.dtype = file_dtype.newbyteorder("=")
+        self.offset = offset
+        self.interleave = interleave
+        self.shape = shape
+        self._mm: np.memmap | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_mm"] = None
+        return state
+
+    def _view(self) -> np.ndarray:
+        if self._mm is None:
+            self._mm = np.memmap(
+                self.path,
+                dtype=self.file_dtype,
+                mode="r",
+                offset=self.offset,
+                shape=file_shape(self.interleave, *self.shape),
+            )
+        mm = self._mm
+        if self.interleave == "bil":  # (lines, bands, samples)
+            return mm.transpose(1, 0, 2)
+        if self.interleave == "bip":  # (lines, samples, bands)
+            return mm.transpose(2, 0, 1)
+        return mm
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        # np.array(..., dtype=native) copies only the block and swaps bytes on the way.
+        return np.array(self._view()[key], dtype=self.dtype, order="C")
+
+
+def _lines_per_chunk(bands: int, lines: int, samples: int, itemsize: int, chunk_lines: int | None) -> int:
+    if chunk_lines is not None:
+        if chunk_lines < 1:
+            raise ValueError(f"chunk_lines must be >= 1, got {chunk_lines}.")
+        return min(chunk_lines, lines)
+    per_line = bands * samples * itemsize
+    return max(1, min(lines, DEFAULT_CHUNK_BYTES // per_line))
+
+
+def find_data_file(hdr_path: Path) -> Path:
+    """The binary beside a header: same stem with one of ``DATA_SUFFIXES`` (either case).
+
+    Raises:
+        InputError: no such file exists.
+    """
+    stem = hdr_path.with_suffix("")
+    tried: list[Path] = []
+    for suffix in DATA_SUFFIXES:
+        for s in dict.fromkeys((suffix, suffix.upper())):
+            candidate = stem.with_name(stem.name + s)
+            if candidate == hdr_path or candidate in tried:
+                continue
+            tried.append(candidate)
+            if candidate.is_file():
+                return candidate
+    names = ", ".join(p.name for p in tried[:6])
+    raise InputError(f"{hdr_path}: no data file beside the header (looked for {names}, ...)")
+
+
+def _read_header(hdr_path: Path) -> dict[str, Any]:
+    from spectral.io import envi as spy_envi
+
+    if not hdr_path.is_file():
+        raise InputError(f"{hdr_path}: header file not found")
+    try:
+        with warnings.catch_warnings():
+            # spectral warns when it lowercases keys such as 'Interleave'; we lowercase anyway.
+            warnings.simplefilter("ignore")
+            header = spy_envi.read_envi_header(str(hdr_path))
+    except spy_envi.FileNotAnEnviHeader:
+        raise InputError(f"{hdr_path}: not an ENVI header (first line is not 'ENVI')") from None
+    except (spy_envi.EnviException, UnicodeDecodeError, OSError) as err:
+        raise InputError(f"{hdr_path}: cannot parse the ENVI header ({err})") from None
+    return {str(k).strip().lower(): v for k, v in header.items()}
+
+
+def _int_field(header: Mapping[str, Any], key: str, hdr_path: Path, default: int | None = None) -> int:
+    value = header.get(key)
+    if value is None:
+        if default is None:
+            raise InputError(f"{hdr_path}: header has no '{key}'")
+        return default
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise InputError(f"{hdr_path}: '{key}' must be an integer, got {value!r}") from None
+
+
+def _wavelengths(header: Mapping[str, Any], bands: int, hdr_path: Path) -> np.ndarray | None:
+    raw = header.get("wavelength")
+    if raw is None:
+        return None
+    values = raw if isinstance(raw, list) else [raw]
+    try:
+        wl = np.array([float(str(v).strip()) for v in values], dtype=np.float64)
+    except ValueError:
+        raise InputError(f"{hdr_path}: 'wavelength' holds a value that is not a number") from None
+    if wl.size != bands:
+        raise InputError(f"{hdr_path}: header lists {wl.size} wavelengths for {bands} bands")
+    units = str(header.get("wavelength units", "nanometers")).strip().lower()
+    if units not in _UNIT_TO_NM:
+        raise InputError(
+            f"{hdr_path}: 'wavelength units' is {units!r}; expected a length (Nanometers, Micrometers, ...)"
+        )
+    wl = wl * _UNIT_TO_NM[units]
+    if not np.all(np.isfinite(wl)):
+        raise InputError(f"{hdr_path}: 'wavelength' holds a value that is not finite")
+    steps = np.diff(wl)
+    if np.any(steps <= 0):
+        i = int(np.argmax(steps <= 0))
+        raise InputError(
+            f"{hdr_path}: wavelengths must increase strictly, but band {i + 2} is {wl[i + 1]:g} nm "
+            f"after {wl[i]:g} nm"
+        )
+    return wl
+
+
+def open_scan(hdr_path: str | os.PathLike, *, chunk_lines: int | None = None) -> Scan:
+    """Open an ENVI scan lazily and check that header and binary agree.
+
+    Any interleave (in any letter case), any real ENVI data type, either byte order and a
+    header offset are read. A header without ``byte order`` is little endian (ENVI's
+    default). Values stay raw: the ``reflectance scale factor`` is not applied (see
+    ``Scan.scale_factor``), as with spectral's ``open_memmap``.
+
+    Args:
+        hdr_path: the ``.hdr`` file; the binary is found beside it (``find_data_file``).
+        chunk_lines: lines per dask block; None picks about 32 MiB per block.
+
+    Returns:
+        A :class:`Scan` whose ``data`` is ``(bands, lines, samples)``.
+
+    Raises:
+        InputError: missing or unreadable header, missing binary, unknown or complex data
+            type, a file size that disagrees with the header, or bad wavelengths. The message
+            is one line starting with the file's path.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    hdr_path = Path(hdr_path)
+    header = _read_header(hdr_path)
+
+    bands = _int_field(header, "bands", hdr_path)
+    lines = _int_field(header, "lines", hdr_path)
+    samples = _int_field(header, "samples", hdr_path)
+    for key, n in (("bands", bands), ("lines", lines), ("samples", samples)):
+        if n < 1:
+            raise InputError(f"{hdr_path}: '{key}' must be >= 1, got {n}")
+
+    code = _int_field(header, "data type", hdr_path)
+    if code not in ENVI_DTYPES:
+        known = ", ".join(str(c) for c in ENVI_DTYPES if ENVI_DTYPES[c].kind != "c")
+        raise InputError(f"{hdr_path}: 'data type' {code} is not an ENVI data type (known: {known})")
+    dtype = ENVI_DTYPES[code]
+    if dtype.kind == "c":
+        raise InputError(f"{hdr_path}: 'data type' {code} is complex ({dtype}); a scan must be real-valued")
+
+    if "interleave" not in header:
+        raise InputError(f"{hdr_path}: header has no 'interleave' (bil, bip or bsq)")
+    interleave = str(header["interleave"]).strip().lower()
+    if interleave not in INTERLEAVES:
+        raise InputError(f"{hdr_path}: 'interleave' must be bil, bip or bsq, got {header['interleave']!r}")
+
+    byte_order = _int_field(header, "byte order", hdr_path, default=0)
+    if byte_order not in (0, 1):
+        raise InputError(f"{hdr_path}: 'byte order' must be 0 or 1, got {byte_order}")
+    offset = _int_field(header, "header offset", hdr_path, default=0)
+    if offset < 0:
+        raise InputError(f"{hdr_path}: 'header offset' must be >= 0, got {offset}")
+    for key in ("major frame offsets", "minor frame offsets"):
+        value = header.get(key)
+        values = value if isinstance(value, list) else [value] if value is not None else []
+        if any(str(v).strip() not in ("", "0") for v in values):
+            raise InputError(f"{hdr_path}: '{key}' is not supported")
+
+    wavelengths = _wavelengths(header, bands, hdr_path)
+    data_path = find_data_file(hdr_path)
+
+    expected = offset + bands * lines * samples * dtype.itemsize
+    actual = data_path.stat().st_size
+    if actual != expected:
+        raise InputError(
+            f"{data_path}: header says {lines} lines x {samples} samples x {bands} bands of {dtype} = "
+            f"{expected - offset} bytes after a {offset}-byte offset, file has {actual} bytes"
+        )
+
+    header["interleave"] = interleave
+    header["byte order"] = str(byte_order)
+    header["header offset"] = str(offset)
+
+    shape = (bands, lines, samples)
+    file_dtype = dtype.newbyteorder(">" if byte_order == 1 else "<")
+    source = _EnviSource(data_path, file_dtype, offset, interleave, shape)
+    step = _lines_per_chunk(bands, lines, samples, dtype.itemsize, chunk_lines)
+    stat = data_path.stat()
+    name = "envi-" + tokenize(
+        str(data_path.resolve()),
+        stat.st_mtime_ns,
+        stat.st_size,
+        file_dtype.str,
+        offset,
+        interleave,
+        shape,
+        step,
+    )
+    data = da.from_array(
+        source,
+        chunks=(bands, step, samples),
+        name=name,
+        asarray=False,
+        fancy=False,
+        meta=np.empty((0, 0, 0), dtype=dtype),
+    )
+    return Scan(
+        path=hdr_path,
+        data_path=data_path,
+        data=data,
+        wavelengths=wavelengths,
+        header=header,
+        dtype=dtype,
+        interleave=interleave,
+        shape=shape,
+        byte_order=byte_order,
+        header_offset=offset,
+    )
