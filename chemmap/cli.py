@@ -62,6 +62,15 @@ def preprocess(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) 
 
 
 @app.command()
+def train(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Train the U-Net fold ensemble with Ray Train (DDP), tracked in MLflow."""
+    from chemmap.pipeline import train_stage
+
+    stage = train_stage(_load(config, set_), progress=not quiet)
+    typer.echo(str(stage.path))
+
+
+@app.command()
 def run(
     config: ConfigArg,
     set_: SetOpt = None,

@@ -8,6 +8,7 @@ builds it and writes its completion marker last.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +52,26 @@ def synth_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) 
     return stage
 
 
-def data_source(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) -> DataSource:
-    """Find the scans and references the config names (synthesising them if it says so)."""
+def data_source(
+    cfg: ChemmapConfig, *, progress: bool = True, log: Log = print, create: bool = True
+) -> DataSource:
+    """Find the scans and references the config names (synthesising them if it says so).
+
+    With ``create=False`` a synthetic source that has not been written is an error.
+    """
     from chemmap.io import discover_scans, read_references
+    from chemmap.io.envi import find_data_file
     from chemmap.preprocess.dataset import ScanInput
 
     if cfg.data.source == "synthetic":
-        stage = synth_stage(cfg, progress=progress, log=log)
+        if create:
+            stage = synth_stage(cfg, progress=progress, log=log)
+        else:
+            stage = stage_dir(cfg.workdir_path, "synth", cfg.synth.model_dump(mode="json"))
+            if not stage.complete:
+                raise InputError(
+                    f"dataset not found: no synthetic scans at {stage.path}; run `chemmap preprocess`"
+                )
         root = stage.path / "scans"
         base_key = stage.key
     else:
@@ -71,6 +85,7 @@ def data_source(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) 
         [f.scan_id for f in files],
         cfg.targets,
         on_error=cfg.data.on_error,
+        root=root,
         seed=cfg.seed,
     )
     for msg in skipped:
@@ -82,18 +97,16 @@ def data_source(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) 
         if f.scan_id not in sample_of:
             continue  # reported by read_references (on_error: skip)
         mask_file = root / mask_pattern.format(scan_id=f.scan_id) if mask_pattern else None
-        scans.append(ScanInput(f.scan_id, sample_of[f.scan_id], f.raw, f.white, f.dark, mask_file))
+        scans.append(ScanInput(sample_of[f.scan_id], f, mask_file))
     columns = ["sample_id", *cfg.targets, "split"]
     per_sample = refs.drop_duplicates("sample_id")[columns].reset_index(drop=True)
     if base_key is None:
         paths = [root / cfg.data.references]
         for s in scans:
-            paths += [p for p in (s.raw, s.white, s.dark, s.mask_file) if p is not None]
-            paths += [
-                p.with_suffix(".raw")
-                for p in (s.raw, s.white, s.dark)
-                if p is not None and p.with_suffix(".raw").exists()
-            ]
+            headers = [p for p in (s.files.raw, s.files.white, s.files.dark) if p is not None]
+            paths += headers + [find_data_file(h) for h in headers]
+            if s.mask_file is not None and s.mask_file.exists():
+                paths.append(s.mask_file)
         base_key = files_key(sorted(set(paths)), root)
     key = stable_hash({"files": base_key, "refs": per_sample.to_dict(orient="list")})
     return DataSource(root=root, scans=scans, references=per_sample, key=key, skipped=skipped)
@@ -112,6 +125,26 @@ def model_geometry(cfg: ChemmapConfig, n_channels: int) -> tuple[int, int]:
     return int(g.radius), int(g.stride)
 
 
+def _preprocess_dir(cfg: ChemmapConfig, src: DataSource) -> StageDir:
+    section = {
+        "preprocess": cfg.preprocess.model_dump(mode="json", exclude={"scheduler", "num_workers"}),
+        "targets": cfg.targets,
+        "on_error": cfg.data.on_error,
+    }
+    return stage_dir(cfg.workdir_path, "preprocess", section, [src.key])
+
+
+def find_dataset(cfg: ChemmapConfig) -> StageDir:
+    """The finished preprocess stage of this config; an error naming where it looked if none."""
+    stage = _preprocess_dir(cfg, data_source(cfg, progress=False, log=lambda s: None, create=False))
+    if not stage.complete:
+        raise InputError(
+            f"dataset not found: {stage.path / 'dataset.zarr'} is missing or unfinished; "
+            "run `chemmap preprocess` first"
+        )
+    return stage
+
+
 def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) -> StageDir:
     """Raw scans -> ``dataset.zarr`` (chunk-parallel with Dask), plus the model's patch index."""
     import zarr
@@ -119,12 +152,7 @@ def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = pr
     from chemmap.preprocess.dataset import DatasetBuilder, write_patch_index
 
     src = data_source(cfg, progress=progress, log=log)
-    section = {
-        "preprocess": cfg.preprocess.model_dump(mode="json", exclude={"scheduler", "num_workers"}),
-        "targets": cfg.targets,
-        "on_error": cfg.data.on_error,
-    }
-    stage = stage_dir(cfg.workdir_path, "preprocess", section, [src.key])
+    stage = _preprocess_dir(cfg, src)
     store = stage.path / "dataset.zarr"
     if stage.complete:
         log(f"preprocess: done already ({store})")
@@ -139,7 +167,9 @@ def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = pr
     radius, stride = model_geometry(cfg, summary["n_channels"])
     summary["patches"] = write_patch_index(store, radius, stride, cfg.preprocess.patch_core)
     summary["skipped"] = src.skipped + summary["skipped"]
-    zarr.consolidate_metadata(store)
+    with warnings.catch_warnings():  # "not part of the v3 spec": xarray and zarr-python read it
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(store)
     summary["store"] = str(store)
     stage.finish(summary, dump_config(cfg))
     log(
@@ -149,7 +179,16 @@ def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = pr
     return stage
 
 
-STAGES = ("synth", "preprocess")
+def train_stage(
+    cfg: ChemmapConfig, dataset: StageDir | None = None, *, progress: bool = True, log: Log = print, **kw
+) -> StageDir:
+    """Train the fold ensemble with Ray Train (see :mod:`chemmap.train.trainer`)."""
+    from chemmap.train.trainer import train_stage as _train
+
+    return _train(cfg, dataset or find_dataset(cfg), progress=progress, log=log, **kw)
+
+
+STAGES = ("synth", "preprocess", "train")
 
 
 def run(cfg: ChemmapConfig, *, until: str = STAGES[-1], progress: bool = True, log: Log = print) -> dict:
@@ -161,5 +200,9 @@ def run(cfg: ChemmapConfig, *, until: str = STAGES[-1], progress: bool = True, l
         out["synth"] = synth_stage(cfg, progress=progress, log=log).path
     if until == "synth":
         return out
-    out["preprocess"] = preprocess_stage(cfg, progress=progress, log=log).path
+    pre = preprocess_stage(cfg, progress=progress, log=log)
+    out["preprocess"] = pre.path
+    if until == "preprocess":
+        return out
+    out["train"] = train_stage(cfg, pre, progress=progress, log=log).path
     return out

@@ -31,6 +31,7 @@ import pandas as pd
 
 from chemmap.config import PreprocessConfig
 from chemmap.errors import InputError
+from chemmap.io.layout import ScanFiles
 from chemmap.preprocess.mask import read_mask_file, threshold_mask
 from chemmap.preprocess.recipe import Recipe
 
@@ -44,12 +45,17 @@ DATASET_FORMAT = 1
 class ScanInput:
     """One scan to ingest: its files and the sample it belongs to."""
 
-    scan_id: str
     sample_id: str
-    raw: Path
-    white: Path | None
-    dark: Path | None
+    files: ScanFiles
     mask_file: Path | None = None
+
+    @property
+    def scan_id(self) -> str:
+        return self.files.scan_id
+
+    @property
+    def raw(self) -> Path:
+        return self.files.raw
 
 
 def _dask_scheduler(cfg: PreprocessConfig):
@@ -189,27 +195,31 @@ class DatasetBuilder:
         recipe.check_wavelengths(scan.wavelengths, str(scan.path))
         white = dark = None
         if cfg.calibration == "white_dark":
-            if scan_in.white is None or scan_in.dark is None:
-                which = "WHITEREF" if scan_in.white is None else "DARKREF"
-                raise InputError(f"{scan.path}: no {which} reference found for scan {scan_in.scan_id!r}")
-            w_scan, d_scan = open_scan(scan_in.white), open_scan(scan_in.dark)
-            check_references(scan, w_scan, d_scan)
+            f = scan_in.files
+            w_scan = open_scan(f.white) if f.white else None
+            d_scan = open_scan(f.dark) if f.dark else None
+            check_references(scan, w_scan, d_scan, f)
             white, dark = dask.compute(
                 w_scan.data.astype(np.float64).mean(axis=1), d_scan.data.astype(np.float64).mean(axis=1)
             )
         _, lines, samples = scan.shape
-        raw = scan.data.rechunk({0: -1, 1: cfg.chunk_lines, 2: -1})
-        saturation = recipe.saturation_level(scan.header, scan.dtype)
-        cube, refl_mean, bad = recipe.apply(raw, white, dark, saturation)
-        channels = cube.shape[0]
-
-        group = root.require_group(f"scans/{scan_in.scan_id}")
+        channels = recipe.n_channels
         chunks = (channels, min(cfg.chunk_lines, lines), min(cfg.chunk_samples, samples))
         shards = None
         if cfg.shard_lines:
             # A shard holds whole chunks: shard_lines rounded up to the chunk, the full width.
             shard_y = math.ceil(min(cfg.shard_lines, lines) / chunks[1]) * chunks[1]
             shards = (channels, shard_y, math.ceil(samples / chunks[2]) * chunks[2])
+        # Every Dask block must cover whole shards (or chunks): concurrent writers of one shard
+        # overwrite each other (dask #12583). Raw blocks span the write unit's lines, and the
+        # cube is stored into an array created here, never through dask.array.to_zarr on a URL.
+        unit = shards or chunks
+        raw = open_scan(scan_in.raw, chunk_lines=unit[1]).data
+        saturation = recipe.saturation_level(scan.header, scan.dtype)
+        cube, refl_mean, bad = recipe.apply(raw, white, dark, saturation)
+        cube = cube.rechunk((channels, unit[1], unit[2]))
+
+        group = root.require_group(f"scans/{scan_in.scan_id}")
         arr = group.create_array(
             "cube",
             shape=(channels, lines, samples),
@@ -221,11 +231,6 @@ class DatasetBuilder:
             dimension_names=("band", "y", "x"),
             overwrite=True,
         )
-        # Every Dask block must cover whole shards (or chunks): concurrent writers of one shard
-        # overwrite each other (dask #12583). Rechunk to the write unit and store into the array
-        # created above, never through dask.array.to_zarr on a URL.
-        unit = shards or chunks
-        cube = cube.rechunk((channels, unit[1], unit[2]))
         store_task = da.store(cube, arr, lock=False, compute=False)
         nonfinite = ~da.isfinite(cube).all(axis=0)
         _, refl_mean, bad, nonfinite = dask.compute(store_task, refl_mean, bad, nonfinite)

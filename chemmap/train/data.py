@@ -1,0 +1,276 @@
+"""Training data from ``dataset.zarr``: samples (one lab value, one or more scans), windows, augmentation.
+
+A *view* of a scan is the scan as one epoch of training sees it: flipped and/or rotated,
+with a per-sample gain and offset and per-pixel noise, every random number drawn from a
+seed of (run seed, sample, epoch). A view can be read whole or window by window, and a
+window reads exactly the pixels the whole view has there (noise is drawn per fixed block
+of the original scan, not per window), so patch-wise training sees the same image as
+whole-image training and its gradient stays exact.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chemmap.config import AugmentSection
+from chemmap.preprocess.recipe import Recipe
+
+NOISE_BLOCK = 32  # px: the grid on which augmentation noise is seeded
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    sample_id: str
+    split: int
+    targets: tuple[float, ...]
+    scans: tuple[str, ...]
+
+
+class ZarrSamples:
+    """Read-only access to a finished dataset: sample table, recipe, cubes and masks."""
+
+    def __init__(self, store: str | Path) -> None:
+        import zarr
+
+        self.store = str(store)
+        self.root = zarr.open_group(self.store, mode="r")
+        attrs = self.root.attrs
+        self.recipe = Recipe.from_dict(attrs["recipe"])
+        self.targets: list[str] = list(attrs["targets"])
+        self.samples = {
+            s["sample_id"]: SampleInfo(
+                s["sample_id"], int(s["split"]), tuple(s["targets"]), tuple(s["scans"])
+            )
+            for s in attrs["samples"]
+        }
+        self._mean = np.asarray(self.recipe.mean, np.float32)[:, None, None]
+        self._std = np.asarray(self.recipe.std, np.float32)[:, None, None]
+        self._arrays: dict[str, Any] = {}
+
+    @property
+    def n_channels(self) -> int:
+        return self.recipe.n_channels
+
+    def ids(self, splits: Sequence[int]) -> list[str]:
+        return sorted(s for s, info in self.samples.items() if info.split in splits)
+
+    def cube(self, scan_id: str):
+        if scan_id not in self._arrays:
+            self._arrays[scan_id] = self.root[f"scans/{scan_id}/cube"]
+        return self._arrays[scan_id]
+
+    def shape(self, scan_id: str) -> tuple[int, int]:
+        return tuple(self.cube(scan_id).shape[1:])  # type: ignore[return-value]
+
+    def mask(self, scan_id: str) -> np.ndarray:
+        return self.root[f"scans/{scan_id}/mask"][...]
+
+    def raw_window(self, scan_id: str, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """Stored (physical-unit) values of a window; parts outside the scan are NaN."""
+        h, w = self.shape(scan_id)
+        out = np.full((self.n_channels, y1 - y0, x1 - x0), np.nan, np.float32)
+        ya, yb, xa, xb = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+        if ya < yb and xa < xb:
+            out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = self.cube(scan_id)[:, ya:yb, xa:xb]
+        return out
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """Standardise with the training statistics; NaN (outside the scan) becomes 0."""
+        z = (x - self._mean) / self._std
+        return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A geometric augmentation: optional transpose, then flips, on ``(..., H, W)`` arrays."""
+
+    transpose: bool = False
+    flip_y: bool = False
+    flip_x: bool = False
+
+    def shape(self, h: int, w: int) -> tuple[int, int]:
+        return (w, h) if self.transpose else (h, w)
+
+    def apply(self, a: np.ndarray) -> np.ndarray:
+        if self.transpose:
+            a = np.swapaxes(a, -1, -2)
+        if self.flip_y:
+            a = a[..., ::-1, :]
+        if self.flip_x:
+            a = a[..., :, ::-1]
+        return np.ascontiguousarray(a)
+
+    def source_window(self, h: int, w: int, y0: int, x0: int, y1: int, x1: int) -> tuple[int, int, int, int]:
+        """The window of the original ``(h, w)`` scan that maps onto a window of the view."""
+        vh, vw = self.shape(h, w)
+        if self.flip_y:
+            y0, y1 = vh - y1, vh - y0
+        if self.flip_x:
+            x0, x1 = vw - x1, vw - x0
+        if self.transpose:
+            y0, x0, y1, x1 = x0, y0, x1, y1
+        return y0, x0, y1, x1
+
+
+def _rng(*key: int | str) -> np.random.Generator:
+    """A generator seeded by a tuple of ints/strings (stable across processes)."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+class ScanView:
+    """One scan as one epoch of training sees it (see the module docstring)."""
+
+    def __init__(
+        self,
+        data: ZarrSamples,
+        scan_id: str,
+        transform: Transform = Transform(),
+        gain: float = 1.0,
+        offset: float = 0.0,
+        noise: float = 0.0,
+        noise_key: tuple = (),
+    ) -> None:
+        self.data = data
+        self.scan_id = scan_id
+        self.transform = transform
+        self.gain, self.offset, self.noise, self.noise_key = gain, offset, noise, noise_key
+        self.src_shape = data.shape(scan_id)
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return self.transform.shape(*self.src_shape)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the view: with ``__getitem__`` it reads like an array (for tiling)."""
+        return (self.data.n_channels, *self.hw)
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        *lead, ys, xs = key
+        if any(s != slice(None) for s in lead) or ys.step not in (None, 1) or xs.step not in (None, 1):
+            raise IndexError("a ScanView reads (:, y0:y1, x0:x1) windows only")
+        h, w = self.hw
+        y0, y1, _ = ys.indices(h)
+        x0, x1, _ = xs.indices(w)
+        return self.window(y0, x0, y1, x1)
+
+    def mask(self) -> np.ndarray:
+        return self.transform.apply(self.data.mask(self.scan_id))
+
+    def _noise(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """Noise for a window of the *original* scan, assembled from seeded fixed blocks."""
+        c = self.data.n_channels
+        out = np.zeros((c, y1 - y0, x1 - x0), np.float32)
+        b = NOISE_BLOCK
+        for by in range(y0 // b, (y1 - 1) // b + 1):
+            for bx in range(x0 // b, (x1 - 1) // b + 1):
+                blk = _rng(*self.noise_key, by, bx).standard_normal((c, b, b), dtype=np.float32)
+                ya, yb = max(y0, by * b), min(y1, (by + 1) * b)
+                xa, xb = max(x0, bx * b), min(x1, (bx + 1) * b)
+                out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = blk[
+                    :, ya - by * b : yb - by * b, xa - bx * b : xb - bx * b
+                ]
+        return out * np.float32(self.noise)
+
+    def window(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """Normalised model input for a window of the view, ``(C, y1-y0, x1-x0)``; 0 outside the scan."""
+        sy0, sx0, sy1, sx1 = self.transform.source_window(*self.src_shape, y0, x0, y1, x1)
+        x = self.data.raw_window(self.scan_id, sy0, sx0, sy1, sx1)
+        if self.gain != 1.0 or self.offset != 0.0:
+            x = x * np.float32(self.gain) + np.float32(self.offset)
+        if self.noise > 0:
+            x = x + self._noise(sy0, sx0, sy1, sx1)
+        return self.transform.apply(self.data.normalize(x))
+
+    def full(self) -> np.ndarray:
+        h, w = self.hw
+        return self.window(0, 0, h, w)
+
+
+def sample_views(
+    data: ZarrSamples, sample_id: str, epoch: int, seed: int, augment: AugmentSection | None
+) -> list[ScanView]:
+    """The views of a sample's scans for one epoch (no augmentation when ``augment`` is None)."""
+    info = data.samples[sample_id]
+    if augment is None:
+        return [ScanView(data, s) for s in info.scans]
+    rng = _rng(seed, sample_id, epoch)
+    views = []
+    for s in info.scans:
+        t = Transform(
+            transpose=bool(augment.rot90 and rng.integers(2)),
+            flip_y=bool(augment.flips and rng.integers(2)),
+            flip_x=bool(augment.flips and rng.integers(2)),
+        )
+        gain = float(1.0 + augment.scatter_mult * rng.standard_normal()) if augment.scatter_mult else 1.0
+        offset = float(augment.scatter_add * rng.standard_normal()) if augment.scatter_add else 0.0
+        views.append(ScanView(data, s, t, gain, offset, augment.noise, (seed, sample_id, epoch, s)))
+    return views
+
+
+class Prefetcher:
+    """Runs ``load(item)`` for upcoming items in a background thread, ``depth`` ahead.
+
+    Zarr reads release the GIL, so the next sample is read while the model computes.
+    """
+
+    def __init__(self, items: Sequence[Any], load, depth: int = 2) -> None:
+        self.items, self.load, self.depth = list(items), load, depth
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.depth <= 0:
+            for it in self.items:
+                yield self.load(it)
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def work() -> None:
+            for it in self.items:
+                if stop.is_set():
+                    return
+                try:
+                    q.put((True, self.load(it)))
+                except BaseException as err:  # handed to the consumer, raised there
+                    q.put((False, err))
+                    return
+            q.put((True, StopIteration))
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while True:
+                ok, val = q.get()
+                if not ok:
+                    raise val
+                if val is StopIteration:
+                    return
+                yield val
+        finally:
+            stop.set()
+
+
+def shard_for_rank(ids: Sequence[str], rank: int, world: int, batch: int, rng_seed: int | None):
+    """Shuffle (optionally), pad and shard sample ids so every rank gets the same number of steps.
+
+    Returns ``(items, steps)`` where ``items`` is a list of ``(sample_id, weight)`` for this rank,
+    ``weight`` 0 for padding (a repeated sample that contributes no gradient, so that DDP's
+    collective calls line up on every rank without counting any sample twice).
+    """
+    ids = list(ids)
+    if rng_seed is not None:
+        ids = [ids[i] for i in np.random.default_rng(rng_seed).permutation(len(ids))]
+    per_step = world * batch
+    steps = max(1, -(-len(ids) // per_step))
+    padded = [(s, 1.0) for s in ids] + [(ids[i % len(ids)], 0.0) for i in range(steps * per_step - len(ids))]
+    return padded[rank::world], steps

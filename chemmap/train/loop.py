@@ -1,0 +1,261 @@
+"""The Ray Train worker loop: one fold of the paper's recipe, DDP over N workers.
+
+DDP rules (DESIGN.md): every rank takes the same number of optimiser steps (padding with
+zero-weight samples), a step's samples (and patches) accumulate under ``no_sync()`` with
+one gradient synchronisation on the step's last backward, augmentations come from a seed
+per (sample, epoch), L2 is added once per step, and early stopping looks at validation
+metrics all-reduced over the ranks, so every rank stops at the same epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from chemmap.config import AugmentSection, LossSection, TrainSection
+from chemmap.train.data import Prefetcher, ZarrSamples, sample_views, shard_for_rank
+from chemmap.train.objective import sample_loss, scan_sums
+
+STATE_FILE = "state.pt"
+
+
+def l2_penalty(model: torch.nn.Module) -> torch.Tensor:
+    """Sum of squared convolution weights (no biases, no norm layers)."""
+    convs = (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)
+    terms = [m.weight.pow(2).sum() for m in model.modules() if isinstance(m, convs)]
+    return torch.stack(terms).sum()
+
+
+def forward_map(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The map of a whole image with gradients: ``(C, H, W)`` -> ``(T, H, W)``.
+
+    The same canvas as :func:`chemmap.models.tiling.predict_full` (which runs without
+    gradients), so training sees exactly what scoring computes.
+    """
+    from chemmap.models.tiling import canvas_pads, read_padded
+
+    net = model.module if hasattr(model, "module") else model
+    h, w = x.shape[-2:]
+    top, bottom, left, right = canvas_pads(net, h, w)
+    canvas = read_padded(x, -top, -left, h + bottom, w + right)  # (C, H', W')
+    out = model(canvas.unsqueeze(0))  # (1, T, H' - 2m, W' - 2m)
+    return out[0, :, :h, :w]
+
+
+def _autocast(device: torch.device, amp: str):
+    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    if use:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def predict_sample(model, views, device, amp: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Mean prediction ``(T,)`` of a sample and its maps (no gradients, eval mode)."""
+    from chemmap.models.tiling import predict_full
+
+    net = model.module if hasattr(model, "module") else model
+    total, n, maps = None, 0, []
+    with torch.no_grad(), _autocast(device, amp):
+        for v in views:
+            m = torch.from_numpy(v.mask())
+            p = predict_full(net, torch.from_numpy(v.full()).to(device)).float().cpu()  # (T, H, W)
+            s = (p * m).sum(dim=(-2, -1))
+            total = s if total is None else total + s
+            n += int(m.sum())
+            maps.append(p.numpy())
+    return (total / max(n, 1)).numpy(), maps
+
+
+def _reduce(values: list[float], device: torch.device) -> list[float]:
+    """Sum over ranks (identity without a process group)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _debug_hooks(debug: dict[str, Any], epoch: int, rank: int, step: int, steps: int) -> None:
+    """Fault injection for the tests (``train_stage(..., debug=...)``); a no-op otherwise.
+
+    ``kill_once``: ``{"epoch", "rank", "marker"}`` -- that worker process dies mid-epoch, once
+    (the marker file records it did). ``stop_at_epoch``: rank 0 raises at that epoch's start,
+    as if the job were stopped.
+    """
+    kill = debug.get("kill_once")
+    if kill and kill["epoch"] == epoch and kill["rank"] == rank and step == steps // 2:
+        marker = Path(kill["marker"])
+        if not marker.exists():
+            marker.write_text(f"worker {rank} died at epoch {epoch}, step {step}\n")
+            os._exit(1)
+    if debug.get("stop_at_epoch") == epoch and rank == 0 and step == 0:
+        raise RuntimeError(f"stopped at epoch {epoch} (test hook)")
+
+
+def _param_digest(net: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_fold(config: dict[str, Any]) -> None:
+    """Ray Train entry point (``train_loop_per_worker``) for one fold.
+
+    ``config`` keys: store, model (UNetConfig fields), train (TrainSection dump), fold,
+    seed, tracking_uri, run_id (MLflow run of this fold or None), threads.
+    """
+    import ray.train
+    import ray.train.torch as rt
+
+    from chemmap.models.unet import UNet, UNetConfig
+
+    tcfg = TrainSection.model_validate(config["train"])
+    debug = config.get("debug") or {}
+    loss_w: LossSection = tcfg.loss
+    augment: AugmentSection = tcfg.augment
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    seed, fold = int(config["seed"]), int(config["fold"])
+    torch.manual_seed(seed * 1000 + fold)  # same initial weights on every rank (DDP broadcasts anyway)
+
+    data = ZarrSamples(config["store"])
+    train_ids = data.ids([s for s in range(1, 100) if s != fold])
+    val_ids = data.ids([fold])
+    model = UNet(UNetConfig(**config["model"]))
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=tcfg.plateau_factor, patience=tcfg.plateau_patience
+    )
+    state: dict[str, Any] = {
+        "epoch": -1,
+        "best_rmse": math.inf,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "history": [],
+        "best_model": None,
+    }
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+
+    model = rt.prepare_model(model)  # DDP over the workers (moves to the worker's device)
+    device = rt.get_device()
+    net = model.module if hasattr(model, "module") else model
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    client = None
+    if rank == 0 and config.get("run_id"):
+        from chemmap.tracking import client as mlflow_client
+
+        client = mlflow_client(config["tracking_uri"])
+
+    def load(item):
+        sid, weight = item
+        views = sample_views(data, sid, epoch, seed, augment)
+        return sid, weight, [(torch.from_numpy(v.full()), torch.from_numpy(v.mask())) for v in views]
+
+    for epoch in range(state["epoch"] + 1, tcfg.epochs):
+        t0 = time.perf_counter()
+        items, steps = shard_for_rank(train_ids, rank, world, tcfg.batch_size, rng_seed=seed * 7919 + epoch)
+        model.train()
+        sums = np.zeros(4)  # loss, mse, weight, pixels
+        batches = Prefetcher(items, load, depth=tcfg.prefetch)
+        it = iter(batches)
+        for step in range(steps):
+            _debug_hooks(debug, epoch, rank, step, steps)
+            opt.zero_grad(set_to_none=True)
+            for j in range(tcfg.batch_size):
+                sid, weight, scans = next(it)
+                y = torch.tensor(data.samples[sid].targets, dtype=torch.float32, device=device)
+                last = j == tcfg.batch_size - 1
+                sync = (
+                    contextlib.nullcontext() if (last or not hasattr(model, "no_sync")) else model.no_sync()
+                )
+                with sync, _autocast(device, tcfg.amp):
+                    parts = [
+                        scan_sums(forward_map(model, x.to(device)).float(), m.to(device)) for x, m in scans
+                    ]
+                    terms = sample_loss(parts, y, loss_w)
+                    loss = terms["loss"] * (weight / tcfg.batch_size)
+                    if last and loss_w.l2:
+                        loss = loss + loss_w.l2 * l2_penalty(net)  # once per optimiser step
+                    loss.backward()
+                sums += [
+                    float(terms["loss"]) * weight,
+                    float(terms["mse"]) * weight,
+                    weight,
+                    sum(int(m.sum()) for _, m in scans) * weight,
+                ]
+            opt.step()
+        train_seconds = time.perf_counter() - t0
+
+        model.eval()
+        sq = np.zeros(2)
+        for sid in val_ids[rank::world]:
+            mean_pred, _ = predict_sample(model, sample_views(data, sid, 0, seed, None), device, tcfg.amp)
+            sq += [float(((mean_pred - np.asarray(data.samples[sid].targets)) ** 2).mean()), 1.0]
+        tot = _reduce([*sums.tolist(), *sq.tolist()], device)
+        loss_sum, mse_sum, n_train, pixels, val_sq, n_val = tot
+        val_rmse = math.sqrt(val_sq / max(n_val, 1))
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(n_train, 1),
+            "train_rmse": math.sqrt(mse_sum / max(n_train, 1)),
+            "val_rmse": val_rmse,
+            "val_loss": val_sq / max(n_val, 1),
+            "lr": opt.param_groups[0]["lr"],
+            "pixels_per_s": pixels / max(train_seconds, 1e-9),
+            "epoch_seconds": time.perf_counter() - t0,
+        }
+        sched.step(metrics["val_loss"])
+        if val_rmse < state["best_rmse"] - 1e-9:
+            state.update(best_rmse=val_rmse, best_epoch=epoch, bad_epochs=0)
+            state["best_model"] = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        state["history"].append(metrics)
+        stop = state["bad_epochs"] >= tcfg.early_stopping  # identical on every rank: metrics are reduced
+        metrics["stop"] = int(stop)
+
+        if debug.get("digest_dir"):  # every rank records its parameters: DDP keeps them identical
+            Path(debug["digest_dir"], f"epoch{epoch}_rank{rank}.txt").write_text(_param_digest(net))
+        if client is not None:
+            from chemmap.tracking import log_metrics
+
+            log_metrics(client, config["run_id"], {k: v for k, v in metrics.items() if k != "epoch"}, epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save(
+                    {
+                        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "state": state,
+                    },
+                    Path(tmp) / STATE_FILE,
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        if stop:
+            break
