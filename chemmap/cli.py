@@ -71,6 +71,15 @@ def train(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) -> No
 
 
 @app.command()
+def evaluate(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Compare the trained ensemble with the PLS baseline on the test split; write the report."""
+    from chemmap.pipeline import evaluate_stage
+
+    stage = evaluate_stage(_load(config, set_), progress=not quiet)
+    typer.echo(str(stage.path / "summary.html"))
+
+
+@app.command()
 def run(
     config: ConfigArg,
     set_: SetOpt = None,

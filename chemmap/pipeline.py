@@ -188,7 +188,33 @@ def train_stage(
     return _train(cfg, dataset or find_dataset(cfg), progress=progress, log=log, **kw)
 
 
-STAGES = ("synth", "preprocess", "train")
+def find_training(cfg: ChemmapConfig, dataset: StageDir | None = None) -> StageDir:
+    """The finished training stage of this config; an error naming where it looked if none."""
+    from chemmap.train.trainer import training_dir
+
+    stage = training_dir(cfg, dataset or find_dataset(cfg))[0]
+    if not stage.complete:
+        raise InputError(f"no finished training at {stage.path}; run `chemmap train` first")
+    return stage
+
+
+def evaluate_stage(
+    cfg: ChemmapConfig,
+    dataset: StageDir | None = None,
+    training: StageDir | None = None,
+    *,
+    progress: bool = True,
+    log: Log = print,
+) -> StageDir:
+    """The fold ensemble against PLS on the test split (see :mod:`chemmap.evaluate.stage`)."""
+    from chemmap.evaluate.stage import evaluate_stage as _evaluate
+
+    dataset = dataset or find_dataset(cfg)
+    training = training or find_training(cfg, dataset)
+    return _evaluate(cfg, dataset, training, progress=progress, log=log)
+
+
+STAGES = ("synth", "preprocess", "train", "evaluate")
 
 
 def run(cfg: ChemmapConfig, *, until: str = STAGES[-1], progress: bool = True, log: Log = print) -> dict:
@@ -204,5 +230,9 @@ def run(cfg: ChemmapConfig, *, until: str = STAGES[-1], progress: bool = True, l
     out["preprocess"] = pre.path
     if until == "preprocess":
         return out
-    out["train"] = train_stage(cfg, pre, progress=progress, log=log).path
+    tr = train_stage(cfg, pre, progress=progress, log=log)
+    out["train"] = tr.path
+    if until == "train":
+        return out
+    out["evaluate"] = evaluate_stage(cfg, pre, tr, progress=progress, log=log).path
     return out

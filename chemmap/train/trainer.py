@@ -66,6 +66,32 @@ def _fold_done(path: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+def training_dir(cfg: ChemmapConfig, dataset: StageDir):
+    """The training stage folder for a config and dataset, after checking that they fit.
+
+    Returns ``(stage, unet_config, folds, train_section)``.
+    """
+    from chemmap.preprocess.dataset import open_dataset
+
+    if not dataset.complete:
+        raise InputError(f"dataset not found: {dataset.path} is unfinished; run `chemmap preprocess`")
+    meta = open_dataset(dataset.path / "dataset.zarr")
+    missing = [t for t in cfg.targets if t not in meta["targets"]]
+    if missing:
+        raise InputError(f"{cfg.source}: targets {missing} are not in the dataset (it has {meta['targets']})")
+    ucfg = model_config(cfg, meta["recipe"].n_channels, len(cfg.targets))
+    splits = sorted({s["split"] for s in meta["samples"]})
+    folds = cfg.train.folds or [s for s in splits if s != 0]
+    bad = [f for f in folds if f not in splits or f == 0]
+    if bad:
+        raise InputError(f"{cfg.source}: train.folds {bad} are not CV folds of the dataset (splits {splits})")
+    # Settings that change where or how robustly training runs, not what it learns, stay out of the key.
+    where = {"ray_address", "storage_path", "max_failures", "prefetch", "torch_threads"}
+    tsec = cfg.train.model_dump(mode="json", exclude=where | {"resources_per_worker", "checkpoints_to_keep"})
+    section = {"model": asdict(ucfg), "train": tsec, "seed": cfg.seed, "targets": cfg.targets}
+    return stage_dir(cfg.workdir_path, "train", section, [dataset.key]), ucfg, folds, tsec
+
+
 def train_stage(
     cfg: ChemmapConfig, dataset: StageDir, *, progress: bool = True, log=print, debug: dict | None = None
 ) -> StageDir:
@@ -79,39 +105,10 @@ def train_stage(
 
     from chemmap import tracking
     from chemmap.evaluate.report import plot_learning_curve
-    from chemmap.preprocess.dataset import open_dataset
     from chemmap.train.loop import STATE_FILE, train_fold
 
-    if not dataset.complete:
-        raise InputError(
-            f"dataset not found: {dataset.path} has no finished dataset; run `chemmap preprocess`"
-        )
+    stage, ucfg, folds, tsec = training_dir(cfg, dataset)
     store = dataset.path / "dataset.zarr"
-    meta = open_dataset(store)
-    missing = [t for t in cfg.targets if t not in meta["targets"]]
-    if missing:
-        raise InputError(f"{cfg.source}: targets {missing} are not in the dataset (it has {meta['targets']})")
-    ucfg = model_config(cfg, meta["recipe"].n_channels, len(cfg.targets))
-    splits = sorted({s["split"] for s in meta["samples"]})
-    folds = cfg.train.folds or [s for s in splits if s != 0]
-    bad = [f for f in folds if f not in splits or f == 0]
-    if bad:
-        raise InputError(f"{cfg.source}: train.folds {bad} are not CV folds of the dataset (splits {splits})")
-
-    tsec = cfg.train.model_dump(
-        mode="json",
-        exclude={
-            "ray_address",
-            "storage_path",
-            "max_failures",
-            "prefetch",
-            "torch_threads",
-            "resources_per_worker",
-            "checkpoints_to_keep",
-        },
-    )
-    section = {"model": asdict(ucfg), "train": tsec, "seed": cfg.seed, "targets": cfg.targets}
-    stage = stage_dir(cfg.workdir_path, "train", section, [dataset.key])
     if stage.complete:
         log(f"train: done already ({stage.path})")
         return stage
