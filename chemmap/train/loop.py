@@ -157,6 +157,11 @@ def train_fold(config: dict[str, Any]) -> None:
         sched.load_state_dict(saved["scheduler"])
         state = saved["state"]
 
+    if ckpt is None and hasattr(model, "head") and model.head.bias is not None:
+        # Start from the training mean instead of 0 %: the first epochs then learn contrast, not offset.
+        mean_y = np.mean([data.samples[s].targets for s in train_ids], axis=0)
+        with torch.no_grad():
+            model.head.bias.copy_(torch.as_tensor(mean_y, dtype=model.head.bias.dtype))
     model = rt.prepare_model(model)  # DDP over the workers (moves to the worker's device)
     device = rt.get_device()
     net = model.module if hasattr(model, "module") else model
@@ -200,8 +205,8 @@ def train_fold(config: dict[str, Any]) -> None:
                         loss = loss + loss_w.l2 * l2_penalty(net)  # once per optimiser step
                     loss.backward()
                 sums += [
-                    float(terms["loss"]) * weight,
-                    float(terms["mse"]) * weight,
+                    float(terms["loss"].detach()) * weight,
+                    float(terms["mse"].detach()) * weight,
                     weight,
                     sum(int(m.sum()) for _, m in scans) * weight,
                 ]

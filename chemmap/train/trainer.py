@@ -45,12 +45,31 @@ def model_config(cfg: ChemmapConfig, n_channels: int, n_targets: int):
         raise InputError(f"{cfg.source}: model: {err}") from None
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A TCP probe of ``host:port`` / ``ray://host:port``: ray.init itself retries for minutes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address == "auto":
+        return
+    hostport = urlsplit(address if "://" in address else f"ray://{address}")
+    host, port = hostport.hostname, hostport.port
+    if not host or not port:
+        raise InputError(f"train.ray_address: expected host:port, ray://host:port or auto, got {address!r}")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise InputError(f"train.ray_address: cannot reach Ray at {address} ({err})") from None
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the Ray cluster the config names, or start a local one; one line if unreachable."""
     import ray
 
     if ray.is_initialized():
         return
+    if address:
+        check_ray_address(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
