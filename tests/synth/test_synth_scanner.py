@@ -1,0 +1,190 @@
+"""The synthetic scanner: layout, headers, determinism, lab values, splits, atomic writing."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chemmap.errors import ConfigError, InputError
+from chemmap.synth import SynthSpec, scanner, synthesize
+from chemmap.synth import physics as ph
+
+SMALL = SynthSpec(n_samples=12, lines=32, samples=24, bands=40, seed=3)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _refs(root: Path) -> list[dict[str, str]]:
+    with open(root / "references.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("synth") / "data", SMALL, progress=False)
+
+
+def test_layout_and_headers_read_by_spectral(small: Path) -> None:
+    import spectral.io.envi as envi
+
+    rows = _refs(small)
+    assert len(rows) == SMALL.n_samples
+    for r in rows:
+        sid = r["scan_id"]
+        cap = small / sid / "capture"
+        for name, lines in (
+            (sid, SMALL.lines),
+            (f"WHITEREF_{sid}", ph.REF_LINES),
+            (f"DARKREF_{sid}", ph.REF_LINES),
+        ):
+            img = envi.open(str(cap / f"{name}.hdr"), str(cap / f"{name}.raw"))
+            assert img.shape == (lines, SMALL.samples, SMALL.bands)
+            assert img.metadata["interleave"] == "bil"
+            assert int(img.metadata["ceiling"]) == 4095
+            assert np.dtype(img.dtype) == np.uint16
+            wl = np.asarray(img.metadata["wavelength"], float)
+            np.testing.assert_allclose(wl, np.linspace(400, 1000, SMALL.bands), atol=1e-3)
+        assert (small / "truth" / f"{sid}.npz").is_file()
+    rec = json.loads((small / "_SUCCESS.json").read_text())
+    assert rec["spec"] == SMALL.to_json() and rec["scans"] == SMALL.n_samples
+    assert not list(small.parent.glob("*.synth-tmp"))
+
+
+def test_counts_white_dark_and_saturation(small: Path) -> None:
+    sid = _refs(small)[0]["scan_id"]
+    cap = small / sid / "capture"
+    shape = (SMALL.lines, SMALL.bands, SMALL.samples)  # BIL file order
+    raw = np.fromfile(cap / f"{sid}.raw", "<u2").reshape(shape)
+    white = np.fromfile(cap / f"WHITEREF_{sid}.raw", "<u2").reshape(ph.REF_LINES, SMALL.bands, SMALL.samples)
+    dark = np.fromfile(cap / f"DARKREF_{sid}.raw", "<u2").reshape(ph.REF_LINES, SMALL.bands, SMALL.samples)
+    assert raw.max() <= 4095 and white.max() <= 4095
+    assert (raw == 4095).any(axis=1).sum() >= 1  # hot pixels (and glare on fat) saturate
+    span = white.mean(0).astype(float) - dark.mean(0)
+    dead = span < 20
+    assert 1 <= dead.all(axis=0).sum() <= 2  # a dead detector column
+    assert np.median(span[~dead]) > 100
+    with np.load(small / "truth" / f"{sid}.npz") as t:
+        mask = t["mask"]
+    refl = ((raw.astype(float) - dark.mean(0)[None]) / np.where(dead, 1, span)[None]).mean(axis=1)
+    live = ~dead.any(axis=0)[None, :] & ~(raw == 4095).any(axis=1)
+    assert np.median(refl[~mask & live]) < 0.08  # dark belt
+    assert np.median(refl[mask & live]) > 0.2  # bright meat: a 0.15 threshold separates them
+
+
+def test_truth_and_references_agree(small: Path) -> None:
+    rows = _refs(small)
+    fats = []
+    for r in rows:
+        with np.load(small / "truth" / f"{r['scan_id']}.npz") as t:
+            m = t["mask"]
+            assert t["fat"].dtype == np.float32 and m.dtype == bool
+            assert np.isnan(t["fat"][~m]).all() and np.isfinite(t["fat"][m]).all()
+            assert 0.25 < m.mean() < 0.8
+            total = t["fat"][m] + t["protein"][m] + t["water"][m]
+            np.testing.assert_allclose(total, 100 - ph.ASH_PCT, atol=1e-3)
+            for k in ("fat", "protein", "water"):
+                assert abs(float(r[k]) - float(t[k][m].mean())) < 5 * getattr(ph, f"LAB_SD_{k.upper()}_PCT")
+            fats.append(float(t["fat"][m].mean()))
+    assert 5 < min(fats) and max(fats) < 70 and np.std(fats) > 5
+
+
+def test_splits_are_by_sample() -> None:
+    split = scanner._splits(SynthSpec(n_samples=180))
+    assert (split == 0).sum() == 30
+    assert sorted(np.unique(split)) == [0, 1, 2, 3, 4, 5]
+    assert all((split == f).sum() == 30 for f in range(1, 6))
+
+
+def test_scans_per_sample_share_lab_values_and_split(tmp_path: Path) -> None:
+    spec = SynthSpec(n_samples=6, lines=24, samples=20, bands=16, scans_per_sample=2, seed=1)
+    root = synthesize(tmp_path / "d", spec, progress=False)
+    rows = _refs(root)
+    assert len(rows) == 12
+    by_sample: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        by_sample.setdefault(r["sample_id"], []).append(r)
+    for scans in by_sample.values():
+        assert len(scans) == 2
+        assert {(s["fat"], s["protein"], s["water"], s["split"]) for s in scans}.__len__() == 1
+        # the lab fat is the mean over both scans' masked pixels (plus lab error)
+        vals, n = 0.0, 0
+        for s in scans:
+            with np.load(root / "truth" / f"{s['scan_id']}.npz") as t:
+                vals += float(np.nansum(t["fat"]))
+                n += int(t["mask"].sum())
+        assert abs(float(scans[0]["fat"]) - vals / n) < 5 * ph.LAB_SD_FAT_PCT
+
+
+def test_deterministic_and_idempotent(tmp_path: Path, small: Path) -> None:
+    again = synthesize(tmp_path / "again", SMALL, progress=False, workers=1)
+    assert _digest(again) == _digest(small)  # byte-identical, whatever the threads
+    other = synthesize(tmp_path / "other", SynthSpec(**{**SMALL.to_json(), "seed": 4}), progress=False)
+    assert _digest(other) != _digest(small)
+    before = {p: p.stat().st_mtime_ns for p in again.rglob("*")}
+    assert synthesize(again, SMALL, progress=False) == again  # finished: returns at once
+    assert {p: p.stat().st_mtime_ns for p in again.rglob("*")} == before
+    with pytest.raises(InputError, match="another spec"):
+        synthesize(again, SynthSpec(**{**SMALL.to_json(), "seed": 9}), progress=False)
+
+
+def test_interrupted_run_leaves_no_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real = scanner._write_truth
+
+    def failing(path: Path, scene: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(path, scene)
+
+    monkeypatch.setattr(scanner, "_write_truth", failing)
+    root = tmp_path / "data"
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(root, SMALL, progress=False, workers=1)
+    assert not root.exists()  # everything went to the temp folder
+    monkeypatch.setattr(scanner, "_write_truth", real)
+    synthesize(root, SMALL, progress=False)  # a rerun finishes and cleans up
+    assert (root / "_SUCCESS.json").is_file()
+    assert not (tmp_path / "data.synth-tmp").exists()
+
+
+def test_existing_root_without_success_is_completed(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "config.yaml").write_text("x: 1\n")
+    synthesize(root, SMALL, progress=False)
+    assert (root / "config.yaml").is_file() and (root / "_SUCCESS.json").is_file()
+
+
+def test_nir_preset_and_overrides(tmp_path: Path) -> None:
+    spec = SynthSpec(instrument="nir", n_samples=6, lines=20, samples=16, seed=2)
+    assert spec.wavelengths().size == 224
+    np.testing.assert_allclose(spec.wavelengths()[[0, -1]], [900, 1700])
+    root = synthesize(tmp_path / "nir", spec, progress=False)
+    rows = _refs(root)
+    raw = root / rows[0]["scan_id"] / "capture" / f"{rows[0]['scan_id']}.raw"
+    assert raw.stat().st_size == 20 * 16 * 224 * 2
+    custom = SynthSpec(bands=50, wavelength_range=[950, 1650])  # a list, as from pydantic
+    assert custom.wavelength_range == (950.0, 1650.0)
+    np.testing.assert_allclose(custom.wavelengths()[[0, -1]], [950, 1650])
+    assert SynthSpec().wavelengths().size == 300
+
+
+def test_bad_specs_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="wavelength_range"):
+        SynthSpec(wavelength_range=(1000, 900))
+    with pytest.raises(ConfigError, match="n_samples"):
+        SynthSpec(n_samples=2)
+    with pytest.raises(ConfigError, match="instrument"):
+        SynthSpec(instrument="swir")  # type: ignore[arg-type]
