@@ -303,8 +303,43 @@ class _EnviSource:
         return mm
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        lines = key[1] if isinstance(key, tuple) and len(key) == 3 else None
+        if isinstance(lines, slice) and lines.step in (None, 1):
+            l0, l1, _ = lines.indices(self.shape[1])
+            block = self._read_lines(l0, max(l0, l1))  # (bands, l1 - l0, samples), native order
+            return np.ascontiguousarray(block[key[0], :, key[2]])
         # np.array(..., dtype=native) copies only the block and swaps bytes on the way.
         return np.array(self._view()[key], dtype=self.dtype, order="C")
+
+    def _read_lines(self, l0: int, l1: int) -> np.ndarray:
+        """Lines ``l0:l1`` read with plain file reads, not a memory map.
+
+        Pages of a mapped file count in the process's resident memory until unmapped, so a
+        scan read through a map looks (and, under memory pressure, behaves) as large as the
+        file; reads into a block-sized buffer keep the resident set at the block size.
+        """
+        bands, _, samples = self.shape
+        n, item = l1 - l0, self.file_dtype.itemsize
+        if self.interleave in ("bil", "bip"):
+            per_line = bands * samples
+            raw = np.fromfile(
+                self.path,
+                dtype=self.file_dtype,
+                count=n * per_line,
+                offset=self.offset + l0 * per_line * item,
+            )
+            if self.interleave == "bil":
+                block = raw.reshape(n, bands, samples).transpose(1, 0, 2)
+            else:
+                block = raw.reshape(n, samples, bands).transpose(2, 0, 1)
+        else:  # bsq: one contiguous run per band
+            lines_total = self.shape[1]
+            block = np.empty((bands, n, samples), dtype=self.file_dtype)
+            with open(self.path, "rb") as fh:
+                for b in range(bands):
+                    fh.seek(self.offset + (b * lines_total + l0) * samples * item)
+                    block[b] = np.fromfile(fh, dtype=self.file_dtype, count=n * samples).reshape(n, samples)
+        return block.astype(self.dtype, copy=False)
 
 
 def _lines_per_chunk(bands: int, lines: int, samples: int, itemsize: int, chunk_lines: int | None) -> int:

@@ -21,6 +21,7 @@ complete only after both, so an interrupted build resumes at the first unfinishe
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from chemmap.preprocess.recipe import Recipe
 # stored uncompressed, a window read is a plain memcpy (measured in bench/preprocess.py).
 CUBE_COMPRESSORS: Any = None
 DATASET_FORMAT = 1
+BLOCKS_IN_FLIGHT = 2  # write units per worker thread in one Dask compute
 
 
 @dataclass(frozen=True)
@@ -216,8 +218,6 @@ class DatasetBuilder:
         unit = shards or chunks
         raw = open_scan(scan_in.raw, chunk_lines=unit[1]).data
         saturation = recipe.saturation_level(scan.header, scan.dtype)
-        cube, refl_mean, bad = recipe.apply(raw, white, dark, saturation)
-        cube = cube.rechunk((channels, unit[1], unit[2]))
 
         group = root.require_group(f"scans/{scan_in.scan_id}")
         arr = group.create_array(
@@ -231,9 +231,22 @@ class DatasetBuilder:
             dimension_names=("band", "y", "x"),
             overwrite=True,
         )
-        store_task = da.store(cube, arr, lock=False, compute=False)
-        nonfinite = ~da.isfinite(cube).all(axis=0)
-        _, refl_mean, bad, nonfinite = dask.compute(store_task, refl_mean, bad, nonfinite)
+        refl_mean = np.empty((lines, samples), np.float32)
+        bad = np.empty((lines, samples), bool)
+        nonfinite = np.empty((lines, samples), bool)
+        # A few write units per compute: the scheduler cannot read ahead of the writes, so
+        # peak memory is a few blocks whatever the scan's length (paper scans are 2.3 GB).
+        step = unit[1] * BLOCKS_IN_FLIGHT * max(1, cfg.num_workers or os.cpu_count() or 1)
+        for l0 in range(0, lines, step):
+            l1 = min(l0 + step, lines)
+            cube, r_mean, r_bad = recipe.apply(raw[:, l0:l1], white, dark, saturation)
+            cube = cube.rechunk((channels, unit[1], unit[2]))
+            region = (slice(None), slice(l0, l1), slice(None))
+            store_task = da.store(cube, arr, regions=region, lock=False, compute=False)
+            r_nonfinite = ~da.isfinite(cube).all(axis=0)
+            _, refl_mean[l0:l1], bad[l0:l1], nonfinite[l0:l1] = dask.compute(
+                store_task, r_mean, r_bad, r_nonfinite
+            )
 
         if cfg.mask.method == "files":
             if scan_in.mask_file is None:

@@ -51,6 +51,72 @@ def forward_map(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out[0, :, :h, :w]
 
 
+class _Geometric(torch.nn.Module):
+    """Calls the (DDP-wrapped) model but answers geometry questions (margin, stride...) as the net."""
+
+    def __init__(self, model: torch.nn.Module, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_net", net)  # not a submodule: parameters come via self.model
+        self.config = getattr(net, "config", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_net"), name)
+
+
+def sync_step(
+    model: torch.nn.Module, net: torch.nn.Module, in_channels: int, extra: torch.Tensor | None
+) -> None:
+    """One DDP gradient synchronisation after a step accumulated under ``no_sync``.
+
+    A minimal forward through DDP and a backward of ``0 * output + extra`` (the step's L2
+    term) make DDP all-reduce the accumulated ``.grad`` of every parameter exactly once.
+    """
+    from chemmap.models.tiling import canvas_pads
+
+    top, bottom, left, right = canvas_pads(net, 1, 1)
+    param = next(net.parameters())
+    x = torch.zeros(
+        1, in_channels, 1 + top + bottom, 1 + left + right, device=param.device, dtype=param.dtype
+    )
+    was_training = net.training
+    net.eval()  # batch norm must not learn running statistics from the zero input
+    out = model(x).sum() * 0.0
+    net.train(was_training)
+    (out if extra is None else out + extra).backward()
+
+
+def patch_backward(model, net, view, y, loss_w: LossSection, geometry, core: int, halo: int, scale: float):
+    """The exact sample gradient from patches of one scan (:mod:`chemmap.models.patched`)."""
+    from chemmap.models.loss import LossConfig
+    from chemmap.models.patched import patched_backward
+    from chemmap.models.tiling import core_windows, read_padded
+
+    h, w = view.hw
+    mask = torch.from_numpy(view.mask())
+    windows = core_windows(h, w, core, geometry.stride)
+    lc = LossConfig(
+        mean=loss_w.mean, smooth=loss_w.smooth, out_of_range=loss_w.out_of_range, l2=0.0, pixel=0.0
+    )
+    return patched_backward(
+        _Geometric(model, net),
+        lambda y0, x0, y1, x1: read_padded(view, y0, x0, y1, x1),
+        windows,
+        mask,
+        y,
+        lc,
+        halo,
+        geometry=geometry,
+        scale=scale,
+    )
+
+
 def _autocast(device: torch.device, amp: str):
     use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     if use:
@@ -173,9 +239,23 @@ def train_fold(config: dict[str, Any]) -> None:
 
         client = mlflow_client(config["tracking_uri"])
 
+    patches = tcfg.mode == "patches"
+    if patches:
+        from chemmap.models.tiling import model_geometry
+
+        multi = [s for s in train_ids if len(data.samples[s].scans) > 1]
+        if multi:
+            raise ValueError(f"train.mode=patches takes one scan per sample; {multi[0]} has several")
+        geometry = model_geometry(net)
+        pk = data.root["patches"][next(iter(data.root["patches"].array_keys()))].attrs
+        core = int(pk["core"]) if int(pk["core"]) % geometry.stride == 0 else 4 * geometry.stride
+        halo = max(int(pk["halo"]), geometry.radius)
+
     def load(item):
         sid, weight = item
         views = sample_views(data, sid, epoch, seed, augment)
+        if patches:  # windows are read on demand: memory is one patch, not one image
+            return sid, weight, views
         return sid, weight, [(torch.from_numpy(v.full()), torch.from_numpy(v.mask())) for v in views]
 
     for epoch in range(state["epoch"] + 1, tcfg.epochs):
@@ -188,6 +268,31 @@ def train_fold(config: dict[str, Any]) -> None:
         for step in range(steps):
             _debug_hooks(debug, epoch, rank, step, steps)
             opt.zero_grad(set_to_none=True)
+            if patches:
+                for _ in range(tcfg.batch_size):
+                    sid, weight, views = next(it)
+                    y = torch.tensor(data.samples[sid].targets, dtype=torch.float32, device=device)
+                    with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
+                        t = patch_backward(
+                            model,
+                            net,
+                            views[0],
+                            y,
+                            loss_w,
+                            geometry,
+                            core,
+                            halo,
+                            scale=weight / tcfg.batch_size,
+                        )
+                    n_px = int(views[0].mask().sum())
+                    sums += [t["total"] * weight, t["mean"] * weight, weight, n_px * weight]
+                l2 = loss_w.l2 * l2_penalty(net) if loss_w.l2 else None
+                if hasattr(model, "no_sync"):
+                    sync_step(model, net, data.n_channels, l2)
+                elif l2 is not None:
+                    l2.backward()
+                opt.step()
+                continue
             for j in range(tcfg.batch_size):
                 sid, weight, scans = next(it)
                 y = torch.tensor(data.samples[sid].targets, dtype=torch.float32, device=device)
