@@ -1,0 +1,388 @@
+"""The U-Net that turns a hyperspectral cube into chemical maps, in one file.
+
+The network follows the U-Net of Ronneberger et al. (2015) as implemented by
+Engstrøm et al. for the pork-belly chemical-map paper (arXiv 2504.14131): two 3x3
+convolutions per level, each followed by a ReLU and then (optionally) a normalisation
+layer; 2x2 max pooling down; bilinear x2 + 1x1 convolution or a 2x2 transposed
+convolution up; the skip concatenated before the up-sampled tensor; a 1x1 head.
+Kaiming-normal weights and zero biases.
+
+What chemmap adds (see DESIGN.md, "The science" and "Exact tiling"):
+
+- ``features`` and ``depth`` instead of a fixed 64..1024 x 5 levels;
+- ``align_corners=False`` by default: bilinear up-sampling on a grid that does not
+  depend on the tensor's size, so that tiles reproduce the whole-image output exactly;
+- the paper's spectral front-end, ``Conv3d(1, 1, (7, 2, 2), stride=(1, 2, 2))``
+  (C -> C - 6 bands, half resolution), with the map brought back to the input's
+  geometry (odd sizes padded in, cropped out);
+- a ResNet-style encoder (residual blocks, built here, no downloaded weights);
+- gradient checkpointing per block.
+
+Geometry contract of :meth:`UNet.forward`: an input of ``(H, W)`` gives an output of
+``(H - 2 * margin, W - 2 * margin)`` and output pixel ``(i, j)`` sits on input pixel
+``(i + margin, j + margin)``; ``margin`` is 0 with ``pad=True``. Sizes the network
+cannot take raise a ``ValueError`` that names the nearest sizes it can.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+NORMALIZATIONS = (None, "bn", "ln")
+ENCODERS = ("plain", "resnet")
+FRONT_END_BANDS = 7  # spectral kernel of the paper's front-end: C -> C - 6 channels
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Every option of the U-Net; frozen, so it can key a cache (e.g. the tiling geometry)."""
+
+    in_channels: int = 3  # input bands; with front_end, the raw band count (>= 7)
+    out_channels: int = 1  # predicted maps, one per target (fat, protein, ...)
+    depth: int = 5  # levels including the bottleneck: depth - 1 poolings
+    features: int = 64  # width of the first level; doubles at every level down
+    pad: bool = True  # True: "same" 3x3 convolutions; False: valid ones (the original U-Net)
+    bilinear: bool = True  # up-sampling: bilinear x2 + 1x1 conv (True) or 2x2 transposed conv
+    normalization: str | None = None  # None, "bn" (batch norm) or "ln" (layer norm over channels)
+    align_corners: bool = False  # bilinear grid; False is shift-equivariant (exact tiling)
+    front_end: bool = False  # paper's Conv3d(1, 1, (7, 2, 2), stride (1, 2, 2)) before the U-Net
+    encoder: str = "plain"  # "plain" double convolutions or "resnet" residual blocks
+    checkpointing: bool = False  # recompute each block in backward: less memory, more time
+
+    def __post_init__(self) -> None:
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}.")
+        if self.front_end and self.in_channels < FRONT_END_BANDS:
+            raise ValueError(
+                f"front_end needs in_channels >= {FRONT_END_BANDS} (its kernel spans "
+                f"{FRONT_END_BANDS} bands), got {self.in_channels}."
+            )
+        if self.out_channels < 1:
+            raise ValueError(f"out_channels must be >= 1, got {self.out_channels}.")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}.")
+        if self.features < 1:
+            raise ValueError(f"features must be >= 1, got {self.features}.")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}.")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}.")
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel dimension of a ``(B, C, H, W)`` tensor (per pixel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = super().forward(x)
+        return x.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+def norm_layer(normalization: str | None, channels: int) -> nn.Module:
+    """The normalisation that follows each ReLU: identity, BatchNorm2d or channel LayerNorm."""
+    if normalization == "bn":
+        return nn.BatchNorm2d(channels, momentum=0.01)  # the reference implementation's momentum
+    if normalization == "ln":
+        return ChannelLayerNorm(channels)
+    return nn.Identity()
+
+
+def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Central ``(height, width)`` window of ``x`` (B, C, H, W)."""
+    top = (x.shape[-2] - height) // 2
+    left = (x.shape[-1] - width) // 2
+    return x[..., top : top + height, left : left + width]
+
+
+class ConvUnit(nn.Sequential):
+    """3x3 convolution -> ReLU -> normalisation (the U-Net's basic step)."""
+
+    def __init__(self, in_channels: int, out_channels: int, config: UNetConfig) -> None:
+        bias = config.normalization is None  # a normalisation layer brings its own shift
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1 if config.pad else 0, bias=bias),
+            nn.ReLU(inplace=True),
+            norm_layer(config.normalization, out_channels),
+        )
+
+
+class DoubleConv(nn.Sequential):
+    """Two :class:`ConvUnit`; with ``pad=False`` it trims 2 pixels per side."""
+
+    def __init__(self, in_channels: int, out_channels: int, config: UNetConfig) -> None:
+        super().__init__(
+            ConvUnit(in_channels, out_channels, config),
+            ConvUnit(out_channels, out_channels, config),
+        )
+
+
+class ResidualBlock(nn.Module):
+    """ResNet basic block in the U-Net's conv order: conv-ReLU-norm, conv, + shortcut, ReLU-norm.
+
+    The shortcut is a 1x1 convolution when the width changes, and is centre-cropped by
+    2 pixels per side with ``pad=False`` so that it lines up with the valid convolutions.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, config: UNetConfig) -> None:
+        super().__init__()
+        bias = config.normalization is None
+        self.pad = config.pad
+        self.conv1 = ConvUnit(in_channels, out_channels, config)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1 if config.pad else 0, bias=bias)
+        self.shortcut = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+        )
+        self.act = nn.ReLU(inplace=True)
+        self.norm = norm_layer(config.normalization, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.conv1(x))  # (B, C_out, H', W')
+        skip = self.shortcut(x)  # (B, C_out, H, W)
+        if not self.pad:
+            skip = center_crop(skip, out.shape[-2], out.shape[-1])
+        return self.norm(self.act(out + skip))
+
+
+class Down(nn.Module):
+    """One encoder level: 2x2 max pooling (not on the first level), then a conv block."""
+
+    def __init__(self, in_channels: int, out_channels: int, config: UNetConfig, pool: bool) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        block = ResidualBlock if config.encoder == "resnet" else DoubleConv
+        self.block = block(in_channels, out_channels, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.pool(x))
+
+
+class Up(nn.Module):
+    """One decoder level: up-sample x2 to half the width, join the skip, double conv.
+
+    Bilinear mode applies its 1x1 convolution *before* interpolating: both are linear
+    (the convolution mixes channels, interpolation mixes pixels, constants stay
+    constant), so the result equals the reference order at a quarter of the cost.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, config: UNetConfig) -> None:
+        super().__init__()
+        self.pad = config.pad
+        self.bilinear = config.bilinear
+        self.align_corners = config.align_corners
+        if config.bilinear:
+            self.proj: nn.Module = nn.Conv2d(in_channels, out_channels, 1)
+        else:
+            bias = config.normalization is None
+            self.proj = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2, bias=bias)
+        self.act = nn.ReLU(inplace=True)
+        self.norm = norm_layer(config.normalization, out_channels)
+        self.block = DoubleConv(2 * out_channels, out_channels, config)
+
+    def forward(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, C_out, h, w) bilinear; (B, C_out, 2h, 2w) transposed
+        if self.bilinear:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=self.align_corners)
+        x = self.norm(self.act(x))  # (B, C_out, 2h, 2w)
+        if self.pad:
+            # Odd sizes: pooling floored, so the up-sampled tensor may be a row/column short.
+            dh, dw = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+            x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+        else:
+            skip = center_crop(skip, x.shape[-2], x.shape[-1])
+        return self.block(torch.cat([skip, x], dim=1))  # (B, C_out, H', W')
+
+
+class SpectralFrontEnd(nn.Module):
+    """The paper's front-end: ``Conv3d(1, 1, (7, 2, 2), stride=(1, 2, 2), padding="valid")``.
+
+    It slides one 7-band x 2 x 2 kernel over the cube: (B, C, H, W) -> (B, C - 6, H/2, W/2).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 1, (FRONT_END_BANDS, 2, 2), stride=(1, 2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x.unsqueeze(1))  # (B, 1, C - 6, H/2, W/2)
+        return x.squeeze(1)  # (B, C - 6, H/2, W/2)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+@functools.cache
+def _body_output_size(n: int, depth: int, pad: bool) -> int:
+    """Output size of the U-Net body (no front-end) for input size ``n``; -1 if not accepted."""
+    if pad:
+        return n if n >= 2 ** (depth - 1) else -1
+    for _ in range(depth - 1):
+        n -= 4  # two valid 3x3 convolutions
+        if n <= 0 or n % 2:
+            return -1  # pooling needs an even size to keep the skip centred
+        n //= 2
+    n -= 4
+    if n <= 0:
+        return -1
+    for _ in range(depth - 1):
+        n = 2 * n - 4
+    return n
+
+
+@functools.cache
+def _body_min_size(depth: int) -> int:
+    """Smallest input a valid-convolution body of this depth accepts."""
+    n = 1
+    while _body_output_size(n, depth, pad=False) <= 0:
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class UNet(nn.Module):
+    """U-Net mapping a ``(B, C, H, W)`` cube to ``(B, out_channels, H', W')`` maps.
+
+    Build it from a config or from keyword arguments (the seed library's spelling)::
+
+        UNet(UNetConfig(in_channels=56, pad=False))
+        UNet(in_channels=56, out_channels=1, pad=False, bilinear=True, normalization=None)
+
+    Keyword arguments given with a config override its fields.
+    """
+
+    def __init__(self, config: UNetConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        config = UNetConfig(**kwargs) if config is None else replace(config, **kwargs)
+        self.config = config
+        widths = [config.features * 2**level for level in range(config.depth)]
+        body_in = config.in_channels - (FRONT_END_BANDS - 1) if config.front_end else config.in_channels
+        self.front_end = SpectralFrontEnd() if config.front_end else None
+        self.encoder = nn.ModuleList(
+            Down(c_in, c_out, config, pool=level > 0)
+            for level, (c_in, c_out) in enumerate(zip([body_in, *widths[:-1]], widths, strict=True))
+        )
+        self.decoder = nn.ModuleList(
+            Up(widths[level + 1], widths[level], config) for level in range(config.depth - 1)
+        )
+        self.head = nn.Conv2d(widths[0], config.out_channels, 1)
+        self.reset_parameters()
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> UNet:
+        """``UNet.from_kwargs(**fields)`` is ``UNet(UNetConfig(**fields))``."""
+        return cls(UNetConfig(**kwargs))
+
+    def reset_parameters(self) -> None:
+        """Kaiming-normal convolution weights, zero biases; norm layers at weight 1, bias 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Conv3d):
+                nn.init.kaiming_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d | nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ geometry
+
+    @property
+    def stride(self) -> int:
+        """Input shifts by multiples of this shift the output alike (the pooling grid)."""
+        return 2 ** (self.config.depth - 1) * (2 if self.config.front_end else 1)
+
+    @property
+    def margin(self) -> int:
+        """Input pixels lost per side (0 with ``pad=True``)."""
+        if self.config.pad:
+            return 0
+        n = _body_min_size(self.config.depth)
+        m = (n - _body_output_size(n, self.config.depth, pad=False)) // 2
+        return 2 * m if self.config.front_end else m
+
+    def output_size(self, n: int) -> int:
+        """Output size along one axis for input size ``n``, or -1 if the net cannot take ``n``."""
+        depth, pad = self.config.depth, self.config.pad
+        if not self.config.front_end:
+            return _body_output_size(n, depth, pad)
+        half = _body_output_size(math.ceil(n / 2), depth, pad)
+        if half <= 0:
+            return -1
+        return n if self.config.pad else n - 2 * self.margin
+
+    def accepts(self, n: int) -> bool:
+        """Whether an input of size ``n`` (along either axis) is accepted."""
+        return n >= 1 and self.output_size(n) > 0
+
+    def valid_size(self, n: int) -> int:
+        """Smallest accepted input size >= ``n`` (the sizes form a progression of step ``stride``)."""
+        n = max(n, 1)
+        while not self.accepts(n):
+            n += 1
+        return n
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise a ``ValueError`` naming the nearest accepted sizes if ``(height, width)`` is not accepted."""
+        for axis, n in (("height", height), ("width", width)):
+            if not self.accepts(n):
+                below = [k for k in range(max(n - 4 * self.stride, 1), n) if self.accepts(k)]
+                hint = f"{below[-1]} or {self.valid_size(n)}" if below else f"{self.valid_size(n)}"
+                raise ValueError(
+                    f"input {axis} {n} is not accepted by this U-Net (depth={self.config.depth}, "
+                    f"pad={self.config.pad}, front_end={self.config.front_end}); nearest accepted: {hint}."
+                )
+
+    # ------------------------------------------------------------------ forward
+
+    def _run(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.config.checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict maps.
+
+        Args:
+            x: cube ``(B, in_channels, H, W)``.
+
+        Returns:
+            ``(B, out_channels, H - 2 * margin, W - 2 * margin)``; output pixel ``(i, j)``
+            lies on input pixel ``(i + margin, j + margin)``.
+        """
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected input (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}.")
+        height, width = x.shape[-2:]
+        self.check_size(height, width)
+        if self.front_end is not None:
+            # Odd sizes: repeat the last row/column so the stride-2 kernel covers every pixel.
+            x = F.pad(x, (0, width % 2, 0, height % 2), mode="replicate")  # (B, C, 2h, 2w)
+            x = self._run(self.front_end, x)  # (B, C - 6, h, w)
+        skips = []
+        for down in self.encoder:
+            x = self._run(down, x)  # (B, F * 2**level, H_l, W_l)
+            skips.append(x)
+        x = skips.pop()
+        for up in reversed(self.decoder):
+            x = self._run(up, skips.pop(), x)  # (B, F * 2**level, H_l, W_l)
+        x = self.head(x)  # (B, out_channels, h', w')
+        if self.front_end is not None:
+            # Back to the input's grid; align_corners=False keeps pixel k on input pixel k + margin.
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)  # (B, T, 2h', 2w')
+            x = x[..., : height - 2 * self.margin, : width - 2 * self.margin]  # (B, T, H', W')
+        return x
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in asdict(self.config).items())

@@ -1,0 +1,187 @@
+"""The U-Net: shapes for every option, valid sizes, init, gradients, checkpointing."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chemmap.models.tiling import predict_full
+from chemmap.models.unet import UNet, UNetConfig, Up
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+OPTIONS = list(
+    itertools.product(
+        [True, False],  # bilinear
+        [None, "bn", "ln"],  # normalization
+        [False, True],  # front_end
+        ["plain", "resnet"],  # encoder
+        [False, True],  # align_corners
+    )
+)
+
+
+@pytest.mark.parametrize(("bilinear", "normalization", "front_end", "encoder", "align_corners"), OPTIONS)
+def test_pad_true_keeps_the_size_for_every_option(
+    bilinear: bool, normalization: str | None, front_end: bool, encoder: str, align_corners: bool
+) -> None:
+    torch.manual_seed(0)
+    model = UNet(
+        in_channels=9, out_channels=2, depth=3, features=4, pad=True, bilinear=bilinear,
+        normalization=normalization, front_end=front_end, encoder=encoder, align_corners=align_corners,
+    )  # fmt: skip
+    with torch.no_grad():
+        for height, width in [(33, 47), (47, 61), (61, 64), (64, 33)]:
+            out = model(torch.randn(2, 9, height, width))  # (B, T, H, W)
+            assert out.shape == (2, 2, height, width)
+            assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("front_end", [False, True])
+def test_pad_false_sizes(depth: int, front_end: bool) -> None:
+    """Accepted sizes shrink by 2 * margin; the others are refused with the nearest sizes named."""
+    model = UNet(in_channels=8, depth=depth, features=2, pad=False, bilinear=False, front_end=front_end)
+    accepted = [n for n in range(1, 260) if model.accepts(n)]
+    assert accepted, "some size must be accepted"
+    # Every valid-convolution level trims 4 px and pooling halves: the sizes step by the stride.
+    body = sorted({math.ceil(n / 2) for n in accepted} if front_end else set(accepted))
+    assert all(b - a == 2 ** (depth - 1) for a, b in itertools.pairwise(body))
+    with torch.no_grad():
+        for n in accepted[:3]:
+            out = model(torch.randn(1, 8, n, accepted[0]))
+            assert out.shape[-2:] == (n - 2 * model.margin, accepted[0] - 2 * model.margin)
+        refused = max(n for n in range(1, accepted[-1]) if not model.accepts(n))  # a gap, or too small
+        with pytest.raises(ValueError, match=rf"height {refused} is not accepted.*nearest accepted"):
+            model(torch.randn(1, 8, refused, accepted[0]))
+
+
+def test_classic_configuration_maps_572_to_388() -> None:
+    """The seed's original U-Net: depth 5, transposed convolutions, valid convolutions, 64 features."""
+    model = UNet(in_channels=1, out_channels=1, depth=5, features=64, pad=False, bilinear=False)
+    assert model.margin == 92 and model.accepts(572) and not model.accepts(570)
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 572, 572)).shape == (1, 1, 388, 388)
+
+
+def test_widths_and_kwargs_spellings() -> None:
+    config = UNetConfig(in_channels=5, out_channels=2, depth=4, features=8, pad=False)
+    a = UNet(config)
+    b = UNet(in_channels=5, out_channels=2, depth=4, features=8, pad=False)
+    c = UNet.from_kwargs(**config.__dict__)
+    assert a.config == b.config == c.config
+    assert [down.block[1][0].out_channels for down in a.encoder] == [8, 16, 32, 64]
+    assert UNet(config, pad=True).config.pad is True  # kwargs override a config
+    assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"normalization": "gn"}, "normalization must be one of"),
+        ({"encoder": "vit"}, "encoder must be one of"),
+        ({"depth": 0}, "depth must be >= 1"),
+        ({"features": 0}, "features must be >= 1"),
+        ({"front_end": True, "in_channels": 6}, "front_end needs in_channels >= 7"),
+    ],
+)
+def test_config_errors_name_the_value(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        UNetConfig(**kwargs)
+
+
+def test_wrong_input_channels_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"expected input \(B, 3, H, W\), got \(1, 4, 32, 32\)"):
+        UNet(depth=2, features=2)(torch.zeros(1, 4, 32, 32))
+
+
+def test_kaiming_init_and_zero_biases() -> None:
+    torch.manual_seed(0)
+    model = UNet(in_channels=3, depth=3, features=16, normalization="ln", bilinear=False, front_end=False)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d) and module.bias is not None:
+            assert torch.all(module.bias == 0)
+        if isinstance(module, nn.LayerNorm):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
+    conv = model.decoder[0].block[0][0]  # 3x3 conv, 32 -> 16 channels: 288 fan-in
+    assert isinstance(conv, nn.Conv2d)
+    expected = math.sqrt(2.0 / (conv.in_channels * 9))
+    assert abs(float(conv.weight.detach().std()) / expected - 1) < 0.05
+
+
+def test_bilinear_projection_before_interpolation_equals_the_reference_order() -> None:
+    """The 1x1 conv runs at low resolution: equal to interpolating first (both are linear)."""
+    torch.manual_seed(0)
+    for align_corners in (False, True):
+        config = UNetConfig(in_channels=3, depth=2, features=4, align_corners=align_corners)
+        up = Up(8, 4, config)
+        x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+        proj = up.proj.double()
+        ours = F.interpolate(proj(x), scale_factor=2, mode="bilinear", align_corners=align_corners)
+        reference = proj(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=align_corners))
+        assert rel(ours, reference) < 1e-12
+
+
+@pytest.mark.parametrize(("pad", "height"), [(True, 33), (True, 64), (False, 87), (False, 88)])
+def test_front_end_map_has_the_input_geometry(pad: bool, height: int) -> None:
+    torch.manual_seed(0)
+    model = UNet(in_channels=10, depth=3, features=4, pad=pad, front_end=True)
+    x = torch.randn(1, 10, height, 95 if pad else 103)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape[-2:] == (height - 2 * model.margin, x.shape[-1] - 2 * model.margin)
+    assert predict_full(model, x).shape == (1, 1, height, x.shape[-1])  # the scan's own geometry
+
+
+@pytest.mark.parametrize(
+    ("encoder", "bilinear", "normalization", "front_end", "pad"),
+    [
+        ("plain", True, None, False, True),
+        ("plain", False, "bn", True, False),
+        ("resnet", True, "ln", True, True),
+        ("resnet", False, None, False, False),
+        ("resnet", True, "bn", False, False),
+    ],
+)
+def test_every_parameter_gets_a_gradient(
+    encoder: str, bilinear: bool, normalization: str | None, front_end: bool, pad: bool
+) -> None:
+    torch.manual_seed(0)
+    model = UNet(
+        in_channels=9, depth=3, features=4, encoder=encoder, bilinear=bilinear,
+        normalization=normalization, front_end=front_end, pad=pad,
+    )  # fmt: skip
+    size = model.valid_size(60)
+    model(torch.randn(2, 9, size, size)).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("normalization", [None, "ln"])
+@pytest.mark.parametrize("encoder", ["plain", "resnet"])
+def test_checkpointing_changes_neither_outputs_nor_gradients(normalization: str | None, encoder: str) -> None:
+    """(Batch norm is left out: recomputation in backward updates its running stats twice.)"""
+    torch.manual_seed(0)
+    plain = UNet(
+        in_channels=9, depth=3, features=4, normalization=normalization, encoder=encoder, front_end=True
+    )
+    ckpt = UNet(plain.config, checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 9, 47, 52)
+    outs, grads = [], []
+    for model in (plain, ckpt):
+        out = model(x)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert rel(outs[1], outs[0]) < 1e-6
+    assert rel(grads[1], grads[0]) < 1e-5
