@@ -22,17 +22,11 @@ import numpy as np
 import torch
 
 from chemmap.config import AugmentSection, LossSection, TrainSection
+from chemmap.models.loss import l2_penalty
 from chemmap.train.data import Prefetcher, ZarrSamples, sample_views, shard_for_rank
 from chemmap.train.objective import sample_loss, scan_sums
 
 STATE_FILE = "state.pt"
-
-
-def l2_penalty(model: torch.nn.Module) -> torch.Tensor:
-    """Sum of squared convolution weights (no biases, no norm layers)."""
-    convs = (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)
-    terms = [m.weight.pow(2).sum() for m in model.modules() if isinstance(m, convs)]
-    return torch.stack(terms).sum()
 
 
 def forward_map(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

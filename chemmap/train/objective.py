@@ -38,7 +38,7 @@ def scan_sums(pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]
 def sample_loss(
     sums: list[dict[str, torch.Tensor]], target: torch.Tensor, w: LossSection
 ) -> dict[str, torch.Tensor]:
-    """The loss terms of one sample from its scans' sums; targets are averaged over ``T``.
+    """The loss terms of one sample from its scans' sums, summed over targets (as ``models.loss``).
 
     Args:
         sums: :func:`scan_sums` of each of the sample's scans.
@@ -50,8 +50,8 @@ def sample_loss(
     """
     n = torch.stack([s["n"] for s in sums]).sum().clamp_min(1.0)
     mean_pred = torch.stack([s["sum"] for s in sums]).sum(0) / n  # (T,)
-    mse = (mean_pred - target).pow(2).mean()
-    smooth = (torch.stack([s["smooth"] for s in sums]).sum(0) / n).mean()
-    oor = torch.stack([s["oor"] for s in sums]).sum(0).mean()
+    mse = (mean_pred - target).pow(2).sum()
+    smooth = (torch.stack([s["smooth"] for s in sums]).sum(0) / n).sum()
+    oor = torch.stack([s["oor"] for s in sums]).sum(0).sum()
     loss = w.mean * mse + w.smooth * smooth + w.out_of_range * oor
     return {"loss": loss, "mse": mse, "smooth": smooth, "oor": oor, "mean_pred": mean_pred}
