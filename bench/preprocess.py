@@ -52,8 +52,14 @@ def _synth(root: Path, lines: int, samples: int) -> Path:
     for name in ("WHITEREF", "DARKREF"):
         for ext in (".hdr", ".raw"):
             shutil.copy(src_dir / "capture" / f"{name}_{src_dir.name}{ext}", cap / f"{name}_bench_scan{ext}")
-    mm = create_envi(cap / "bench_scan.hdr", bands=src.bands, lines=lines, samples=samples,
-                     wavelengths=src.wavelengths, extra={"ceiling": src.ceiling or 4095})
+    mm = create_envi(
+        cap / "bench_scan.hdr",
+        bands=src.bands,
+        lines=lines,
+        samples=samples,
+        wavelengths=src.wavelengths,
+        extra={"ceiling": src.ceiling or 4095},
+    )
     tile = np.asarray(src.data.compute()).transpose(1, 0, 2)  # (block, bands, samples): BIL order
     for y0 in range(0, lines, block):
         n = min(block, lines - y0)
@@ -129,7 +135,9 @@ def _measure(which: str, hdr: Path, work: Path) -> dict:
     out.mkdir()
     res = subprocess.run(
         [sys.executable, __file__, "--worker", which, "--hdr", str(hdr), "--out", str(out)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -152,19 +160,25 @@ def main() -> None:
         work = Path(tmp)
         hdr = _synth(work / "scans", lines, samples)
         raw_mb = hdr.with_suffix(".raw").stat().st_size / 1e6
-        print(f"scan {hdr.name}: {lines} lines x {samples} samples x 300 bands uint16 = {raw_mb:.0f} MB "
-              f"({raw_mb * 1e6 / 2**30:.2f} GiB)")
+        print(
+            f"scan {hdr.name}: {lines} lines x {samples} samples x 300 bands uint16 = {raw_mb:.0f} MB "
+            f"({raw_mb * 1e6 / 2**30:.2f} GiB)"
+        )
         res = {w: _measure(w, hdr, work) for w in ("numpy", "chemmap")}
         if res["numpy"]["mask_pixels"] != res["chemmap"]["mask_pixels"]:
-            print(f"note: masks differ: numpy {res['numpy']['mask_pixels']} px, chemmap "
-                  f"{res['chemmap']['mask_pixels']} px (chemmap also drops saturated/dead pixels)")
+            print(
+                f"note: masks differ: numpy {res['numpy']['mask_pixels']} px, chemmap "
+                f"{res['chemmap']['mask_pixels']} px (chemmap also drops saturated/dead pixels)"
+            )
     print(f"{'pipeline':<10} {'seconds':>8} {'MB/s':>8} {'peak RSS MiB':>13}")
     for w, r in res.items():
         print(f"{w:<10} {r['seconds']:8.2f} {raw_mb / r['seconds']:8.1f} {r['peak_rss_mib']:13.0f}")
     speed = res["numpy"]["seconds"] / res["chemmap"]["seconds"]
     mem = res["chemmap"]["peak_rss_mib"] / res["numpy"]["peak_rss_mib"]
-    print(f"chemmap / numpy: throughput x{speed:.2f}, peak memory x{mem:.3f} "
-          f"(target: throughput >= x1.00, memory < x0.25)")
+    print(
+        f"chemmap / numpy: throughput x{speed:.2f}, peak memory x{mem:.3f} "
+        f"(target: throughput >= x1.00, memory < x0.25)"
+    )
 
 
 if __name__ == "__main__":
