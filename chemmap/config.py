@@ -218,7 +218,7 @@ class ChemmapConfig(_Section):
 
     @property
     def workdir_path(self) -> Path:
-        return self.resolve_path(self.workdir)
+        return self.resolve_path(self.workdir).resolve()
 
     @property
     def tracking_uri(self) -> str:

@@ -222,9 +222,9 @@ def run(cfg: ChemmapConfig, *, until: str = STAGES[-1], progress: bool = True, l
     if until not in STAGES:
         raise InputError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
     out: dict[str, Path] = {}
-    if cfg.data.source == "synthetic":
-        out["synth"] = synth_stage(cfg, progress=progress, log=log).path
     if until == "synth":
+        if cfg.data.source == "synthetic":
+            out["synth"] = synth_stage(cfg, progress=progress, log=log).path
         return out
     pre = preprocess_stage(cfg, progress=progress, log=log)
     out["preprocess"] = pre.path
