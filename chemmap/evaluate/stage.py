@@ -26,7 +26,7 @@ N_BOOT = 10000
 def _truth_dir(raw_path: str) -> Path | None:
     """Synthetic data keep true maps in ``<root>/truth/<scan_id>.npz`` (root = the scanner folder)."""
     p = Path(raw_path)
-    for parent in p.parents:
+    for parent in list(p.parents)[:3]:  # <root>/<id>/capture/<id>.hdr: no further up than the root
         if (parent / "truth").is_dir():
             return parent / "truth"
     return None
