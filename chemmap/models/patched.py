@@ -55,6 +55,39 @@ def _check_cover(windows: Sequence[Box], mask: torch.Tensor) -> None:
         raise ValueError("windows must cover every in-mask pixel exactly once (use tiling.core_windows).")
 
 
+def patched_sum(
+    model: nn.Module,
+    read_window: ReadWindow,
+    windows: Sequence[Box],
+    mask: torch.Tensor,
+    halo: int | None = None,
+    *,
+    geometry: Geometry | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad tiled pass: ``(sum of the masked map per target (T,), pixel count)`` of one image.
+
+    A sample of several scans (both sides of a belly) adds these over its scans and hands
+    the totals to :func:`patched_backward` for each scan, so the mean term sees the sample.
+    """
+    geometry = model_geometry(model) if geometry is None else geometry
+    height, width = mask.shape
+    param = next(model.parameters())
+    mask = mask.to(device=param.device, dtype=param.dtype)  # (H, W)
+    total: torch.Tensor | None = None
+    with torch.no_grad():
+        for box in windows:
+            m = mask[box[0] : box[2], box[1] : box[3]]
+            if not bool(m.any()):
+                continue
+            window = plan_window(model, geometry, height, width, box, halo)
+            p = window.crop(_forward_window(model, read_window, window.read), box)  # (T, h, w)
+            s = (p * m).sum((-2, -1))
+            total = s if total is None else total + s
+    if total is None:
+        raise ValueError("empty sample mask: the masked mean is undefined.")
+    return total, mask.sum()
+
+
 def patched_backward(
     model: nn.Module,
     read_window: ReadWindow,
@@ -67,6 +100,7 @@ def patched_backward(
     geometry: Geometry | None = None,
     pixel_labels: torch.Tensor | None = None,
     scale: float = 1.0,
+    sample_totals: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Accumulate the exact gradient of one sample's loss, one patch at a time.
 
@@ -85,6 +119,10 @@ def patched_backward(
         geometry: from :func:`chemmap.models.tiling.model_geometry` (measured if not given).
         pixel_labels: optional ``(T, H, W)`` per-pixel references, NaN where unlabelled.
         scale: multiplies the gradient, e.g. ``1 / batch_size`` to average over a batch.
+        sample_totals: for a sample spanning several images, ``(sum, count)`` of
+            :func:`patched_sum` added over all of them: the mean and ``N`` of the mean and
+            smoothness terms are then the sample's, and this call adds this image's share
+            of the gradient (the "mean" term it returns is the sample's).
 
     Returns:
         The sample's unweighted terms ("mean", "smooth", "out_of_range", "pixel"), each
@@ -96,19 +134,16 @@ def patched_backward(
     param = next(model.parameters())
     mask = mask.to(device=param.device, dtype=param.dtype)  # (H, W)
     y = torch.as_tensor(y).to(device=param.device, dtype=param.dtype).reshape(-1)  # (T,)
-    n = mask.sum()
-    if n <= 0:
-        raise ValueError("empty sample mask: the masked mean is undefined.")
     _check_cover(windows, mask)
     active = [box for box in windows if bool(mask[box[0] : box[2], box[1] : box[3]].any())]
 
-    # 1. The masked mean of every target from a no-grad tiled pass.
-    total = torch.zeros_like(y)  # (T,)
-    with torch.no_grad():
-        for box in active:
-            window = plan_window(model, geometry, height, width, box, halo)
-            p = window.crop(_forward_window(model, read_window, window.read), box)  # (T, h, w)
-            total += (p * mask[box[0] : box[2], box[1] : box[3]]).sum((-2, -1))
+    # 1. The masked mean of every target from a no-grad tiled pass (or the sample's, given).
+    if sample_totals is None:
+        total, n = patched_sum(model, read_window, active, mask, halo, geometry=geometry)
+    else:
+        total, n = (torch.as_tensor(t).to(device=param.device, dtype=param.dtype) for t in sample_totals)
+    if n <= 0:
+        raise ValueError("empty sample mask: the masked mean is undefined.")
     mean = total / n  # (T,)
     known = ~torch.isnan(y)
     coef = torch.where(known, 2.0 * (mean - y) / n, torch.zeros_like(y))  # (T,) dL_mean/dp per pixel

@@ -86,29 +86,38 @@ def sync_step(
     (out if extra is None else out + extra).backward()
 
 
-def patch_backward(model, net, view, y, loss_w: LossSection, geometry, core: int, halo: int, scale: float):
-    """The exact sample gradient from patches of one scan (:mod:`chemmap.models.patched`)."""
+def patch_backward(model, net, views, y, loss_w: LossSection, geometry, core: int, halo: int, scale: float):
+    """The exact gradient of one sample (one or more scans) from patches (:mod:`chemmap.models.patched`).
+
+    A no-grad tiled pass over every scan gives the sample's mean; then each scan's patches
+    backpropagate their share, so memory stays one patch whatever the sample's size.
+    """
     from chemmap.models.loss import LossConfig
-    from chemmap.models.patched import patched_backward
+    from chemmap.models.patched import patched_backward, patched_sum
     from chemmap.models.tiling import core_windows, read_padded
 
-    h, w = view.hw
-    mask = torch.from_numpy(view.mask())
-    windows = core_windows(h, w, core, geometry.stride)
+    geo_model = _Geometric(model, net)
+    jobs = []
+    for v in views:
+        read = (lambda view: lambda y0, x0, y1, x1: read_padded(view, y0, x0, y1, x1))(v)
+        jobs.append((read, core_windows(*v.hw, core, geometry.stride), torch.from_numpy(v.mask())))
+    sums = [patched_sum(geo_model, read, win, m, halo, geometry=geometry) for read, win, m in jobs]
+    totals = (sum(s for s, _ in sums), sum(n for _, n in sums))
     lc = LossConfig(
         mean=loss_w.mean, smooth=loss_w.smooth, out_of_range=loss_w.out_of_range, l2=0.0, pixel=0.0
     )
-    return patched_backward(
-        _Geometric(model, net),
-        lambda y0, x0, y1, x1: read_padded(view, y0, x0, y1, x1),
-        windows,
-        mask,
-        y,
-        lc,
-        halo,
-        geometry=geometry,
-        scale=scale,
+    terms: dict[str, float] = {"smooth": 0.0, "out_of_range": 0.0}
+    for read, win, m in jobs:
+        t = patched_backward(
+            geo_model, read, win, m, y, lc, halo, geometry=geometry, scale=scale, sample_totals=totals
+        )
+        terms["smooth"] += t["smooth"]
+        terms["out_of_range"] += t["out_of_range"]
+        terms["mean"] = t["mean"]  # the sample's: the same from every scan
+    terms["total"] = (
+        lc.mean * terms["mean"] + lc.smooth * terms["smooth"] + lc.out_of_range * terms["out_of_range"]
     )
+    return terms
 
 
 def _autocast(device: torch.device, amp: str):
@@ -237,9 +246,6 @@ def train_fold(config: dict[str, Any]) -> None:
     if patches:
         from chemmap.models.tiling import model_geometry
 
-        multi = [s for s in train_ids if len(data.samples[s].scans) > 1]
-        if multi:
-            raise ValueError(f"train.mode=patches takes one scan per sample; {multi[0]} has several")
         geometry = model_geometry(net)
         pk = data.root["patches"][next(iter(data.root["patches"].array_keys()))].attrs
         core = int(pk["core"]) if int(pk["core"]) % geometry.stride == 0 else 4 * geometry.stride
@@ -270,7 +276,7 @@ def train_fold(config: dict[str, Any]) -> None:
                         t = patch_backward(
                             model,
                             net,
-                            views[0],
+                            views,
                             y,
                             loss_w,
                             geometry,
@@ -278,7 +284,7 @@ def train_fold(config: dict[str, Any]) -> None:
                             halo,
                             scale=weight / tcfg.batch_size,
                         )
-                    n_px = int(views[0].mask().sum())
+                    n_px = sum(int(v.mask().sum()) for v in views)
                     sums += [t["total"] * weight, t["mean"] * weight, weight, n_px * weight]
                 l2 = loss_w.l2 * l2_penalty(net) if loss_w.l2 else None
                 if hasattr(model, "no_sync"):
