@@ -175,6 +175,8 @@ def main() -> None:
         print(f"{w:<10} {r['seconds']:8.2f} {raw_mb / r['seconds']:8.1f} {r['peak_rss_mib']:13.0f}")
     speed = res["numpy"]["seconds"] / res["chemmap"]["seconds"]
     mem = res["chemmap"]["peak_rss_mib"] / res["numpy"]["peak_rss_mib"]
+    if args.tiny:
+        print("(--tiny is a smoke run: start-up dominates, the ratios below mean nothing)")
     print(
         f"chemmap / numpy: throughput x{speed:.2f}, peak memory x{mem:.3f} "
         f"(target: throughput >= x1.00, memory < x0.25)"
