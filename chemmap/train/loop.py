@@ -347,6 +347,13 @@ def train_fold(config: dict[str, Any]) -> None:
         stop = state["bad_epochs"] >= tcfg.early_stopping  # identical on every rank: metrics are reduced
         metrics["stop"] = int(stop)
 
+        if rank == 0:  # one line per epoch on the driver's console (Ray forwards worker output)
+            print(
+                f"fold {fold} epoch {epoch + 1}/{tcfg.epochs}: train RMSE {metrics['train_rmse']:.3f}, "
+                f"val RMSE {val_rmse:.3f}, lr {metrics['lr']:.2g}, {metrics['epoch_seconds']:.1f} s"
+                + (" (best)" if state["best_epoch"] == epoch else ""),
+                flush=True,
+            )
         if debug.get("digest_dir"):  # every rank records its parameters: DDP keeps them identical
             Path(debug["digest_dir"], f"epoch{epoch}_rank{rank}.txt").write_text(_param_digest(net))
         if client is not None:

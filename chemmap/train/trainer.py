@@ -16,15 +16,12 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from chemmap.config import ChemmapConfig, dump_config
 from chemmap.errors import InputError
 from chemmap.stages import StageDir, stage_dir, write_json_atomic
-
-Log = Any
 
 
 def model_config(cfg: ChemmapConfig, n_channels: int, n_targets: int):
