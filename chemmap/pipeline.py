@@ -115,13 +115,10 @@ def data_source(
 def model_geometry(cfg: ChemmapConfig, n_channels: int) -> tuple[int, int]:
     """Receptive radius and stride grid of the configured U-Net, computed from the model."""
     from chemmap.models.tiling import model_geometry as geometry_of
-    from chemmap.models.unet import UNet, UNetConfig
+    from chemmap.models.unet import UNet
+    from chemmap.train.trainer import model_config
 
-    try:
-        ucfg = UNetConfig(**{**cfg.model, "in_channels": n_channels, "out_channels": len(cfg.targets)})
-    except TypeError as err:
-        raise InputError(f"{cfg.source}: model: {err}") from None
-    g = geometry_of(UNet(ucfg))
+    g = geometry_of(UNet(model_config(cfg, n_channels, len(cfg.targets))))
     return int(g.radius), int(g.stride)
 
 

@@ -396,8 +396,11 @@ def _model_input(model: nn.Module, window: torch.Tensor, batched: bool) -> torch
     return window if batched else window.unsqueeze(0)  # (B, C, h, w)
 
 
-def predict_full(model: nn.Module, x: Any, pad_mode: str = "reflect") -> torch.Tensor:
-    """The whole-image map: pad to the canvas, one forward pass, crop to the image.
+def forward_full(model: nn.Module, x: Any, pad_mode: str = "reflect") -> torch.Tensor:
+    """The whole-image map with gradients: pad to the canvas, one forward pass, crop to the image.
+
+    Training calls this and scoring calls :func:`predict_full` (the same, without gradients),
+    so both see exactly the same canvas.
 
     Args:
         model: map model (its train/eval mode is left as it is).
@@ -411,10 +414,15 @@ def predict_full(model: nn.Module, x: Any, pad_mode: str = "reflect") -> torch.T
     height, width = x.shape[-2:]
     top, bottom, left, right = canvas_pads(model, height, width)
     canvas = read_padded(x, -top, -left, height + bottom, width + right, pad_mode)  # (B, C, H', W')
-    with torch.no_grad():
-        out = model(_model_input(model, canvas, batched))  # (B, T, H' - 2m, W' - 2m)
+    out = model(_model_input(model, canvas, batched))  # (B, T, H' - 2m, W' - 2m)
     out = out[..., :height, :width]  # (B, T, H, W)
     return out if batched else out[0]
+
+
+def predict_full(model: nn.Module, x: Any, pad_mode: str = "reflect") -> torch.Tensor:
+    """:func:`forward_full` without gradients: the whole-image map for scoring."""
+    with torch.no_grad():
+        return forward_full(model, x, pad_mode)
 
 
 def predict_tiled(

@@ -193,7 +193,11 @@ class DatasetBuilder:
         from chemmap.io import check_references, open_scan
 
         cfg = self.config
-        scan = open_scan(scan_in.raw)
+        # Raw blocks span the write unit's lines (a shard's or a chunk's; see below).
+        unit_lines = cfg.chunk_lines
+        if cfg.shard_lines:
+            unit_lines = math.ceil(cfg.shard_lines / cfg.chunk_lines) * cfg.chunk_lines
+        scan = open_scan(scan_in.raw, chunk_lines=unit_lines)
         recipe.check_wavelengths(scan.wavelengths, str(scan.path))
         white = dark = None
         if cfg.calibration == "white_dark":
@@ -216,7 +220,7 @@ class DatasetBuilder:
         # overwrite each other (dask #12583). Raw blocks span the write unit's lines, and the
         # cube is stored into an array created here, never through dask.array.to_zarr on a URL.
         unit = shards or chunks
-        raw = open_scan(scan_in.raw, chunk_lines=unit[1]).data
+        raw = scan.data  # blocks of unit[1] lines (open_scan clamps unit_lines to the scan)
         saturation = recipe.saturation_level(scan.header, scan.dtype)
 
         group = root.require_group(f"scans/{scan_in.scan_id}")

@@ -32,17 +32,13 @@ STATE_FILE = "state.pt"
 def forward_map(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The map of a whole image with gradients: ``(C, H, W)`` -> ``(T, H, W)``.
 
-    The same canvas as :func:`chemmap.models.tiling.predict_full` (which runs without
-    gradients), so training sees exactly what scoring computes.
+    :func:`chemmap.models.tiling.forward_full` through the (possibly DDP-wrapped) model,
+    whose geometry questions go to the net inside.
     """
-    from chemmap.models.tiling import canvas_pads, read_padded
+    from chemmap.models.tiling import forward_full
 
     net = model.module if hasattr(model, "module") else model
-    h, w = x.shape[-2:]
-    top, bottom, left, right = canvas_pads(net, h, w)
-    canvas = read_padded(x, -top, -left, h + bottom, w + right)  # (C, H', W')
-    out = model(canvas.unsqueeze(0))  # (1, T, H' - 2m, W' - 2m)
-    return out[0, :, :h, :w]
+    return forward_full(_Geometric(model, net) if model is not net else model, x)
 
 
 class _Geometric(torch.nn.Module):
