@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from chemmap.errors import InputError
-from chemmap.stages import write_json_atomic
+from chemmap.files import write_json_atomic
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:

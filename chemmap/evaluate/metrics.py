@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from chemmap.evaluate.spatial import spatial_correlated_share
+from chemmap.spatial import spatial_correlated_share
 
 __all__ = ["map_metrics", "paired_bootstrap", "regression_metrics", "rmse", "rmsecv"]
 
@@ -162,7 +162,7 @@ def map_metrics(
 
     Returns:
         ``n_pixels``; ``mean`` and ``std`` of the map in the mask; ``spatial_correlated_share``
-        (1 - nugget/sill, see :mod:`chemmap.evaluate.spatial`); ``out_of_range_fraction`` (share of
+        (1 - nugget/sill, see :mod:`chemmap.spatial`); ``out_of_range_fraction`` (share of
         masked pixels below or above ``valid_range``); and with ``truth``: ``pixel_rmse`` and
         ``pixel_bias`` (mean map - truth) over the mask.
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from chemmap.config import ChemmapConfig, dump_config
 from chemmap.errors import InputError
-from chemmap.stages import StageDir, stage_dir, write_json_atomic
+from chemmap.files import write_json_atomic
+from chemmap.stages import StageDir, stage_dir
 
 N_MAP_FIGURES = 4  # test samples drawn as map figures
 N_BOOT = 10000
@@ -45,7 +46,8 @@ def evaluate_stage(
     from chemmap import tracking
     from chemmap.evaluate.metrics import map_metrics, paired_bootstrap, regression_metrics
     from chemmap.evaluate.pls import PLSBaseline
-    from chemmap.evaluate.report import plot_maps, plot_residuals, plot_scatter, write_report
+    from chemmap.evaluate.report import write_report
+    from chemmap.figures import plot_maps, plot_residuals, plot_scatter
     from chemmap.inference.ensemble import load_ensemble, predict_map
     from chemmap.models.tiling import model_geometry
     from chemmap.train.data import ScanView, ZarrSamples

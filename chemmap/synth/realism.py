@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from chemmap.errors import InputError
-from chemmap.evaluate.spatial import spatial_correlated_share
+from chemmap.spatial import spatial_correlated_share
 
 # The paper's VNIR recipe: drop bands below 750 nm, average adjacent pairs.
 VNIR_MIN_NM = 750.0

@@ -21,7 +21,8 @@ import torch
 
 from chemmap.config import ChemmapConfig, dump_config
 from chemmap.errors import InputError
-from chemmap.stages import StageDir, stage_dir, write_json_atomic
+from chemmap.files import write_json_atomic
+from chemmap.stages import StageDir, stage_dir
 
 
 def model_config(cfg: ChemmapConfig, n_channels: int, n_targets: int):
@@ -120,7 +121,7 @@ def train_stage(
     from ray.train.torch import TorchTrainer
 
     from chemmap import tracking
-    from chemmap.evaluate.report import plot_learning_curve
+    from chemmap.figures import plot_learning_curve
     from chemmap.train.loop import STATE_FILE, train_fold
 
     stage, ucfg, folds, tsec = training_dir(cfg, dataset)

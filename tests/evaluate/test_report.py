@@ -8,14 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chemmap.evaluate.report import (
-    plot_learning_curve,
-    plot_maps,
-    plot_residuals,
-    plot_scatter,
-    summary_table,
-    write_report,
-)
+from chemmap.evaluate.report import summary_table, write_report
+from chemmap.figures import plot_learning_curve, plot_maps, plot_residuals, plot_scatter
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

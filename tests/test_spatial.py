@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from chemmap.evaluate.spatial import semivariogram, spatial_correlated_share
+from chemmap.spatial import semivariogram, spatial_correlated_share
 
 
 def _smooth(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
