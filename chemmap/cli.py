@@ -47,8 +47,7 @@ def synth(
     from chemmap.synth import SynthSpec, synthesize
 
     cfg = _load(config, set_)
-    spec = SynthSpec(**cfg.synth.model_dump())
-    root = synthesize(out, spec, progress=not quiet)
+    root = synthesize(out, SynthSpec.from_config(cfg.synth), progress=not quiet)
     typer.echo(f"wrote {root}")
 
 

@@ -117,11 +117,12 @@ class PreprocessConfig(_Section):
     chunk_lines: int = Field(128, ge=8)
     chunk_samples: int = Field(256, ge=8)
     shard_lines: int | None = None  # zarr v3 shards (multiples of the chunk); None: unsharded
-    # Dask: "threads" (local, default), "synchronous", or a dask.distributed address.
-    scheduler: str = "threads"
-    num_workers: int | None = None  # threads; None: one per core
-    # Patch index: core tile size in px at the input's resolution; the halo comes from the model.
-    patch_core: int = Field(64, ge=8)
+    # Patch index (core windows of patch-wise training), in px at the input's resolution, on
+    # the model's stride grid. None: computed from the model: section (receptive radius and
+    # stride) without building a network. The resolved values are part of the stage key.
+    patch_core: int = Field(64, ge=8)  # rounded up to a multiple of the stride
+    patch_halo: int | None = Field(None, ge=0)  # >= the model's receptive radius
+    patch_stride: int | None = Field(None, ge=1)  # the model's stride grid
 
 
 class LossSection(_Section):
@@ -133,7 +134,6 @@ class LossSection(_Section):
     smooth: float = Field(20.0, ge=0)
     out_of_range: float = Field(1e-3, ge=0)  # sum of squared excursions below 0 / above 100 %
     l2: float = Field(1e-3, ge=0)  # sum of squared conv weights, once per optimiser step
-    pixel: float = Field(0.0, ge=0)  # per-pixel MSE, for datasets with pixel labels
 
 
 class AugmentSection(_Section):
@@ -151,9 +151,7 @@ class TrainSection(_Section):
     """Ray Train: workers, the paper's recipe and the storage of checkpoints."""
 
     num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] | None = None
-    ray_address: str | None = None  # None: a local Ray; "auto" or "ray://host:10001": a cluster
+    use_gpu: bool = False  # in the stage key: on GPU training runs in bf16 autocast (train.amp)
     # whole: one sample's images per forward (the paper); patches: exact patch-wise gradients.
     mode: Literal["whole", "patches"] = "whole"
     batch_size: int = Field(1, ge=1)  # samples per optimiser step per worker
@@ -166,7 +164,6 @@ class TrainSection(_Section):
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     loss: LossSection = LossSection()
     augment: AugmentSection = AugmentSection()
-    storage_path: str | None = None  # checkpoints; None: the stage folder. S3/NFS on a cluster
     checkpoints_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)  # dead workers replaced, training resumes from checkpoint
     prefetch: int = Field(2, ge=0)  # samples read ahead by a background thread
@@ -174,11 +171,57 @@ class TrainSection(_Section):
 
 
 class MlflowSection(_Section):
-    """Tracking and registry."""
+    """Tracking and registry (where the server is: ``cluster.tracking_uri``)."""
 
-    tracking_uri: str | None = None  # None: sqlite:///<workdir>/mlflow.db
     experiment: str | None = None  # None: the pipeline's name
     registered_model: str | None = None  # None: the pipeline's name
+
+
+class ModelSection(_Section):
+    """The U-Net (:class:`chemmap.models.unet.UNetConfig`); input and output channels come from the dataset.
+
+    Defaults are the U-Net's own, so a config that leaves a field out builds the same network.
+    """
+
+    depth: int = Field(5, ge=1)  # levels including the bottleneck
+    features: int = Field(64, ge=1)  # width of the first level, doubled at each level down
+    pad: bool = True  # same (True) or valid (False) 3x3 convolutions
+    bilinear: bool = True  # bilinear x2 + 1x1 conv (True) or 2x2 transposed convolution
+    normalization: Literal["bn", "ln"] | None = None
+    align_corners: bool = False  # False keeps tiles exact (DESIGN.md, "Exact tiling")
+    front_end: bool = False  # the paper's Conv3d(1, 1, (7, 2, 2), stride (1, 2, 2))
+    encoder: Literal["plain", "resnet"] = "plain"
+    checkpointing: bool = False  # recompute blocks in backward: less memory, more time
+    # Given only to check them: they must equal the dataset's channels and the number of targets.
+    in_channels: int | None = Field(None, ge=1)
+    out_channels: int | None = Field(None, ge=1)
+
+
+class ClusterConfig(_Section):
+    """Where things run. Never part of a stage key: the same work gives the same outputs anywhere.
+
+    The defaults are embedded: local Dask threads, a local Ray, a SQLite MLflow store and
+    checkpoints in the stage folder.
+    """
+
+    # Dask: "threads" (local, default), "synchronous", or a dask.distributed address.
+    dask_scheduler: str = "threads"
+    dask_workers: int | None = Field(None, ge=1)  # local threads; None: one per core
+    ray_address: str | None = None  # None: a local Ray; "auto" or "ray://host:10001": a cluster
+    resources_per_worker: dict[str, float] | None = None  # Ray Train; None: 1 CPU (or 1 GPU)
+    storage_path: str | None = None  # Ray Train checkpoints; None: the stage folder. S3/NFS on a cluster
+    tracking_uri: str | None = None  # MLflow; None: sqlite:///<workdir>/mlflow.db
+
+
+# Keys that moved to the cluster: section (old place -> new place).
+MOVED_KEYS = {
+    ("preprocess", "scheduler"): "cluster.dask_scheduler",
+    ("preprocess", "num_workers"): "cluster.dask_workers",
+    ("train", "ray_address"): "cluster.ray_address",
+    ("train", "resources_per_worker"): "cluster.resources_per_worker",
+    ("train", "storage_path"): "cluster.storage_path",
+    ("mlflow", "tracking_uri"): "cluster.tracking_uri",
+}
 
 
 class ChemmapConfig(_Section):
@@ -192,10 +235,10 @@ class ChemmapConfig(_Section):
     data: DataConfig = DataConfig()
     synth: SynthConfig = SynthConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
-    # U-Net options (chemmap.models.unet.UNetConfig); in/out channels come from the dataset.
-    model: dict[str, Any] = Field(default_factory=dict)
+    model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
     mlflow: MlflowSection = MlflowSection()
+    cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("targets")
     @classmethod
@@ -222,7 +265,7 @@ class ChemmapConfig(_Section):
 
     @property
     def tracking_uri(self) -> str:
-        uri = self.mlflow.tracking_uri
+        uri = self.cluster.tracking_uri
         if uri is None:
             return f"sqlite:///{(self.workdir_path / 'mlflow.db').resolve()}"
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -293,8 +336,17 @@ def _format_error(err: ValidationError, source: str, data: dict) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
+def _refuse_moved_keys(data: dict, source: str) -> None:
+    """A setting under its old name gets one line saying where it went."""
+    for (section, key), new in MOVED_KEYS.items():
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            raise ConfigError(f"{source}: {section}.{key} moved to {new} (where things run is the cluster: section)")
+
+
 def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: Path | None = None) -> ChemmapConfig:
     """Validate a plain mapping into a :class:`ChemmapConfig`; errors name ``source`` and the key."""
+    _refuse_moved_keys(data, source)
     try:
         cfg = ChemmapConfig.model_validate(data)
     except ValidationError as err:

@@ -1,13 +1,18 @@
 """The pipeline's stages, each a function of the resolved config, chained through stage keys.
 
-``synth`` (when the data source is the built-in scanner) -> ``preprocess`` -> (``train`` ->
-``evaluate`` -> ``register`` -> ``score``). Each stage computes its key from its own config
-section and its inputs' keys, returns at once when that folder is complete, and otherwise
-builds it and writes its completion marker last.
+``synth`` (when the data source is the built-in scanner) -> ``preprocess`` -> ``train`` ->
+``evaluate``. Each stage computes its key from its own config section and its inputs'
+keys, returns at once when that folder is complete, and otherwise builds it and writes
+its completion marker last.
+
+Only preprocessing reads raw scans. It records, in ``workdir/preprocess/index.json``,
+which dataset a data config produced; training and evaluation look their dataset up
+there, so archiving the raw scans afterwards breaks nothing.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,9 +21,19 @@ from typing import Any
 
 from chemmap.config import ChemmapConfig, dump_config
 from chemmap.errors import InputError
-from chemmap.stages import StageDir, files_key, stable_hash, stage_dir
+from chemmap.files import write_json_atomic
+from chemmap.io import discover_scans, read_references
+from chemmap.io.envi import find_data_file
+from chemmap.preprocess.dataset import DatasetBuilder, PatchGeometry, ScanInput, write_patch_index
+from chemmap.stages import StageDir, file_entries, stable_hash, stage_dir
 
 Log = Callable[[str], None]
+STAGES = ("synth", "preprocess", "train", "evaluate")
+INDEX_FILE = "index.json"  # under workdir/preprocess/
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -26,23 +41,23 @@ class DataSource:
     """What the preprocess stage reads: the scans, the per-sample references, and their key."""
 
     root: Path
-    scans: list  # list[ScanInput]
+    scans: list[ScanInput]
     references: Any  # pandas.DataFrame, one row per sample: sample_id, targets..., split
     key: str
     skipped: list[str]
+    files: list[list[Any]]  # (path relative to root, size, mtime_ns) of every input file; [] if synthetic
 
 
 def synth_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) -> StageDir:
     """Write the built-in scanner's output for ``cfg.synth`` (once per distinct config)."""
     from chemmap.synth import SynthSpec, synthesize
 
-    section = cfg.synth.model_dump(mode="json")
-    stage = stage_dir(cfg.workdir_path, "synth", section)
+    stage = stage_dir(cfg.workdir_path, "synth", cfg.synth.model_dump(mode="json"))
     if stage.complete:
         log(f"synth: done already ({stage.path})")
         return stage
     stage.begin()
-    spec = SynthSpec(**{**cfg.synth.model_dump(), "wavelength_range": cfg.synth.wavelength_range})
+    spec = SynthSpec.from_config(cfg.synth)
     log(
         f"synth: {spec.n_samples} samples x {spec.scans_per_sample} scans, {spec.lines}x{spec.samples} px, "
         f"{spec.instrument} -> {stage.path / 'scans'}"
@@ -52,33 +67,44 @@ def synth_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) 
     return stage
 
 
-def data_source(
-    cfg: ChemmapConfig, *, progress: bool = True, log: Log = print, create: bool = True
-) -> DataSource:
-    """Find the scans and references the config names (synthesising them if it says so).
+def _scan_inputs(cfg: ChemmapConfig, root: Path, files, sample_of: dict[str, str]) -> list[ScanInput]:
+    """The scans that have references, with their mask files and (synthetic) true maps."""
+    mask_pattern = cfg.preprocess.mask.pattern if cfg.preprocess.mask.method == "files" else None
+    scans = []
+    for f in files:
+        if f.scan_id not in sample_of:
+            continue  # reported by read_references (on_error: skip)
+        mask_file = root / mask_pattern.format(scan_id=f.scan_id) if mask_pattern else None
+        truth = root / "truth" / f"{f.scan_id}.npz"  # where the built-in scanner writes true maps
+        scans.append(ScanInput(sample_of[f.scan_id], f, mask_file, truth if truth.is_file() else None))
+    return scans
 
-    With ``create=False`` a synthetic source that has not been written is an error.
-    """
-    from chemmap.io import discover_scans, read_references
-    from chemmap.io.envi import find_data_file
-    from chemmap.preprocess.dataset import ScanInput
 
+def _input_paths(cfg: ChemmapConfig, root: Path, scans: list[ScanInput]) -> list[Path]:
+    """Every file the dataset is made from: references, headers, data files, masks."""
+    paths = [root / cfg.data.references]
+    for s in scans:
+        headers = [p for p in (s.files.raw, s.files.white, s.files.dark) if p is not None]
+        paths += headers + [find_data_file(h) for h in headers]
+        if s.mask_file is not None and s.mask_file.exists():
+            paths.append(s.mask_file)
+    return sorted(set(paths))
+
+
+def _data_root(cfg: ChemmapConfig, *, progress: bool, log: Log) -> tuple[Path, str | None]:
+    """The scanner folder (synthesised first if the source is the built-in scanner) and its key, if any."""
     if cfg.data.source == "synthetic":
-        if create:
-            stage = synth_stage(cfg, progress=progress, log=log)
-        else:
-            stage = stage_dir(cfg.workdir_path, "synth", cfg.synth.model_dump(mode="json"))
-            if not stage.complete:
-                raise InputError(
-                    f"dataset not found: no synthetic scans at {stage.path}; run `chemmap preprocess`"
-                )
-        root = stage.path / "scans"
-        base_key = stage.key
-    else:
-        root = cfg.resolve_path(cfg.data.root)
-        if not root.is_dir():
-            raise InputError(f"{cfg.source}: data.root: folder not found: {root}")
-        base_key = None
+        stage = synth_stage(cfg, progress=progress, log=log)
+        return stage.path / "scans", stage.key
+    root = cfg.resolve_path(cfg.data.root)
+    if not root.is_dir():
+        raise InputError(f"{cfg.source}: data.root: folder not found: {root}")
+    return root, None
+
+
+def data_source(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) -> DataSource:
+    """Find the scans and references the config names (synthesising them if it says so)."""
+    root, synth_key = _data_root(cfg, progress=progress, log=log)
     files = discover_scans(root, cfg.data.raw_pattern, cfg.data.white_pattern, cfg.data.dark_pattern)
     refs, skipped = read_references(
         root / cfg.data.references,
@@ -91,84 +117,144 @@ def data_source(
     for msg in skipped:
         log(f"[skip] {msg}")
     sample_of = dict(zip(refs["scan_id"].astype(str), refs["sample_id"].astype(str), strict=True))
-    mask_pattern = cfg.preprocess.mask.pattern if cfg.preprocess.mask.method == "files" else None
-    scans = []
-    for f in files:
-        if f.scan_id not in sample_of:
-            continue  # reported by read_references (on_error: skip)
-        mask_file = root / mask_pattern.format(scan_id=f.scan_id) if mask_pattern else None
-        scans.append(ScanInput(sample_of[f.scan_id], f, mask_file))
-    columns = ["sample_id", *cfg.targets, "split"]
-    per_sample = refs.drop_duplicates("sample_id")[columns].reset_index(drop=True)
-    if base_key is None:
-        paths = [root / cfg.data.references]
-        for s in scans:
-            headers = [p for p in (s.files.raw, s.files.white, s.files.dark) if p is not None]
-            paths += headers + [find_data_file(h) for h in headers]
-            if s.mask_file is not None and s.mask_file.exists():
-                paths.append(s.mask_file)
-        base_key = files_key(sorted(set(paths)), root)
+    scans = _scan_inputs(cfg, root, files, sample_of)
+    per_sample = refs.drop_duplicates("sample_id")[["sample_id", *cfg.targets, "split"]].reset_index(drop=True)
+    entries = [] if synth_key else file_entries(_input_paths(cfg, root, scans), root)
+    base_key = synth_key or stable_hash(entries)
     key = stable_hash({"files": base_key, "refs": per_sample.to_dict(orient="list")})
-    return DataSource(root=root, scans=scans, references=per_sample, key=key, skipped=skipped)
+    return DataSource(root, scans, per_sample, key, skipped, entries)
 
 
-def model_geometry(cfg: ChemmapConfig, n_channels: int) -> tuple[int, int]:
-    """Receptive radius and stride grid of the configured U-Net, computed from the model."""
-    from chemmap.models.tiling import model_geometry as geometry_of
-    from chemmap.models.unet import UNet
-    from chemmap.train.trainer import model_config
+def patch_geometry(cfg: ChemmapConfig) -> PatchGeometry:
+    """The patch index's core, halo and stride: given in ``preprocess:``, else from ``model:``.
 
-    g = geometry_of(UNet(model_config(cfg, n_channels, len(cfg.targets))))
-    return int(g.radius), int(g.stride)
+    The model's receptive radius and stride come from its config alone
+    (:func:`chemmap.models.geometry.unet_geometry`): no network is built.
+    """
+    from chemmap.models.geometry import unet_geometry
 
-
-def _preprocess_dir(cfg: ChemmapConfig, src: DataSource) -> StageDir:
-    section = {
-        "preprocess": cfg.preprocess.model_dump(mode="json", exclude={"scheduler", "num_workers"}),
-        "targets": cfg.targets,
-        "on_error": cfg.data.on_error,
-    }
-    return stage_dir(cfg.workdir_path, "preprocess", section, [src.key])
-
-
-def find_dataset(cfg: ChemmapConfig) -> StageDir:
-    """The finished preprocess stage of this config; an error naming where it looked if none."""
-    stage = _preprocess_dir(cfg, data_source(cfg, progress=False, log=lambda s: None, create=False))
-    if not stage.complete:
+    pre = cfg.preprocess
+    if pre.patch_halo is not None and pre.patch_stride is not None:
+        radius, stride = pre.patch_halo, pre.patch_stride
+    else:
+        g = unet_geometry(cfg.model)
+        radius = g.radius if pre.patch_halo is None else pre.patch_halo
+        stride = g.stride if pre.patch_stride is None else pre.patch_stride
+    geometry = PatchGeometry.on_grid(pre.patch_core, radius, stride)
+    if pre.patch_halo is not None and geometry.halo != pre.patch_halo:
         raise InputError(
-            f"dataset not found: {stage.path / 'dataset.zarr'} is missing or unfinished; "
+            f"{cfg.source}: preprocess.patch_halo={pre.patch_halo} is not on the stride grid ({stride} px); "
+            f"use {geometry.halo}"
+        )
+    return geometry
+
+
+def _dataset_config(cfg: ChemmapConfig) -> dict[str, Any]:
+    """What decides a dataset besides its input files: the preprocess stage's config section."""
+    pre = cfg.preprocess.model_dump(mode="json", exclude={"patch_core", "patch_halo", "patch_stride"})
+    geometry = patch_geometry(cfg)
+    patches = {"core": geometry.core, "halo": geometry.halo, "stride": geometry.stride}
+    return {"preprocess": pre, "patches": patches, "targets": cfg.targets, "on_error": cfg.data.on_error}
+
+
+def _lookup_key(cfg: ChemmapConfig) -> str:
+    """The index entry of a data config: where the data come from and how they are preprocessed."""
+    if cfg.data.source == "synthetic":
+        where: dict[str, Any] = {"synth": cfg.synth.model_dump(mode="json")}
+    else:
+        where = {"data": cfg.data.model_dump(mode="json"), "root": str(cfg.resolve_path(cfg.data.root).resolve())}
+    return stable_hash({**where, **_dataset_config(cfg)})
+
+
+def _index_path(cfg: ChemmapConfig) -> Path:
+    return cfg.workdir_path / "preprocess" / INDEX_FILE
+
+
+def _read_index(cfg: ChemmapConfig) -> dict[str, Any]:
+    path = _index_path(cfg)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _record_dataset(cfg: ChemmapConfig, stage: StageDir, src: DataSource) -> None:
+    """Remember which dataset this data config produced (read by :func:`find_dataset`)."""
+    index = _read_index(cfg)
+    index[_lookup_key(cfg)] = {
+        "key": stage.key,
+        "path": str(stage.path),
+        "config": stage.config,
+        "input_key": src.key,
+        "root": str(src.root),
+        "files": src.files,
+    }
+    write_json_atomic(_index_path(cfg), index)
+
+
+def _warn_if_stale(entry: dict[str, Any], log: Log) -> None:
+    """One line when the raw folder is still there and its files changed since preprocessing."""
+    root = Path(entry["root"])
+    if not entry.get("files") or not root.is_dir():
+        return  # synthetic (keyed by content) or archived: nothing to compare
+    changed = []
+    for rel, size, mtime in entry["files"]:
+        st = (root / rel).stat() if (root / rel).exists() else None
+        if st is None or st.st_size != size or st.st_mtime_ns != mtime:
+            changed.append(rel)
+    if changed:
+        log(
+            f"warning: dataset {entry['path']} is stale: {len(changed)} of its input files under {root} "
+            f"changed since preprocessing (first: {changed[0]}); run `chemmap preprocess` to refresh it"
+        )
+
+
+def find_dataset(cfg: ChemmapConfig, *, log: Log = print) -> StageDir:
+    """The finished dataset this config produced, found through the preprocess index.
+
+    Never reads the raw scans; warns (one line) if they are still there and changed.
+    """
+    entry = _read_index(cfg).get(_lookup_key(cfg))
+    if entry is None:
+        raise InputError(
+            f"dataset not found: no dataset for this data and preprocess config in {_index_path(cfg)}; "
             "run `chemmap preprocess` first"
         )
+    stage = StageDir("preprocess", entry["key"], Path(entry["path"]), entry["config"], (entry["input_key"],))
+    if not stage.complete:
+        raise InputError(f"dataset not found: {stage.path / 'dataset.zarr'} is unfinished; run `chemmap preprocess`")
+    _warn_if_stale(entry, log)
     return stage
 
 
-def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) -> StageDir:
-    """Raw scans -> ``dataset.zarr`` (chunk-parallel with Dask), plus the model's patch index."""
+def _consolidate(store: Path) -> None:
     import zarr
 
-    from chemmap.preprocess.dataset import DatasetBuilder, write_patch_index
+    with warnings.catch_warnings():  # "not part of the v3 spec": xarray and zarr-python read it
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(store)
 
+
+def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) -> StageDir:
+    """Raw scans -> ``dataset.zarr`` (chunk-parallel with Dask), with its patch index."""
+    geometry = patch_geometry(cfg)  # a bad model: section fails here, before any scan is read
     src = data_source(cfg, progress=progress, log=log)
-    stage = _preprocess_dir(cfg, src)
+    stage = stage_dir(cfg.workdir_path, "preprocess", _dataset_config(cfg), [src.key])
     store = stage.path / "dataset.zarr"
     if stage.complete:
+        _record_dataset(cfg, stage, src)
         log(f"preprocess: done already ({store})")
         return stage
     resumed = stage.path.exists()
     stage.begin()
     log(f"preprocess: {len(src.scans)} scans -> {store}" + (" (resuming)" if resumed else ""))
     builder = DatasetBuilder(
-        store, cfg.preprocess, cfg.targets, on_error=cfg.data.on_error, progress=progress, log=log
+        store, cfg.preprocess, cfg.targets, cluster=cfg.cluster, on_error=cfg.data.on_error, progress=progress, log=log
     )
     summary = builder.build(src.scans, src.references, src.key)
-    radius, stride = model_geometry(cfg, summary["n_channels"])
-    summary["patches"] = write_patch_index(store, radius, stride, cfg.preprocess.patch_core)
+    summary["patches"] = write_patch_index(store, geometry)
     summary["skipped"] = src.skipped + summary["skipped"]
-    with warnings.catch_warnings():  # "not part of the v3 spec": xarray and zarr-python read it
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(store)
+    _consolidate(store)
     summary["store"] = str(store)
     stage.finish(summary, dump_config(cfg))
+    _record_dataset(cfg, stage, src)
     log(
         f"preprocess: {summary['n_samples']} samples, {summary['n_channels']} channels, "
         f"{summary['mask_pixels']} sample pixels"
@@ -179,17 +265,17 @@ def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = pr
 def train_stage(
     cfg: ChemmapConfig, dataset: StageDir | None = None, *, progress: bool = True, log: Log = print, **kw
 ) -> StageDir:
-    """Train the fold ensemble with Ray Train (see :mod:`chemmap.train.trainer`)."""
-    from chemmap.train.trainer import train_stage as _train
+    """Train the fold ensemble with Ray Train (see :func:`chemmap.train.trainer.train_ensemble`)."""
+    from chemmap.train.trainer import train_ensemble
 
-    return _train(cfg, dataset or find_dataset(cfg), progress=progress, log=log, **kw)
+    return train_ensemble(cfg, dataset or find_dataset(cfg, log=log), progress=progress, log=log, **kw)
 
 
-def find_training(cfg: ChemmapConfig, dataset: StageDir | None = None) -> StageDir:
+def find_training(cfg: ChemmapConfig, dataset: StageDir | None = None, *, log: Log = print) -> StageDir:
     """The finished training stage of this config; an error naming where it looked if none."""
     from chemmap.train.trainer import training_dir
 
-    stage = training_dir(cfg, dataset or find_dataset(cfg))[0]
+    stage = training_dir(cfg, dataset or find_dataset(cfg, log=log))[0]
     if not stage.complete:
         raise InputError(f"no finished training at {stage.path}; run `chemmap train` first")
     return stage
@@ -204,14 +290,11 @@ def evaluate_stage(
     log: Log = print,
 ) -> StageDir:
     """The fold ensemble against PLS on the test split (see :mod:`chemmap.evaluate.stage`)."""
-    from chemmap.evaluate.stage import evaluate_stage as _evaluate
+    from chemmap.evaluate.stage import evaluate_ensemble
 
-    dataset = dataset or find_dataset(cfg)
-    training = training or find_training(cfg, dataset)
-    return _evaluate(cfg, dataset, training, progress=progress, log=log)
-
-
-STAGES = ("synth", "preprocess", "train", "evaluate")
+    dataset = dataset or find_dataset(cfg, log=log)
+    training = training or find_training(cfg, dataset, log=log)
+    return evaluate_ensemble(cfg, dataset, training, progress=progress, log=log)
 
 
 def run(cfg: ChemmapConfig, *, until: str = STAGES[-1], progress: bool = True, log: Log = print) -> dict:

@@ -89,14 +89,17 @@ def stage_dir(workdir: Path, name: str, config: Mapping[str, Any], inputs: Seque
     return StageDir(name=name, key=key, path=Path(workdir) / name / key, config=config, inputs=tuple(inputs))
 
 
-def files_key(paths: Sequence[Path], root: Path | None = None) -> str:
-    """A key for input files on disk: their names, sizes and modification times.
-
-    Cheap (no reading) and changes whenever a scanner rewrites a file.
-    """
-    entries = []
+def file_entries(paths: Sequence[Path], root: Path | None = None) -> list[list[Any]]:
+    """``[name, size, mtime_ns]`` of input files on disk, sorted: cheap (no reading), and it
+    changes whenever a scanner rewrites a file. Names are relative to ``root`` when given."""
+    entries: list[list[Any]] = []
     for p in sorted(Path(x) for x in paths):
         st = p.stat()
         name = str(p.relative_to(root)) if root else str(p)
-        entries.append((name, st.st_size, st.st_mtime_ns))
-    return stable_hash(entries)
+        entries.append([name, st.st_size, st.st_mtime_ns])
+    return entries
+
+
+def files_key(paths: Sequence[Path], root: Path | None = None) -> str:
+    """A key for input files on disk: a hash of their :func:`file_entries`."""
+    return stable_hash(file_entries(paths, root))

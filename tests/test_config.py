@@ -41,6 +41,10 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("preprocess:\n  savgol: {window: 6}\n", ["preprocess.savgol", "odd", "6"]),
         ("data:\n  source: folder\n", ["data.root", "required"]),
         ("targets: []\n", ["targets"]),
+        ("model:\n  depht: 3\n", ["model.depht", "unknown key"]),
+        ("model:\n  encoder: vgg\n", ["model.encoder", "'vgg'", "resnet"]),
+        ("cluster:\n  dask_workers: 0\n", ["cluster.dask_workers", "0"]),
+        ("train:\n  loss:\n    pixel: 1\n", ["train.loss.pixel", "unknown key"]),
     ],
 )
 def test_errors_name_file_key_value_and_expectation(tmp_path, text, needles):
@@ -73,3 +77,30 @@ def test_resolved_config_round_trips(tmp_path):
     p = _write(tmp_path, dump_config(cfg))
     again = load_config(p)
     assert again.model_dump() == cfg.model_dump()
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("preprocess.scheduler=tcp://h:8786", "cluster.dask_scheduler"),
+        ("preprocess.num_workers=2", "cluster.dask_workers"),
+        ("train.ray_address=auto", "cluster.ray_address"),
+        ("train.storage_path=/s", "cluster.storage_path"),
+        ("train.resources_per_worker={CPU: 1}", "cluster.resources_per_worker"),
+        ("mlflow.tracking_uri=http://m:5000", "cluster.tracking_uri"),
+    ],
+)
+def test_settings_that_moved_to_the_cluster_section_say_where(old, new):
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs" / "ci.yaml", [old])
+    msg = str(info.value)
+    assert f"{old.split('=')[0]} moved to {new}" in msg and "\n" not in msg
+
+
+def test_the_cluster_section_holds_where_things_run():
+    cfg = load_config(
+        ROOT / "configs" / "ci.yaml",
+        ["cluster.tracking_uri=http://mlflow:5000", "cluster.ray_address=ray://head:10001"],
+    )
+    assert cfg.tracking_uri == "http://mlflow:5000" and cfg.cluster.ray_address == "ray://head:10001"
+    assert load_config(ROOT / "configs" / "ci.yaml").tracking_uri.endswith("/runs/ci/mlflow.db")

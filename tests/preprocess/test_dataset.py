@@ -12,6 +12,7 @@ import zarr
 from chemmap.config import load_config
 from chemmap.errors import InputError
 from chemmap.io import open_scan
+from chemmap.models.geometry import unet_geometry
 from chemmap.pipeline import preprocess_stage
 from chemmap.preprocess.recipe import Recipe
 from tests.preprocess.scanfolder import WL, write_folder
@@ -78,7 +79,9 @@ def test_dataset_contents_match_the_recipe_on_the_raw_scan(tmp_path, folder):
     patches = root[f"patches/{summary['patches']}"]
     stride = patches.attrs["stride"]
     idx = patches[...]
-    assert (idx[:, 1:3] % stride == 0).all() and patches.attrs["halo"] >= patches.attrs["radius"]
+    radius = unet_geometry(_cfg(tmp_path).model).radius
+    assert (idx[:, 1:3] % stride == 0).all() and patches.attrs["halo"] >= radius
+    assert patches.attrs["halo"] % stride == 0 and patches.attrs["core"] % stride == 0
     cover = np.zeros_like(mask)
     for _, y0, x0, y1, x1 in idx[idx[:, 0] == [x["scan_id"] for x in root.attrs["scans"]].index("S03")]:
         cover[y0:y1, x0:x1] = True
@@ -109,7 +112,7 @@ def test_interrupted_build_resumes_finished_scans(tmp_path, folder, monkeypatch)
     cfg = _cfg(tmp_path)
     calls = []
     crashed = []
-    real = dataset.DatasetBuilder._ingest_scan
+    real = dataset.DatasetBuilder.ingest_scan
 
     def flaky(self, root, recipe, scan_in, train):
         calls.append(scan_in.scan_id)
@@ -118,7 +121,7 @@ def test_interrupted_build_resumes_finished_scans(tmp_path, folder, monkeypatch)
             raise Crash("the machine went away mid-build")
         return real(self, root, recipe, scan_in, train)
 
-    monkeypatch.setattr(dataset.DatasetBuilder, "_ingest_scan", flaky)
+    monkeypatch.setattr(dataset.DatasetBuilder, "ingest_scan", flaky)
     with pytest.raises(Crash):
         preprocess_stage(cfg, **QUIET)
     calls.clear()

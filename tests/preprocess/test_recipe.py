@@ -4,9 +4,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from chemmap.config import MaskConfig, PreprocessConfig, SavGolConfig
+from chemmap.config import PreprocessConfig, SavGolConfig
 from chemmap.errors import InputError
-from chemmap.preprocess.mask import threshold_mask
 from chemmap.preprocess.recipe import Recipe, bin_bands, calibrate, select_bands
 
 WL = np.linspace(700.0, 1000.0, 12)  # 12 bands, 27.27 nm apart
@@ -96,14 +95,3 @@ def test_wavelength_check_and_round_trip():
         r.check_wavelengths(None, "c.hdr")
     x = np.ones((4, 2, 2), np.float32)
     np.testing.assert_allclose(again.normalize(x)[:, 0, 0], 1.0 - np.arange(4.0))
-
-
-def test_threshold_mask_cleans_specks_and_edges():
-    refl = np.full((40, 40), 0.05, np.float32)
-    refl[8:32, 10:30] = 0.6  # the sample
-    refl[20, 20] = 0.1  # a dark spot inside: filled
-    refl[2, 2] = 0.9  # a speck of glare on the belt: opened away
-    m = threshold_mask(refl, MaskConfig(opening=1, erode=1, min_size=16))
-    assert m[20, 20] and not m[2, 2]
-    assert not m[8, 15] and m[9, 15]  # the edge row is eroded
-    assert m.sum() == 22 * 18
