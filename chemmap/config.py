@@ -341,7 +341,9 @@ def _refuse_moved_keys(data: dict, source: str) -> None:
     for (section, key), new in MOVED_KEYS.items():
         node = data.get(section)
         if isinstance(node, dict) and key in node:
-            raise ConfigError(f"{source}: {section}.{key} moved to {new} (where things run is the cluster: section)")
+            raise ConfigError(
+                f"{source}: {section}.{key} moved to {new} (where things run is the cluster: section)"
+            )
 
 
 def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: Path | None = None) -> ChemmapConfig:

@@ -24,7 +24,13 @@ from chemmap.errors import InputError
 from chemmap.files import write_json_atomic
 from chemmap.io import discover_scans, read_references
 from chemmap.io.envi import find_data_file
-from chemmap.preprocess.dataset import DatasetBuilder, PatchGeometry, ScanInput, write_patch_index
+from chemmap.preprocess.dataset import (
+    DATASET_FORMAT,
+    DatasetBuilder,
+    PatchGeometry,
+    ScanInput,
+    write_patch_index,
+)
 from chemmap.stages import StageDir, file_entries, stable_hash, stage_dir
 
 Log = Callable[[str], None]
@@ -118,7 +124,9 @@ def data_source(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) 
         log(f"[skip] {msg}")
     sample_of = dict(zip(refs["scan_id"].astype(str), refs["sample_id"].astype(str), strict=True))
     scans = _scan_inputs(cfg, root, files, sample_of)
-    per_sample = refs.drop_duplicates("sample_id")[["sample_id", *cfg.targets, "split"]].reset_index(drop=True)
+    per_sample = refs.drop_duplicates("sample_id")[["sample_id", *cfg.targets, "split"]].reset_index(
+        drop=True
+    )
     entries = [] if synth_key else file_entries(_input_paths(cfg, root, scans), root)
     base_key = synth_key or stable_hash(entries)
     key = stable_hash({"files": base_key, "refs": per_sample.to_dict(orient="list")})
@@ -154,7 +162,13 @@ def _dataset_config(cfg: ChemmapConfig) -> dict[str, Any]:
     pre = cfg.preprocess.model_dump(mode="json", exclude={"patch_core", "patch_halo", "patch_stride"})
     geometry = patch_geometry(cfg)
     patches = {"core": geometry.core, "halo": geometry.halo, "stride": geometry.stride}
-    return {"preprocess": pre, "patches": patches, "targets": cfg.targets, "on_error": cfg.data.on_error}
+    return {
+        "preprocess": pre,
+        "patches": patches,
+        "targets": cfg.targets,
+        "on_error": cfg.data.on_error,
+        "format": DATASET_FORMAT,  # what the builder writes, and the split rule it applies, changed
+    }
 
 
 def _lookup_key(cfg: ChemmapConfig) -> str:
@@ -162,7 +176,10 @@ def _lookup_key(cfg: ChemmapConfig) -> str:
     if cfg.data.source == "synthetic":
         where: dict[str, Any] = {"synth": cfg.synth.model_dump(mode="json")}
     else:
-        where = {"data": cfg.data.model_dump(mode="json"), "root": str(cfg.resolve_path(cfg.data.root).resolve())}
+        where = {
+            "data": cfg.data.model_dump(mode="json"),
+            "root": str(cfg.resolve_path(cfg.data.root).resolve()),
+        }
     return stable_hash({**where, **_dataset_config(cfg)})
 
 
@@ -219,7 +236,9 @@ def find_dataset(cfg: ChemmapConfig, *, log: Log = print) -> StageDir:
         )
     stage = StageDir("preprocess", entry["key"], Path(entry["path"]), entry["config"], (entry["input_key"],))
     if not stage.complete:
-        raise InputError(f"dataset not found: {stage.path / 'dataset.zarr'} is unfinished; run `chemmap preprocess`")
+        raise InputError(
+            f"dataset not found: {stage.path / 'dataset.zarr'} is unfinished; run `chemmap preprocess`"
+        )
     _warn_if_stale(entry, log)
     return stage
 
@@ -246,7 +265,13 @@ def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = pr
     stage.begin()
     log(f"preprocess: {len(src.scans)} scans -> {store}" + (" (resuming)" if resumed else ""))
     builder = DatasetBuilder(
-        store, cfg.preprocess, cfg.targets, cluster=cfg.cluster, on_error=cfg.data.on_error, progress=progress, log=log
+        store,
+        cfg.preprocess,
+        cfg.targets,
+        cluster=cfg.cluster,
+        on_error=cfg.data.on_error,
+        progress=progress,
+        log=log,
     )
     summary = builder.build(src.scans, src.references, src.key)
     summary["patches"] = write_patch_index(store, geometry)

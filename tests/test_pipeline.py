@@ -1,4 +1,4 @@
-"""The pipeline's wiring: the preprocess index, no going back to raw scans, stage keys and the cluster section."""
+"""The pipeline's wiring: the preprocess index, no return to the raw scans, keys and the cluster section."""
 
 from __future__ import annotations
 

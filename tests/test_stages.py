@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -48,3 +50,19 @@ def test_files_key_changes_when_a_file_is_rewritten(tmp_path):
     assert files_key([f], tmp_path) == k1
     f.write_bytes(b"12345")
     assert files_key([f], tmp_path) != k1
+
+
+def test_atomic_writes_leave_no_temp_files_and_usual_permissions(tmp_path):
+    from chemmap.files import atomic_path, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "b.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # nothing half-written

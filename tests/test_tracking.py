@@ -1,4 +1,4 @@
-"""MLflow tracking against a real server: runs survive a restart, params are not logged twice, bad URIs are one line."""
+"""MLflow tracking on a real server: runs survive a restart, params are logged once, bad URIs are one line."""
 
 from __future__ import annotations
 

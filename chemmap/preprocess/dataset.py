@@ -44,7 +44,7 @@ from chemmap.preprocess.scan import check_finite, reference_means, sample_mask, 
 # Calibrated reflectance of noisy pixels compresses poorly and zstd costs CPU on every read;
 # stored uncompressed, a window read is a plain memcpy (measured in bench/preprocess.py).
 CUBE_COMPRESSORS: Any = None
-DATASET_FORMAT = 1
+DATASET_FORMAT = 2  # 2: true maps copied in, one patch index named in the root attributes
 BLOCKS_IN_FLIGHT = 2  # write units per worker thread in one Dask compute
 
 
