@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from chemmap.io.envi import Scan, create_envi, open_scan
-from chemmap.io.layout import ScanFiles, assign_splits, check_references, discover_scans, read_references
+from chemmap.io.layout import ScanFiles, check_references, discover_scans
+from chemmap.io.references import assign_splits, read_references
 
 __all__ = [
     "Scan",

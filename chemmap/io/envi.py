@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from chemmap.errors import InputError
+from chemmap.files import write_text_atomic
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -68,14 +69,11 @@ def _format_value(value: object) -> str:
 
 
 def write_header(hdr_path: str | os.PathLike, fields: Mapping[str, object]) -> None:
-    """Write an ENVI header atomically (temp file + rename)."""
-    hdr_path = Path(hdr_path)
+    """Write an ENVI header atomically (see :func:`chemmap.files.atomic_path`)."""
     lines = ["ENVI"]
     for key, value in fields.items():
         lines.append(f"{key} = {_format_value(value)}")
-    tmp = hdr_path.with_name(hdr_path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, hdr_path)
+    write_text_atomic(hdr_path, "\n".join(lines) + "\n")
 
 
 def create_envi(
@@ -131,7 +129,6 @@ def create_envi(
             fh.write(b"\0" * header_offset)
         fh.truncate(header_offset + int(np.prod(shape)) * dt.itemsize)
     mm = np.memmap(raw_path, dtype=dt, mode="r+", offset=header_offset, shape=shape)
-
     fields: dict[str, object] = {
         "description": "{chemmap}",
         "samples": samples,
@@ -142,14 +139,18 @@ def create_envi(
         "data type": code,
         "interleave": interleave.lower(),
         "byte order": byte_order,
+        **_wavelength_fields(wavelengths),
+        **(extra or {}),
     }
-    if wavelengths is not None:
-        fields["wavelength units"] = "Nanometers"
-        fields["wavelength"] = [f"{float(w):.3f}" for w in wavelengths]
-    if extra:
-        fields.update(extra)
     write_header(hdr_path, fields)
     return mm
+
+
+def _wavelength_fields(wavelengths: Sequence[float] | np.ndarray | None) -> dict[str, object]:
+    """Header fields of the band centres (nm, 3 decimals); none without wavelengths."""
+    if wavelengths is None:
+        return {}
+    return {"wavelength units": "Nanometers", "wavelength": [f"{float(w):.3f}" for w in wavelengths]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +430,138 @@ def _wavelengths(header: Mapping[str, Any], bands: int, hdr_path: Path) -> np.nd
     return wl
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How a header says the binary is laid out.
+
+    Attributes:
+        shape: ``(bands, lines, samples)``.
+        dtype: the values' dtype in native byte order.
+        interleave: ``"bil"``, ``"bip"`` or ``"bsq"``, lowercase.
+        byte_order: 0 little endian, 1 big endian.
+        offset: bytes before the data in the binary.
+    """
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    interleave: str
+    byte_order: int
+    offset: int
+
+    @property
+    def file_dtype(self) -> np.dtype:
+        """``dtype`` in the file's byte order."""
+        return self.dtype.newbyteorder(">" if self.byte_order == 1 else "<")
+
+    @property
+    def nbytes(self) -> int:
+        """Size the binary must have: the offset and the values."""
+        return self.offset + int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def _cube_shape(header: Mapping[str, Any], hdr_path: Path) -> tuple[int, int, int]:
+    """``(bands, lines, samples)`` from the header, each >= 1."""
+    bands = _int_field(header, "bands", hdr_path)
+    lines = _int_field(header, "lines", hdr_path)
+    samples = _int_field(header, "samples", hdr_path)
+    for key, n in (("bands", bands), ("lines", lines), ("samples", samples)):
+        if n < 1:
+            raise InputError(f"{hdr_path}: '{key}' must be >= 1, got {n}")
+    return bands, lines, samples
+
+
+def _data_type(header: Mapping[str, Any], hdr_path: Path) -> np.dtype:
+    """The real-valued numpy dtype of the header's ``data type`` code (native byte order)."""
+    code = _int_field(header, "data type", hdr_path)
+    if code not in ENVI_DTYPES:
+        known = ", ".join(str(c) for c in ENVI_DTYPES if ENVI_DTYPES[c].kind != "c")
+        raise InputError(f"{hdr_path}: 'data type' {code} is not an ENVI data type (known: {known})")
+    dtype = ENVI_DTYPES[code]
+    if dtype.kind == "c":
+        raise InputError(f"{hdr_path}: 'data type' {code} is complex ({dtype}); a scan must be real-valued")
+    return dtype
+
+
+def _interleave(header: Mapping[str, Any], hdr_path: Path) -> str:
+    """The header's interleave, lowercased (recorders write ``Bil``, ``BIL``, ...)."""
+    if "interleave" not in header:
+        raise InputError(f"{hdr_path}: header has no 'interleave' (bil, bip or bsq)")
+    interleave = str(header["interleave"]).strip().lower()
+    if interleave not in INTERLEAVES:
+        raise InputError(f"{hdr_path}: 'interleave' must be bil, bip or bsq, got {header['interleave']!r}")
+    return interleave
+
+
+def _byte_order_and_offset(header: Mapping[str, Any], hdr_path: Path) -> tuple[int, int]:
+    """``(byte order, header offset)``, ENVI's defaults (0, 0) where absent; no frame offsets."""
+    byte_order = _int_field(header, "byte order", hdr_path, default=0)
+    if byte_order not in (0, 1):
+        raise InputError(f"{hdr_path}: 'byte order' must be 0 or 1, got {byte_order}")
+    offset = _int_field(header, "header offset", hdr_path, default=0)
+    if offset < 0:
+        raise InputError(f"{hdr_path}: 'header offset' must be >= 0, got {offset}")
+    for key in ("major frame offsets", "minor frame offsets"):
+        value = header.get(key)
+        values = value if isinstance(value, list) else [value] if value is not None else []
+        if any(str(v).strip() not in ("", "0") for v in values):
+            raise InputError(f"{hdr_path}: '{key}' is not supported")
+    return byte_order, offset
+
+
+def _layout(header: Mapping[str, Any], hdr_path: Path) -> _Layout:
+    """The binary's layout as the header describes it, each field checked."""
+    shape = _cube_shape(header, hdr_path)
+    dtype = _data_type(header, hdr_path)
+    interleave = _interleave(header, hdr_path)
+    byte_order, offset = _byte_order_and_offset(header, hdr_path)
+    return _Layout(shape=shape, dtype=dtype, interleave=interleave, byte_order=byte_order, offset=offset)
+
+
+def _check_file_size(data_path: Path, layout: _Layout) -> None:
+    """The binary must hold exactly the offset and the values the header announces."""
+    actual = data_path.stat().st_size
+    if actual != layout.nbytes:
+        bands, lines, samples = layout.shape
+        raise InputError(
+            f"{data_path}: header says {lines} lines x {samples} samples x {bands} bands of {layout.dtype} = "
+            f"{layout.nbytes - layout.offset} bytes after a {layout.offset}-byte offset, "
+            f"file has {actual} bytes"
+        )
+
+
+def _lazy_cube(data_path: Path, layout: _Layout, chunk_lines: int | None) -> da.Array:
+    """A dask array ``(bands, lines, samples)`` over the binary, blocks of whole lines.
+
+    The graph name hashes the file's path, modification time, size and layout, so opening
+    the same unchanged file twice gives the same keys.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    bands, lines, samples = layout.shape
+    source = _EnviSource(data_path, layout.file_dtype, layout.offset, layout.interleave, layout.shape)
+    step = _lines_per_chunk(bands, lines, samples, layout.dtype.itemsize, chunk_lines)
+    stat = data_path.stat()
+    name = "envi-" + tokenize(
+        str(data_path.resolve()),
+        stat.st_mtime_ns,
+        stat.st_size,
+        layout.file_dtype.str,
+        layout.offset,
+        layout.interleave,
+        layout.shape,
+        step,
+    )
+    return da.from_array(
+        source,
+        chunks=(bands, step, samples),
+        name=name,
+        asarray=False,
+        fancy=False,
+        meta=np.empty((0, 0, 0), dtype=layout.dtype),
+    )
+
+
 def open_scan(hdr_path: str | os.PathLike, *, chunk_lines: int | None = None) -> Scan:
     """Open an ENVI scan lazily and check that header and binary agree.
 
@@ -449,92 +582,25 @@ def open_scan(hdr_path: str | os.PathLike, *, chunk_lines: int | None = None) ->
             type, a file size that disagrees with the header, or bad wavelengths. The message
             is one line starting with the file's path.
     """
-    import dask.array as da
-    from dask.base import tokenize
-
     hdr_path = Path(hdr_path)
     header = _read_header(hdr_path)
-
-    bands = _int_field(header, "bands", hdr_path)
-    lines = _int_field(header, "lines", hdr_path)
-    samples = _int_field(header, "samples", hdr_path)
-    for key, n in (("bands", bands), ("lines", lines), ("samples", samples)):
-        if n < 1:
-            raise InputError(f"{hdr_path}: '{key}' must be >= 1, got {n}")
-
-    code = _int_field(header, "data type", hdr_path)
-    if code not in ENVI_DTYPES:
-        known = ", ".join(str(c) for c in ENVI_DTYPES if ENVI_DTYPES[c].kind != "c")
-        raise InputError(f"{hdr_path}: 'data type' {code} is not an ENVI data type (known: {known})")
-    dtype = ENVI_DTYPES[code]
-    if dtype.kind == "c":
-        raise InputError(f"{hdr_path}: 'data type' {code} is complex ({dtype}); a scan must be real-valued")
-
-    if "interleave" not in header:
-        raise InputError(f"{hdr_path}: header has no 'interleave' (bil, bip or bsq)")
-    interleave = str(header["interleave"]).strip().lower()
-    if interleave not in INTERLEAVES:
-        raise InputError(f"{hdr_path}: 'interleave' must be bil, bip or bsq, got {header['interleave']!r}")
-
-    byte_order = _int_field(header, "byte order", hdr_path, default=0)
-    if byte_order not in (0, 1):
-        raise InputError(f"{hdr_path}: 'byte order' must be 0 or 1, got {byte_order}")
-    offset = _int_field(header, "header offset", hdr_path, default=0)
-    if offset < 0:
-        raise InputError(f"{hdr_path}: 'header offset' must be >= 0, got {offset}")
-    for key in ("major frame offsets", "minor frame offsets"):
-        value = header.get(key)
-        values = value if isinstance(value, list) else [value] if value is not None else []
-        if any(str(v).strip() not in ("", "0") for v in values):
-            raise InputError(f"{hdr_path}: '{key}' is not supported")
-
-    wavelengths = _wavelengths(header, bands, hdr_path)
+    layout = _layout(header, hdr_path)
+    wavelengths = _wavelengths(header, layout.shape[0], hdr_path)
     data_path = find_data_file(hdr_path)
-
-    expected = offset + bands * lines * samples * dtype.itemsize
-    actual = data_path.stat().st_size
-    if actual != expected:
-        raise InputError(
-            f"{data_path}: header says {lines} lines x {samples} samples x {bands} bands of {dtype} = "
-            f"{expected - offset} bytes after a {offset}-byte offset, file has {actual} bytes"
-        )
-
-    header["interleave"] = interleave
-    header["byte order"] = str(byte_order)
-    header["header offset"] = str(offset)
-
-    shape = (bands, lines, samples)
-    file_dtype = dtype.newbyteorder(">" if byte_order == 1 else "<")
-    source = _EnviSource(data_path, file_dtype, offset, interleave, shape)
-    step = _lines_per_chunk(bands, lines, samples, dtype.itemsize, chunk_lines)
-    stat = data_path.stat()
-    name = "envi-" + tokenize(
-        str(data_path.resolve()),
-        stat.st_mtime_ns,
-        stat.st_size,
-        file_dtype.str,
-        offset,
-        interleave,
-        shape,
-        step,
-    )
-    data = da.from_array(
-        source,
-        chunks=(bands, step, samples),
-        name=name,
-        asarray=False,
-        fancy=False,
-        meta=np.empty((0, 0, 0), dtype=dtype),
-    )
+    _check_file_size(data_path, layout)
+    # The normalised values, so that users of ``header`` need not know ENVI's defaults.
+    header["interleave"] = layout.interleave
+    header["byte order"] = str(layout.byte_order)
+    header["header offset"] = str(layout.offset)
     return Scan(
         path=hdr_path,
         data_path=data_path,
-        data=data,
+        data=_lazy_cube(data_path, layout, chunk_lines),
         wavelengths=wavelengths,
         header=header,
-        dtype=dtype,
-        interleave=interleave,
-        shape=shape,
-        byte_order=byte_order,
-        header_offset=offset,
+        dtype=layout.dtype,
+        interleave=layout.interleave,
+        shape=layout.shape,
+        byte_order=layout.byte_order,
+        header_offset=layout.offset,
     )

@@ -14,6 +14,9 @@ scanner can be checked before any other part of the pipeline exists.
 from __future__ import annotations
 
 import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +86,143 @@ def _r2(y: np.ndarray, p: np.ndarray) -> float:
     return float(1.0 - np.sum((y - p) ** 2) / np.sum((y - y.mean()) ** 2))
 
 
+def _new_pls():
+    """An unfitted PLS model: centred, unscaled X and y (ikpls)."""
+    return _pls_class()(center_X=True, center_Y=True, scale_X=False, scale_Y=False)
+
+
+@dataclass
+class _LabSample:
+    """One sample of ``references.csv``: its lab value, its split and its scans."""
+
+    y: float
+    split: int
+    scans: list[str] = field(default_factory=list)
+
+
+def _read_samples(root: Path, target: str) -> dict[str, _LabSample]:
+    """The samples of ``root/references.csv`` by sample id, in the file's order."""
+    with open(root / "references.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    samples: dict[str, _LabSample] = {}
+    for r in rows:
+        s = samples.setdefault(r["sample_id"], _LabSample(y=float(r[target]), split=int(r["split"])))
+        s.scans.append(r["scan_id"])
+    return samples
+
+
+@dataclass(frozen=True)
+class _ScanPixels:
+    """The usable sample pixels of one scan and its true map.
+
+    Attributes:
+        mask: bool ``(lines, samples)``, sample pixels neither saturated nor dead.
+        features: float64 ``(pixels in mask, features)``, the PLS inputs of those pixels.
+        truth: float32 ``(lines, samples)``, the target's true map (%, NaN off the sample).
+    """
+
+    mask: np.ndarray
+    features: np.ndarray
+    truth: np.ndarray
+
+
+def _scan_pixels(root: Path, sid: str, instrument: str, target: str) -> _ScanPixels:
+    refl, usable, wl = _calibrated(root, sid)
+    with np.load(root / "truth" / f"{sid}.npz") as t:
+        m = t["mask"] & usable
+        truth = t[target]
+    return _ScanPixels(mask=m, features=_features(refl[m], wl, instrument).astype(np.float64), truth=truth)
+
+
+@dataclass(frozen=True)
+class _MeanSpectra:
+    """One row per sample (sorted ids): the mean PLS input over its scans' pixels, lab value, split."""
+
+    names: list[str]
+    X: np.ndarray  # (samples, features)
+    y: np.ndarray  # (samples,)
+    split: np.ndarray  # (samples,)
+
+
+def _mean_spectra(root: Path, samples: dict[str, _LabSample], instrument: str, target: str) -> _MeanSpectra:
+    names = sorted(samples)
+    X = []
+    for name in names:
+        acc, n = None, 0
+        for sid in samples[name].scans:
+            f = _scan_pixels(root, sid, instrument, target).features
+            acc = f.sum(axis=0) if acc is None else acc + f.sum(axis=0)
+            n += f.shape[0]
+        X.append(acc / max(n, 1))
+    y = np.asarray([samples[name].y for name in names])
+    split = np.asarray([samples[name].split for name in names])
+    return _MeanSpectra(names=names, X=np.asarray(X), y=y, split=split)
+
+
+def _cv_rmse(data: _MeanSpectra) -> np.ndarray:
+    """RMSECV of 1, 2, ... components over the folds of splits 1-5, ``(components,)``."""
+    train = data.split > 0
+    amax = int(min(MAX_COMPONENTS, data.X.shape[1], int(train.sum() * 0.8) - 1))
+    press = np.zeros(amax)
+    for fold in np.unique(data.split[train]):
+        tr, va = train & (data.split != fold), data.split == fold
+        pls = _new_pls().fit(data.X[tr], data.y[tr], amax)
+        pred = pls.predict(data.X[va])[..., 0]  # (A, n_va)
+        press += ((pred - data.y[va][None]) ** 2).sum(axis=1)
+    return np.sqrt(press / train.sum())
+
+
+@dataclass
+class _MapFigures:
+    """PLS maps of the test scans against their true maps (sums and per-scan lists)."""
+
+    shares: list[float] = field(default_factory=list)  # spatially correlated share per scan
+    truth_shares: list[float] = field(default_factory=list)
+    sds: list[float] = field(default_factory=list)  # within-scan SD of the PLS map, %
+    truth_sds: list[float] = field(default_factory=list)
+    out: int = 0  # pixels predicted outside 0-100 %
+    n_px: int = 0  # pixels predicted
+    sq: float = 0.0  # sum of squared errors against the true map, %^2
+
+    def add(self, px: _ScanPixels, pred: np.ndarray) -> None:
+        """Add one scan's pixel predictions ``pred`` (of the pixels in ``px.mask``)."""
+        m, truth = px.mask, px.truth
+        mp = np.full(m.shape, np.nan)
+        mp[m] = pred
+        self.shares.append(spatial_correlated_share(mp, m))
+        self.truth_shares.append(spatial_correlated_share(np.where(m, truth, np.nan), m))
+        self.sds.append(float(pred.std()))
+        self.truth_sds.append(float(truth[m].std()))
+        self.out += int(np.sum((pred < 0) | (pred > 100)))
+        self.n_px += pred.size
+        self.sq += float(np.sum((pred - truth[m]) ** 2))
+
+
+def _test_maps(
+    root: Path,
+    samples: dict[str, _LabSample],
+    test_names: Sequence[str],
+    pls,
+    a: int,
+    instrument: str,
+    target: str,
+) -> _MapFigures:
+    """Apply the PLS model pixel by pixel to every scan of the test samples."""
+    figures = _MapFigures()
+    for name in test_names:
+        for sid in samples[name].scans:
+            px = _scan_pixels(root, sid, instrument, target)
+            figures.add(px, pls.predict(px.features, n_components=a)[:, 0])
+    return figures
+
+
+def _instrument(root: Path) -> str:
+    ok = root / "_SUCCESS.json"
+    if not ok.is_file():
+        raise InputError(f"{root} is not a finished synthetic dataset (no _SUCCESS.json)")
+    return json.loads(ok.read_text())["spec"]["instrument"]
+
+
 def check(root: str | Path, n_components: int | None = None, target: str = "fat") -> dict:
     """Mean-spectrum PLS and PLS maps on a synthetic folder: the two realism figures and more.
 
@@ -98,91 +238,35 @@ def check(root: str | Path, n_components: int | None = None, target: str = "fat"
         ``pixel_rmse`` (PLS map vs true map, %), ``truth_spatial_share``, ``map_sd`` (median
         within-scan SD of the PLS maps, %), ``truth_sd`` and counts.
     """
-    import json
-
     root = Path(root)
-    ok = root / "_SUCCESS.json"
-    if not ok.is_file():
-        raise InputError(f"{root} is not a finished synthetic dataset (no _SUCCESS.json)")
-    instrument = json.loads(ok.read_text())["spec"]["instrument"]
-    with open(root / "references.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    samples: dict[str, dict] = {}
-    for r in rows:
-        s = samples.setdefault(r["sample_id"], {"y": float(r[target]), "split": int(r["split"]), "scans": []})
-        s["scans"].append(r["scan_id"])
-
-    names = sorted(samples)
-    X, y, split = [], [], []
-    for name in names:
-        acc, n = None, 0
-        for sid in samples[name]["scans"]:
-            refl, usable, wl = _calibrated(root, sid)
-            with np.load(root / "truth" / f"{sid}.npz") as t:
-                m = t["mask"] & usable
-            f = _features(refl[m], wl, instrument).astype(np.float64)
-            acc = f.sum(axis=0) if acc is None else acc + f.sum(axis=0)
-            n += f.shape[0]
-        X.append(acc / max(n, 1))
-        y.append(samples[name]["y"])
-        split.append(samples[name]["split"])
-    X, y, split = np.asarray(X), np.asarray(y), np.asarray(split)
-    train, test = split > 0, split == 0
+    instrument = _instrument(root)
+    samples = _read_samples(root, target)
+    data = _mean_spectra(root, samples, instrument, target)
+    train, test = data.split > 0, data.split == 0
     if test.sum() < 2 or train.sum() < 6:
         raise InputError(
             f"{root}: need >= 2 test and >= 6 training samples, got {test.sum()} and {train.sum()}"
         )
-
-    PLS = _pls_class()
-
-    def model() -> object:
-        return PLS(center_X=True, center_Y=True, scale_X=False, scale_Y=False)
-
-    amax = int(min(MAX_COMPONENTS, X.shape[1], int(train.sum() * 0.8) - 1))
-    press = np.zeros(amax)
-    for fold in np.unique(split[train]):
-        tr, va = train & (split != fold), split == fold
-        pls = model().fit(X[tr], y[tr], amax)
-        pred = pls.predict(X[va])[..., 0]  # (A, n_va)
-        press += ((pred - y[va][None]) ** 2).sum(axis=1)
-    rmsecv = np.sqrt(press / train.sum())
+    rmsecv = _cv_rmse(data)
     a = int(n_components or (int(np.argmin(rmsecv)) + 1))
-    pls = model().fit(X[train], y[train], a)
-    p_test = pls.predict(X[test], n_components=a)[:, 0]
-
-    shares, truth_shares, sds, truth_sds, out, n_px, sq = [], [], [], [], 0, 0, 0.0
-    for name in np.asarray(names)[test]:
-        for sid in samples[name]["scans"]:
-            refl, usable, wl = _calibrated(root, sid)
-            with np.load(root / "truth" / f"{sid}.npz") as t:
-                m = t["mask"] & usable
-                truth = t[target]
-            pix = _features(refl[m], wl, instrument).astype(np.float64)
-            pred = pls.predict(pix, n_components=a)[:, 0]
-            mp = np.full(m.shape, np.nan)
-            mp[m] = pred
-            shares.append(spatial_correlated_share(mp, m))
-            truth_shares.append(spatial_correlated_share(np.where(m, truth, np.nan), m))
-            sds.append(float(pred.std()))
-            truth_sds.append(float(truth[m].std()))
-            out += int(np.sum((pred < 0) | (pred > 100)))
-            n_px += pred.size
-            sq += float(np.sum((pred - truth[m]) ** 2))
-
+    pls = _new_pls().fit(data.X[train], data.y[train], a)
+    p_test = pls.predict(data.X[test], n_components=a)[:, 0]
+    y_test = data.y[test]
+    maps = _test_maps(root, samples, list(np.asarray(data.names)[test]), pls, a, instrument, target)
     return {
         "instrument": instrument,
         "target": target,
-        "n_samples": len(names),
+        "n_samples": len(data.names),
         "n_test": int(test.sum()),
         "n_components": a,
         "rmsecv": float(rmsecv[a - 1]),
-        "r2_test": _r2(y[test], p_test),
-        "rmsep": float(np.sqrt(np.mean((y[test] - p_test) ** 2))),
-        "spatial_share": float(np.median(shares)),
-        "out_of_range": out / max(n_px, 1),
-        "pixel_rmse": float(np.sqrt(sq / max(n_px, 1))),
-        "map_sd": float(np.median(sds)),
-        "truth_sd": float(np.median(truth_sds)),
-        "truth_spatial_share": float(np.median(truth_shares)),
-        "test_pixels": n_px,
+        "r2_test": _r2(y_test, p_test),
+        "rmsep": float(np.sqrt(np.mean((y_test - p_test) ** 2))),
+        "spatial_share": float(np.median(maps.shares)),
+        "out_of_range": maps.out / max(maps.n_px, 1),
+        "pixel_rmse": float(np.sqrt(maps.sq / max(maps.n_px, 1))),
+        "map_sd": float(np.median(maps.sds)),
+        "truth_sd": float(np.median(maps.truth_sds)),
+        "truth_spatial_share": float(np.median(maps.truth_shares)),
+        "test_pixels": maps.n_px,
     }

@@ -13,7 +13,8 @@ pork bellies:
 Scans are written block of lines by block of lines (a paper-size scan never sits in
 memory), into a temporary folder beside ``root`` that is renamed at the end. Every random
 draw comes from a generator seeded by ``(seed, sample, scan, purpose)``, so the same spec
-gives byte-identical files whatever the number of worker threads.
+gives byte-identical files whatever the number of worker threads. The splits follow
+chemmap's one split rule, :func:`chemmap.io.references.shuffled_splits`.
 """
 
 from __future__ import annotations
@@ -23,18 +24,26 @@ import json
 import os
 import shutil
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from chemmap.errors import ConfigError, InputError
+from chemmap.files import atomic_path, write_json_atomic
 from chemmap.io.envi import create_envi
+from chemmap.io.references import shuffled_splits
 from chemmap.synth import physics as ph
 from chemmap.synth.scene import Scene, make_scene, smooth_field
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from chemmap.config import SynthConfig
 
 # Bumped whenever the physics or the layout changes: a finished folder of another version is stale.
 SYNTH_VERSION = 1
@@ -42,8 +51,12 @@ SUCCESS_FILE = "_SUCCESS.json"
 # Elements (pixels x bands) per block of lines: ~4 M float32 = 16 MB per temporary array.
 BLOCK_ELEMENTS = 4_000_000
 
-# Purposes of the random streams (the last word of each SeedSequence).
-_CAMERA, _SAMPLE, _SCENE, _PIXELS, _REFS, _SPLIT, _LAB = range(7)
+# Purposes of the random streams (the last word of each SeedSequence). Word 5 is the splits'
+# stream, drawn by chemmap.io.references.shuffled_splits (its SPLIT_STREAM).
+_CAMERA, _SAMPLE, _SCENE, _PIXELS, _REFS, _LAB = 0, 1, 2, 3, 4, 6
+
+# Called with the number of lines just written (a progress bar's advance).
+Tick = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,14 @@ class SynthSpec:
         if self.bands is not None and self.bands < 8:
             raise ConfigError(f"synth.bands must be >= 8, got {self.bands}")
 
+    @classmethod
+    def from_config(cls, section: SynthConfig) -> SynthSpec:
+        """The spec a config's ``synth:`` section (:class:`chemmap.config.SynthConfig`) describes.
+
+        Every field of the spec is read from the section's field of the same name.
+        """
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
+
     def wavelengths(self) -> np.ndarray:
         """Band centres, nm, float64 ``(bands,)``."""
         return ph.wavelengths_for(self.instrument, self.bands, self.wavelength_range)
@@ -104,6 +125,11 @@ def scan_id(i: int, j: int) -> str:
 
 def _rng(seed: int, *words: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *map(int, words)])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Camera and sample draws
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -155,7 +181,6 @@ def _camera(spec: SynthSpec) -> _Camera:
 class _Sample:
     """Sample-level (animal-level) draws, shared by all scans of a sample."""
 
-    fat_pct: float
     water_share: float
     myoglobin: float
     fat_shift: float
@@ -174,7 +199,6 @@ def _sample(spec: SynthSpec, i: int) -> _Sample:
     sides = fat + rng.normal(0.0, 3.0, spec.scans_per_sample)
     sides = sides - sides.mean() + fat
     return _Sample(
-        fat_pct=fat,
         water_share=float(rng.normal(ph.WATER_SHARE_OF_LEAN, ph.WATER_SHARE_SD)),
         myoglobin=float(np.exp(rng.normal(0.0, ph.MYOGLOBIN_SD))),
         fat_shift=float(rng.normal(0.0, ph.FAT_SHIFT_SD_NM)),
@@ -187,137 +211,198 @@ def _sample(spec: SynthSpec, i: int) -> _Sample:
     )
 
 
+@dataclass(frozen=True)
+class _ScanFields:
+    """Per-scan smooth fields and defects, each ``(lines, samples)``."""
+
+    m_smooth: np.ndarray  # multiplicative scatter factor, smooth over the scan
+    path_smooth: np.ndarray  # optical path length factor, smooth over the scan
+    belt: np.ndarray  # reflectance of the belt under the slab
+    hot: np.ndarray  # bool, hot pixels: spikes that saturate every band
+
+
+def _scan_fields(spec: SynthSpec, i: int, j: int) -> _ScanFields:
+    nl, ns = spec.lines, spec.samples
+    rng = _rng(spec.seed, _SCENE, i, j, 1)
+    size = min(nl, ns)
+    m_smooth = np.exp(ph.SCATTER_M_SMOOTH_SD * smooth_field(rng, (nl, ns), size / 5.0))
+    path_smooth = np.exp(ph.PATH_SMOOTH_SD * smooth_field(rng, (nl, ns), size / 5.0))
+    belt = ph.BELT_REFLECTANCE + ph.BELT_REFLECTANCE_SD * rng.standard_normal((nl, ns))
+    hot = np.zeros((nl, ns), bool)
+    n_hot = 1 + rng.poisson(ph.HOT_PIXELS_PER_MPX * nl * ns / 1e6)
+    hot.flat[rng.choice(nl * ns, size=min(n_hot, nl * ns), replace=False)] = True
+    return _ScanFields(m_smooth=m_smooth, path_smooth=path_smooth, belt=belt, hot=hot)
+
+
+# ---------------------------------------------------------------------------------------------
+# One scan: reflectance, counts, files
+# ---------------------------------------------------------------------------------------------
+
+
 def _block_lines(spec: SynthSpec, nb: int) -> int:
     return int(max(1, min(spec.lines, BLOCK_ELEMENTS // max(1, spec.samples * nb))))
 
 
-def _write_scan(
-    spec: SynthSpec, cam: _Camera, smp: _Sample, i: int, j: int, out: Path, tick=None
-) -> tuple[Scene, str]:
-    """Simulate and write one scan (raw + white + dark); return its scene and id."""
-    sid = scan_id(i, j)
-    nl, ns, nb = spec.lines, spec.samples, cam.wl.size
-    scene = make_scene(_rng(spec.seed, _SCENE, i, j), nl, ns, smp.side_fat[j], smp.water_share)
-    rng_scene = _rng(spec.seed, _SCENE, i, j, 1)
-    size = min(nl, ns)
-    m_smooth = np.exp(ph.SCATTER_M_SMOOTH_SD * smooth_field(rng_scene, (nl, ns), size / 5.0))
-    path_smooth = np.exp(ph.PATH_SMOOTH_SD * smooth_field(rng_scene, (nl, ns), size / 5.0))
-    belt = ph.BELT_REFLECTANCE + ph.BELT_REFLECTANCE_SD * rng_scene.standard_normal((nl, ns))
-    # Hot pixels: (line, sample) spikes that saturate every band (per scan).
-    hot = np.zeros((nl, ns), bool)
-    n_hot = 1 + rng_scene.poisson(ph.HOT_PIXELS_PER_MPX * nl * ns / 1e6)
-    hot.flat[rng_scene.choice(nl * ns, size=min(n_hot, nl * ns), replace=False)] = True
+def _coefficients(smp: _Sample, scene: Scene, fld: _ScanFields, sl: slice, g: np.ndarray) -> np.ndarray:
+    """Per-pixel weights of the rows of ``_BASIS``: float32 ``(P, k)``, absorbance = ``coef @ basis``.
 
-    cap = out / sid / "capture"
-    extra = {"ceiling": ph.CEILING, "sensor type": f"chemmap synthetic {spec.instrument}"}
-    raw = create_envi(cap / f"{sid}.hdr", bands=nb, lines=nl, samples=ns, wavelengths=cam.wl, extra=extra)
-    rng_px = _rng(spec.seed, _PIXELS, i, j)
-    basis = cam.basis
-    white_t = cam.white.T  # (samples, bands)
-    dark_t = cam.dark.T
-    dead_t = cam.dead.T
+    Args:
+        g: float32 ``(5, P)`` standard normal draws of the block's pixels (rows 0, 1, 3 used here).
+    """
+    ad = scene.adipose[sl].reshape(-1)
+    fat = scene.fat[sl].reshape(-1) / 100.0
+    water = scene.water[sl].reshape(-1) / 100.0
+    protein = scene.protein[sl].reshape(-1) / 100.0
+    path = (
+        smp.path
+        * fld.path_smooth[sl].reshape(-1)
+        * np.exp(ph.PATH_PIXEL_SD * g[0])
+        * (1.0 - ph.PATH_EDGE_LOSS * scene.edge[sl].reshape(-1))
+    )
+    m = (
+        (ph.SCATTER_M_LEAN + (ph.SCATTER_M_FAT - ph.SCATTER_M_LEAN) * ad)
+        * smp.m
+        * fld.m_smooth[sl].reshape(-1)
+        * np.exp(ph.SCATTER_M_PIXEL_SD * g[1])
+    )
+    b = smp.b + ph.SCATTER_B_PIXEL_SD * g[3]
+    return np.stack(
+        [
+            path * fat,
+            path * water,
+            path * protein,
+            path * (1.0 - ad) * smp.myoglobin,
+            -path * fat * smp.fat_shift,
+            -path * water * smp.water_shift,
+            -np.log(m),
+            b,
+        ],
+        axis=1,
+    ).astype(np.float32)  # (P, k)
+
+
+def _additive_scatter(smp: _Sample, adipose: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Additive scatter per pixel ``(P,)``: by tissue, by sample, by pixel (row 2 of ``g``)."""
+    return (
+        ph.SCATTER_A_LEAN
+        + (ph.SCATTER_A_FAT - ph.SCATTER_A_LEAN) * adipose
+        + smp.a
+        + ph.SCATTER_A_PIXEL_SD * g[2]
+    )
+
+
+def _reflectance(
+    cam: _Camera, smp: _Sample, scene: Scene, fld: _ScanFields, sl: slice, g: np.ndarray
+) -> np.ndarray:
+    """Reflectance of the block's pixels, float32 ``(P, bands)``: meat, belt at the rim, glare."""
+    a = _additive_scatter(smp, scene.adipose[sl].reshape(-1), g)
+    refl = _coefficients(smp, scene, fld, sl, g) @ cam.basis  # (P, bands) absorbance incl. scatter
+    np.negative(refl, out=refl)
+    np.exp(refl, out=refl)
+    refl += a[:, None]
+    cov = scene.coverage[sl].reshape(-1)[:, None]
+    refl *= cov
+    refl += (1.0 - cov) * fld.belt[sl].reshape(-1)[:, None]
+    refl += scene.glare[sl].reshape(-1)[:, None]
+    return refl
+
+
+def _counts(sig: np.ndarray, cam: _Camera, hot: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Reflectance ``(lines, samples, bands)`` (overwritten) -> uint16 counts in BIL order.
+
+    Signal above dark, then shot + read noise (EMVA 1288), then dark, dead and hot pixels,
+    quantise, clip. Returns ``(lines, bands, samples)``.
+    """
+    white_t, dark_t, dead_t = cam.white.T, cam.dark.T, cam.dead.T  # (samples, bands)
+    sig *= white_t[None]
+    np.maximum(sig, 0.0, out=sig)
+    noise = rng.standard_normal(sig.shape, dtype=np.float32)
+    noise *= np.sqrt(sig / ph.ELECTRONS_PER_COUNT + ph.READ_NOISE_COUNTS**2)
+    sig += noise
+    sig += dark_t[None]
+    sig[:, dead_t] = dark_t[dead_t][None, :]
+    sig[hot] = ph.CEILING
+    np.rint(sig, out=sig)
+    np.clip(sig, 0, ph.CEILING, out=sig)
+    return sig.astype(np.uint16).transpose(0, 2, 1)
+
+
+def _write_raw(
+    raw: np.ndarray,
+    spec: SynthSpec,
+    cam: _Camera,
+    smp: _Sample,
+    scene: Scene,
+    fld: _ScanFields,
+    rng: np.random.Generator,
+    tick: Tick | None,
+) -> None:
+    """Fill the raw scan's memmap ``(lines, bands, samples)`` block of lines by block of lines."""
+    nl, ns, nb = spec.lines, spec.samples, cam.wl.size
     step = _block_lines(spec, nb)
     for l0 in range(0, nl, step):
         l1 = min(nl, l0 + step)
         sl = slice(l0, l1)
-        n_px = (l1 - l0) * ns
-        ad = scene.adipose[sl].reshape(-1)
-        fat = scene.fat[sl].reshape(-1) / 100.0
-        water = scene.water[sl].reshape(-1) / 100.0
-        protein = scene.protein[sl].reshape(-1) / 100.0
-        g = rng_px.standard_normal((5, n_px), dtype=np.float32)
-        path = (
-            smp.path
-            * path_smooth[sl].reshape(-1)
-            * np.exp(ph.PATH_PIXEL_SD * g[0])
-            * (1.0 - ph.PATH_EDGE_LOSS * scene.edge[sl].reshape(-1))
-        )
-        m = (
-            (ph.SCATTER_M_LEAN + (ph.SCATTER_M_FAT - ph.SCATTER_M_LEAN) * ad)
-            * smp.m
-            * m_smooth[sl].reshape(-1)
-            * np.exp(ph.SCATTER_M_PIXEL_SD * g[1])
-        )
-        a = (
-            ph.SCATTER_A_LEAN
-            + (ph.SCATTER_A_FAT - ph.SCATTER_A_LEAN) * ad
-            + smp.a
-            + ph.SCATTER_A_PIXEL_SD * g[2]
-        )
-        b = smp.b + ph.SCATTER_B_PIXEL_SD * g[3]
-        coef = np.stack(
-            [
-                path * fat,
-                path * water,
-                path * protein,
-                path * (1.0 - ad) * smp.myoglobin,
-                -path * fat * smp.fat_shift,
-                -path * water * smp.water_shift,
-                -np.log(m),
-                b,
-            ],
-            axis=1,
-        ).astype(np.float32)  # (P, k)
-        refl = coef @ basis  # (P, bands) absorbance incl. scatter terms
-        np.negative(refl, out=refl)
-        np.exp(refl, out=refl)
-        refl += a[:, None]
-        cov = scene.coverage[sl].reshape(-1)[:, None]
-        refl *= cov
-        refl += (1.0 - cov) * belt[sl].reshape(-1)[:, None]
-        refl += scene.glare[sl].reshape(-1)[:, None]
-        # Counts: signal above dark, then shot + read noise (EMVA 1288), then dark, quantise, clip.
-        sig = refl.reshape(l1 - l0, ns, nb)
-        sig *= white_t[None]
-        np.maximum(sig, 0.0, out=sig)
-        noise = rng_px.standard_normal(sig.shape, dtype=np.float32)
-        noise *= np.sqrt(sig / ph.ELECTRONS_PER_COUNT + ph.READ_NOISE_COUNTS**2)
-        sig += noise
-        sig += dark_t[None]
-        sig[:, dead_t] = dark_t[dead_t][None, :]
-        sig[hot[sl]] = ph.CEILING
-        np.rint(sig, out=sig)
-        np.clip(sig, 0, ph.CEILING, out=sig)
-        raw[l0:l1] = sig.astype(np.uint16).transpose(0, 2, 1)  # (lines, bands, samples): BIL
+        # Five draws per pixel; the fifth is unused but drawn, as every later draw depends on it.
+        g = rng.standard_normal((5, (l1 - l0) * ns), dtype=np.float32)
+        refl = _reflectance(cam, smp, scene, fld, sl, g)
+        raw[l0:l1] = _counts(refl.reshape(l1 - l0, ns, nb), cam, fld.hot[sl], rng)
         if tick is not None:
             tick(l1 - l0)
-    raw.flush()
-    del raw
 
-    rng_ref = _rng(spec.seed, _REFS, i, j)
+
+def _reference_counts(cam: _Camera, level: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """uint16 ``(REF_LINES, bands, samples)`` of a white tile (``level`` above dark) or the dark."""
+    shape = (ph.REF_LINES, *cam.dark.shape)
+    sig = np.zeros(shape, np.float32) if level is None else np.repeat(level[None], ph.REF_LINES, 0)
+    noise = rng.standard_normal(sig.shape, dtype=np.float32)
+    sig = sig + noise * np.sqrt(sig / ph.REF_ELECTRONS_PER_COUNT + ph.READ_NOISE_COUNTS**2)
+    sig += cam.dark[None]
+    sig[:, cam.dead] = np.broadcast_to(cam.dark[None], sig.shape)[:, cam.dead]
+    return np.clip(np.rint(sig), 0, ph.CEILING).astype(np.uint16)
+
+
+def _write_references(
+    spec: SynthSpec, cam: _Camera, i: int, j: int, cap: Path, sid: str, extra: dict[str, object]
+) -> None:
+    """Write the scan's WHITEREF and DARKREF files."""
+    rng = _rng(spec.seed, _REFS, i, j)
     for prefix, level in (("WHITEREF", cam.white), ("DARKREF", None)):
         ref = create_envi(
             cap / f"{prefix}_{sid}.hdr",
-            bands=nb,
+            bands=cam.wl.size,
             lines=ph.REF_LINES,
-            samples=ns,
+            samples=spec.samples,
             wavelengths=cam.wl,
             extra=extra,
         )
-        sig = (
-            np.zeros((ph.REF_LINES, nb, ns), np.float32)
-            if level is None
-            else np.repeat(level[None], ph.REF_LINES, 0)
-        )
-        noise = rng_ref.standard_normal(sig.shape, dtype=np.float32)
-        sig = sig + noise * np.sqrt(sig / ph.REF_ELECTRONS_PER_COUNT + ph.READ_NOISE_COUNTS**2)
-        sig += cam.dark[None]
-        sig[:, cam.dead] = np.broadcast_to(cam.dark[None], sig.shape)[:, cam.dead]
-        ref[:] = np.clip(np.rint(sig), 0, ph.CEILING).astype(np.uint16)
+        ref[:] = _reference_counts(cam, level, rng)
         ref.flush()
         del ref
+
+
+def _write_scan(
+    spec: SynthSpec, cam: _Camera, smp: _Sample, i: int, j: int, out: Path, tick: Tick | None = None
+) -> tuple[Scene, str]:
+    """Simulate and write one scan (raw + white + dark); return its scene and id."""
+    sid = scan_id(i, j)
+    rng_scene = _rng(spec.seed, _SCENE, i, j)
+    scene = make_scene(rng_scene, spec.lines, spec.samples, smp.side_fat[j], smp.water_share)
+    cap = out / sid / "capture"
+    extra = {"ceiling": ph.CEILING, "sensor type": f"chemmap synthetic {spec.instrument}"}
+    raw = create_envi(
+        cap / f"{sid}.hdr",
+        bands=cam.wl.size,
+        lines=spec.lines,
+        samples=spec.samples,
+        wavelengths=cam.wl,
+        extra=extra,
+    )
+    _write_raw(raw, spec, cam, smp, scene, _scan_fields(spec, i, j), _rng(spec.seed, _PIXELS, i, j), tick)
+    raw.flush()
+    del raw
+    _write_references(spec, cam, i, j, cap, sid, extra)
     return scene, sid
-
-
-def _splits(spec: SynthSpec) -> np.ndarray:
-    """Split per sample: 0 = test (~1/6 of samples), 1-5 = CV folds, by a seeded shuffle of samples."""
-    n = spec.n_samples
-    order = _rng(spec.seed, _SPLIT).permutation(n)
-    n_test = max(1, round(n / 6))
-    split = np.empty(n, np.int64)
-    split[order[:n_test]] = 0
-    split[order[n_test:]] = 1 + np.arange(n - n_test) % 5
-    return split
 
 
 def _write_truth(path: Path, scene: Scene) -> None:
@@ -329,15 +414,98 @@ def _write_truth(path: Path, scene: Scene) -> None:
     arrays = {"mask": scene.mask}
     for k in ("fat", "protein", "water"):
         arrays[k] = np.where(scene.mask, getattr(scene, k), np.nan).astype(np.float32)
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, arr in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
             zf.writestr(info, buf.getvalue())
-    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ScanResult:
+    """What the lab values need from one written scan."""
+
+    sample: int  # i, the sample's index
+    sums: np.ndarray  # float64 (3,): fat, protein, water (%) summed over the scan's masked pixels
+    n_pixels: int  # masked pixels
+
+
+def _simulate_scan(
+    job: tuple[int, int], spec: SynthSpec, cam: _Camera, samples: Sequence[_Sample], out: Path, tick: Tick
+) -> _ScanResult:
+    """Write scan ``job = (i, j)`` and its truth map under ``out``."""
+    i, j = job
+    scene, sid = _write_scan(spec, cam, samples[i], i, j, out, tick)
+    _write_truth(out / "truth" / f"{sid}.npz", scene)
+    m = scene.mask
+    sums = np.array([scene.fat[m].sum(), scene.protein[m].sum(), scene.water[m].sum()], np.float64)
+    return _ScanResult(sample=i, sums=sums, n_pixels=int(m.sum()))
+
+
+def _progress_bar(progress: bool) -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]synthesizing[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+        transient=False,
+    )
+
+
+def _simulate_scans(
+    spec: SynthSpec, jobs: Sequence[tuple[int, int]], out: Path, progress: bool, workers: int
+) -> list[_ScanResult]:
+    """Write every scan (in ``workers`` threads) and truth map; results in the order of ``jobs``."""
+    cam = _camera(spec)
+    samples = [_sample(spec, i) for i in range(spec.n_samples)]
+    with _progress_bar(progress) as bar:
+        task = bar.add_task(f"{len(jobs)} scans, {spec.instrument}", total=len(jobs) * spec.lines)
+        tick = partial(bar.advance, task)
+        run = partial(_simulate_scan, spec=spec, cam=cam, samples=samples, out=out, tick=tick)
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                return list(pool.map(run, jobs))
+        return [run(job) for job in jobs]
+
+
+def _lab_values(spec: SynthSpec, results: Sequence[_ScanResult]) -> np.ndarray:
+    """Lab values ``(n_samples, 3)``: fat, protein, water (%) per sample.
+
+    The mean of the sample's true maps over all its scans' masked pixels, plus lab error,
+    clipped to 0-100 %.
+    """
+    sums = np.zeros((spec.n_samples, 3))
+    counts = np.zeros(spec.n_samples)
+    for r in results:
+        sums[r.sample] += r.sums
+        counts[r.sample] += r.n_pixels
+    truth_mean = sums / np.maximum(counts, 1)[:, None]
+    lab_rng = _rng(spec.seed, _LAB)
+    err = lab_rng.standard_normal((spec.n_samples, 3)) * np.array(
+        [ph.LAB_SD_FAT_PCT, ph.LAB_SD_PROTEIN_PCT, ph.LAB_SD_WATER_PCT]
+    )
+    return np.clip(truth_mean + err, 0.0, 100.0)
+
+
+def _write_references_csv(
+    path: Path, jobs: Sequence[tuple[int, int]], lab: np.ndarray, split: np.ndarray
+) -> None:
+    """One row per scan: its sample's lab values (``lab[i]``) and split (``split[i]``)."""
+    rows = ["scan_id,sample_id,fat,protein,water,split"]
+    for i, j in jobs:
+        f, p, w = lab[i]
+        rows.append(f"{scan_id(i, j)},{sample_id(i)},{f:.3f},{p:.3f},{w:.3f},{split[i]}")
+    path.write_text("\n".join(rows) + "\n")
 
 
 def _success_record(spec: SynthSpec, n_scans: int) -> dict:
@@ -360,6 +528,16 @@ def _coerce(spec: SynthSpec | dict) -> SynthSpec:
     if isinstance(spec, SynthSpec):
         return spec
     return SynthSpec(**dict(spec))
+
+
+def _fresh_tmp(root: Path) -> Path:
+    """An empty ``<root>.synth-tmp`` beside ``root`` (with ``truth/``); a leftover one is removed."""
+    tmp = root.with_name(root.name + ".synth-tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / "truth").mkdir()
+    return tmp
 
 
 def synthesize(
@@ -396,69 +574,12 @@ def synthesize(
             f"{root} holds a synthetic dataset of another spec or version ({root / SUCCESS_FILE}); "
             "use another folder or delete it"
         )
-    tmp = root.with_name(root.name + ".synth-tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    (tmp / "truth").mkdir()
-
-    cam = _camera(spec)
-    samples = [_sample(spec, i) for i in range(spec.n_samples)]
+    tmp = _fresh_tmp(root)
     jobs = [(i, j) for i in range(spec.n_samples) for j in range(spec.scans_per_sample)]
-    total_lines = len(jobs) * spec.lines
-    n_workers = workers or min(4, os.cpu_count() or 1)
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("[bold]synthesizing[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=False,
-    )
-    with bar:
-        task = bar.add_task(f"{len(jobs)} scans, {spec.instrument}", total=total_lines)
-
-        def tick(n: int) -> None:
-            bar.advance(task, n)
-
-        def run(job: tuple[int, int]) -> tuple[int, int, np.ndarray, np.ndarray]:
-            i, j = job
-            scene, sid = _write_scan(spec, cam, samples[i], i, j, tmp, tick)
-            _write_truth(tmp / "truth" / f"{sid}.npz", scene)
-            m = scene.mask
-            sums = np.array([scene.fat[m].sum(), scene.protein[m].sum(), scene.water[m].sum()], np.float64)
-            return i, j, sums, np.array(m.sum())
-
-        if n_workers > 1:
-            with ThreadPoolExecutor(n_workers) as pool:
-                results = list(pool.map(run, jobs))
-        else:
-            results = [run(job) for job in jobs]
-
-    # Lab values: the mean of the sample's true maps over all its scans' masked pixels + lab error.
-    sums = np.zeros((spec.n_samples, 3))
-    counts = np.zeros(spec.n_samples)
-    for i, _j, s, n in results:
-        sums[i] += s
-        counts[i] += n
-    truth_mean = sums / np.maximum(counts, 1)[:, None]
-    lab_rng = _rng(spec.seed, _LAB)
-    err = lab_rng.standard_normal((spec.n_samples, 3)) * np.array(
-        [ph.LAB_SD_FAT_PCT, ph.LAB_SD_PROTEIN_PCT, ph.LAB_SD_WATER_PCT]
-    )
-    lab = np.clip(truth_mean + err, 0.0, 100.0)
-    split = _splits(spec)
-    rows = ["scan_id,sample_id,fat,protein,water,split"]
-    for i, j in jobs:
-        f, p, w = lab[i]
-        rows.append(f"{scan_id(i, j)},{sample_id(i)},{f:.3f},{p:.3f},{w:.3f},{split[i]}")
-    (tmp / "references.csv").write_text("\n".join(rows) + "\n")
-
-    record = _success_record(spec, len(jobs))
-    _finish(tmp, root, record)
+    results = _simulate_scans(spec, jobs, tmp, progress, workers or min(4, os.cpu_count() or 1))
+    split = shuffled_splits(spec.n_samples, seed=spec.seed)
+    _write_references_csv(tmp / "references.csv", jobs, _lab_values(spec, results), split)
+    _finish(tmp, root, _success_record(spec, len(jobs)))
     return root
 
 
@@ -475,15 +596,7 @@ def _finish(tmp: Path, root: Path, record: dict) -> None:
                 dest.unlink()
             os.replace(entry, dest)
         tmp.rmdir()
-    payload = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    part = root / (SUCCESS_FILE + ".tmp")
-    part.write_text(payload)
-    os.replace(part, root / SUCCESS_FILE)
-
-
-def spec_with(spec: SynthSpec, **changes: object) -> SynthSpec:
-    """A copy of ``spec`` with fields changed (validated again)."""
-    return replace(spec, **changes)
+    write_json_atomic(root / SUCCESS_FILE, record)
 
 
 __all__: Sequence[str] = ("SUCCESS_FILE", "SYNTH_VERSION", "SynthSpec", "is_complete", "synthesize")

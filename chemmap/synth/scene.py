@@ -10,9 +10,9 @@ the cube, so it is made whole per scan (a paper-size scan, 2400 x 1300 px, is 12
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import gamma
 
 import numpy as np
-from scipy import ndimage
 
 from chemmap.synth import physics as ph
 
@@ -26,6 +26,8 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, int], cell: float) 
     Returns:
         float32 ``shape``.
     """
+    from scipy import ndimage  # slow to import: only where it is used
+
     h, w = shape
     cell = max(float(cell), 1.0)
     gh, gw = int(np.ceil(h / cell)) + 4, int(np.ceil(w / cell)) + 4
@@ -71,8 +73,6 @@ def _slab(rng: np.random.Generator, lines: int, samples: int) -> tuple[np.ndarra
     aspect = rng.uniform(0.75, 1.3)  # (half-length along lines) / (half-width across) relative to image
     # A superellipse |u|^p + |v|^p = 1 of exponent p covers 4 Γ(1+1/p)^2 / Γ(1+2/p) of its box.
     p = rng.uniform(2.5, 4.0)
-    from math import gamma
-
     box_share = gamma(1 + 1 / p) ** 2 / gamma(1 + 2 / p)  # share of its bounding box
     # semi-axes (px) so that area share ~ target: (2a)(2b) box_share = area * lines * samples
     ab = area * lines * samples / (4 * box_share)
@@ -162,6 +162,8 @@ def make_scene(
     fat_px = np.flatnonzero((adipose > 0.7) & mask)
     n_glare = rng.binomial(fat_px.size, ph.GLARE_PIXEL_SHARE) if fat_px.size else 0
     if n_glare:
+        from scipy import ndimage
+
         seeds = rng.choice(fat_px, size=n_glare, replace=False)
         glare.flat[seeds] = rng.uniform(*ph.GLARE_STRENGTH, size=n_glare)
         grown = ndimage.grey_dilation(glare, size=(2, 2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ WHITE, DARK = 3000, 100  # counts
 
 def write_scan(root: Path, scan_id: str, fat: float, *, lines=24, samples=20, rng=None, raw_dtype="uint16"):
     """A bright rectangle of 'meat' (reflectance ~0.5, tilted by fat) on a dark belt (0.05)."""
-    rng = rng or np.random.default_rng(abs(hash(scan_id)) % 2**32)
+    rng = rng or np.random.default_rng(zlib.crc32(scan_id.encode()))  # not hash(): salted per process
     cap = root / scan_id / "capture"
     refl = np.full((lines, WL.size, samples), 0.05, np.float64)
     slope = (fat / 100.0) * np.linspace(-0.2, 0.2, WL.size)

@@ -1,16 +1,20 @@
-"""The synthetic scanner: layout, headers, determinism, lab values, splits, atomic writing."""
+"""The synthetic scanner: layout, headers, determinism, lab values, splits, atomic writing, config."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from chemmap.config import SynthConfig
 from chemmap.errors import ConfigError, InputError
+from chemmap.io import assign_splits
+from chemmap.io.references import shuffled_splits
 from chemmap.synth import SynthSpec, scanner, synthesize
 from chemmap.synth import physics as ph
 
@@ -54,7 +58,10 @@ def test_layout_and_headers_read_by_spectral(small: Path) -> None:
             assert int(img.metadata["ceiling"]) == 4095
             assert np.dtype(img.dtype) == np.uint16
             wl = np.asarray(img.metadata["wavelength"], float)
-            np.testing.assert_allclose(wl, np.linspace(400, 1000, SMALL.bands), atol=1e-3)
+            # The header holds the band centres with 3 decimals.
+            np.testing.assert_array_equal(
+                wl, [float(f"{w:.3f}") for w in np.linspace(400, 1000, SMALL.bands)]
+            )
         assert (small / "truth" / f"{sid}.npz").is_file()
     rec = json.loads((small / "_SUCCESS.json").read_text())
     assert rec["spec"] == SMALL.to_json() and rec["scans"] == SMALL.n_samples
@@ -91,19 +98,27 @@ def test_truth_and_references_agree(small: Path) -> None:
             assert t["fat"].dtype == np.float32 and m.dtype == bool
             assert np.isnan(t["fat"][~m]).all() and np.isfinite(t["fat"][m]).all()
             assert 0.25 < m.mean() < 0.8
-            total = t["fat"][m] + t["protein"][m] + t["water"][m]
-            np.testing.assert_allclose(total, 100 - ph.ASH_PCT, atol=1e-3)
+            # Fat between lean's and adipose tissue's; the fat-free rest split by the animal's water share.
+            fat, water, protein = t["fat"][m], t["water"][m], t["protein"][m]
+            assert ph.LEAN_FAT_PCT - 1e-4 <= fat.min() and fat.max() <= ph.ADIPOSE_FAT_PCT + 1e-4
+            water_share = scanner._sample(SMALL, int(r["sample_id"][-4:])).water_share
+            np.testing.assert_allclose(water / (water + protein), water_share, rtol=1e-5)
             for k in ("fat", "protein", "water"):
                 assert abs(float(r[k]) - float(t[k][m].mean())) < 5 * getattr(ph, f"LAB_SD_{k.upper()}_PCT")
             fats.append(float(t["fat"][m].mean()))
     assert 5 < min(fats) and max(fats) < 70 and np.std(fats) > 5
 
 
-def test_splits_are_by_sample() -> None:
-    split = scanner._splits(SynthSpec(n_samples=180))
-    assert (split == 0).sum() == 30
-    assert sorted(np.unique(split)) == [0, 1, 2, 3, 4, 5]
-    assert all((split == f).sum() == 30 for f in range(1, 6))
+def test_splits_follow_the_one_rule(small: Path) -> None:
+    """The scanner's split column is chemmap's split rule (chemmap.io.references) for its seed."""
+    rows = _refs(small)
+    assert [r["sample_id"] for r in rows] == [f"belly{i:04d}" for i in range(SMALL.n_samples)]
+    split = [int(r["split"]) for r in rows]
+    assert split == shuffled_splits(SMALL.n_samples, seed=SMALL.seed).tolist()
+    assert {r["sample_id"]: int(r["split"]) for r in rows} == assign_splits(
+        [r["sample_id"] for r in rows], seed=SMALL.seed
+    )
+    assert sorted(split) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 
 
 def test_scans_per_sample_share_lab_values_and_split(tmp_path: Path) -> None:
@@ -179,6 +194,36 @@ def test_nir_preset_and_overrides(tmp_path: Path) -> None:
     assert custom.wavelength_range == (950.0, 1650.0)
     np.testing.assert_allclose(custom.wavelengths()[[0, -1]], [950, 1650])
     assert SynthSpec().wavelengths().size == 300
+
+
+def test_spec_from_config() -> None:
+    assert SynthSpec.from_config(SynthConfig()) == SynthSpec()
+    section = SynthConfig.model_validate(
+        {
+            "instrument": "nir",
+            "n_samples": 7,
+            "lines": 20,
+            "samples": 18,
+            "bands": 30,
+            "wavelength_range": [950, 1650],  # a list, as YAML gives it
+            "scans_per_sample": 2,
+            "seed": 9,
+        }
+    )
+    spec = SynthSpec.from_config(section)
+    assert spec == SynthSpec(
+        instrument="nir",
+        n_samples=7,
+        lines=20,
+        samples=18,
+        bands=30,
+        wavelength_range=(950.0, 1650.0),
+        scans_per_sample=2,
+        seed=9,
+    )
+    # The synth stage's key hashes the section, _SUCCESS.json records the spec: they must agree.
+    assert spec.to_json() == section.model_dump(mode="json")
+    assert {f.name for f in fields(SynthSpec)} == set(SynthConfig.model_fields)
 
 
 def test_bad_specs_name_the_field() -> None:
