@@ -42,6 +42,22 @@ def _check_xy(X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _check_folds(folds: np.ndarray, n_samples: int) -> np.ndarray:
+    """Training fold labels, one per sample: never split 0 (the test split), at least 2 folds."""
+    f = np.asarray(folds).ravel()
+    if f.shape[0] != n_samples:
+        raise ValueError(f"folds must have one label per sample ({n_samples}), got {f.shape[0]}.")
+    if np.any(f == 0):
+        raise ValueError(
+            f"folds contains split 0 ({int(np.sum(f == 0))} samples): that is the test split; "
+            "pass training samples only."
+        )
+    labels = np.unique(f)
+    if labels.size < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {labels.tolist()}.")
+    return f
+
+
 def cv_curve(
     X: np.ndarray,
     y: np.ndarray,
@@ -186,24 +202,9 @@ class PLSBaseline:
         Returns:
             ``self``, fitted.
         """
-        from ikpls.numpy import PLS
-
         x, y = _check_xy(X, Y)
-        f = np.asarray(folds).ravel()
-        if f.shape[0] != x.shape[0]:
-            raise ValueError(f"folds must have one label per sample ({x.shape[0]}), got {f.shape[0]}.")
-        if np.any(f == 0):
-            raise ValueError(
-                f"folds contains split 0 ({int(np.sum(f == 0))} samples): that is the test split; "
-                "pass training samples only."
-            )
-        labels, counts = np.unique(f, return_counts=True)
-        if labels.size < 2:
-            raise ValueError(f"cross-validation needs at least 2 folds, got {labels.tolist()}.")
-        n, k = x.shape
-        a_max = int(min(self.max_components, k, n - counts.max() - 1))
-        if a_max < 1:
-            raise ValueError(f"too few training samples ({n}) for PLS with folds of up to {counts.max()}.")
+        f = _check_folds(folds, x.shape[0])
+        a_max = self._component_limit(x, f)
         names = list(target_names) if target_names is not None else [f"target{t}" for t in range(y.shape[1])]
         if len(names) != y.shape[1]:
             raise ValueError(f"target_names has {len(names)} names for {y.shape[1]} targets.")
@@ -211,44 +212,65 @@ class PLSBaseline:
         self.target_names = names
         self.x_mean = x.mean(axis=0)
         self.y_mean = y.mean(axis=0)
-        self.coef = np.empty((k, y.shape[1]))
+        self.coef = np.empty((x.shape[1], y.shape[1]))
         self.intercept = np.empty(y.shape[1])
         self.n_components, self.cv = [], []
-        for t in range(y.shape[1]):
-            pred, se = cv_curve(
-                x, y[:, t], f, a_max, scale_x=self.scale_x, algorithm=self.algorithm, n_jobs=self.n_jobs
-            )
-            curve = np.sqrt(se.sum(axis=0) / n)  # pooled RMSECV (A,)
-            per_fold = np.sqrt(se / counts[:, None])  # (folds, A)
-            a = choose_components(curve, per_fold, self.rule)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                pls = PLS(
-                    algorithm=self.algorithm,
-                    center_X=True,
-                    center_Y=True,
-                    scale_X=self.scale_x,
-                    scale_Y=False,
-                )
-                pls.fit(x, y[:, t], a)
-            b = pls.B[a - 1][:, 0]  # (bands,) on centred (and maybe scaled) X
-            if self.scale_x:
-                b = b / pls.X_std[0]
+        for t, name in enumerate(names):
+            b, cv = self._fit_target(x, y[:, t], f, a_max, name)
             self.coef[:, t] = b
             self.intercept[t] = self.y_mean[t] - self.x_mean @ b
-            self.n_components.append(a)
-            self.cv.append(
-                {
-                    "target": names[t],
-                    "folds": [lab.item() for lab in labels],
-                    "rmsecv": curve.tolist(),
-                    "per_fold_rmse": per_fold.tolist(),
-                    "n_components": a,
-                    "rmsecv_at_chosen": float(curve[a - 1]),
-                    "oof_pred": pred[:, a - 1].tolist(),
-                }
-            )
+            self.n_components.append(cv["n_components"])
+            self.cv.append(cv)
         return self
+
+    def _component_limit(self, x: np.ndarray, folds: np.ndarray) -> int:
+        """The largest component count every CV training part can carry (and ``max_components``)."""
+        n, k = x.shape
+        largest_fold = int(np.unique(folds, return_counts=True)[1].max())
+        a_max = int(min(self.max_components, k, n - largest_fold - 1))
+        if a_max < 1:
+            raise ValueError(f"too few training samples ({n}) for PLS with folds of up to {largest_fold}.")
+        return a_max
+
+    def _fit_target(
+        self, x: np.ndarray, y: np.ndarray, folds: np.ndarray, a_max: int, name: str
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """One target: the CV curve, the chosen count, and the coefficients refitted on all samples.
+
+        Returns:
+            ``(coef, cv)``: ``(bands,)`` coefficients on the raw spectra and the CV record of
+            :attr:`cv` (curve, per-fold RMSE, chosen count, out-of-fold predictions).
+        """
+        labels, counts = np.unique(folds, return_counts=True)
+        pred, se = cv_curve(
+            x, y, folds, a_max, scale_x=self.scale_x, algorithm=self.algorithm, n_jobs=self.n_jobs
+        )
+        curve = np.sqrt(se.sum(axis=0) / x.shape[0])  # pooled RMSECV (A,)
+        per_fold = np.sqrt(se / counts[:, None])  # (folds, A)
+        a = choose_components(curve, per_fold, self.rule)
+        cv = {
+            "target": name,
+            "folds": [lab.item() for lab in labels],
+            "rmsecv": curve.tolist(),
+            "per_fold_rmse": per_fold.tolist(),
+            "n_components": a,
+            "rmsecv_at_chosen": float(curve[a - 1]),
+            "oof_pred": pred[:, a - 1].tolist(),
+        }
+        return self._refit(x, y, a), cv
+
+    def _refit(self, x: np.ndarray, y: np.ndarray, n_components: int) -> np.ndarray:
+        """PLS1 with ``n_components`` on all samples: ``(bands,)`` coefficients on the raw spectra."""
+        from ikpls.numpy import PLS
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "residual below machine precision"
+            pls = PLS(
+                algorithm=self.algorithm, center_X=True, center_Y=True, scale_X=self.scale_x, scale_Y=False
+            )
+            pls.fit(x, y, n_components)
+        b = pls.B[n_components - 1][:, 0]  # (bands,) on centred (and maybe scaled) X
+        return b / pls.X_std[0] if self.scale_x else b
 
     def _check_fitted(self) -> None:
         if self.coef is None or self.intercept is None:

@@ -6,13 +6,19 @@ Weights are plain state dicts loaded with ``weights_only=True``; nothing is unpi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from chemmap.errors import InputError
+from chemmap.models.tiling import Geometry, predict_full, predict_tiled
+from chemmap.models.unet import UNet, UNetConfig
+
+__all__ = ["MapEnsemble", "load_ensemble", "load_weights", "predict_map"]
 
 # Above this many pixels a scan is scored in tiles (exact: halo = the model's radius).
 TILE_ABOVE_PIXELS = 1024 * 1024
@@ -49,44 +55,100 @@ class MapEnsemble(nn.Module):
             return getattr(members[0], name)
 
 
+def _refusal(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words (torch's own text is long)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if found:
+        return f"it holds a pickled object ({found.group(1)}), which weights-only loading refuses"
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:160]}"
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from disk; refuses anything that is not plain tensors."""
+    """A state dict from disk, loaded with ``weights_only=True``.
+
+    Raises:
+        InputError: one line naming ``path``: the file is missing, not a PyTorch file, holds a
+            pickled object, or is not a flat mapping of names to tensors.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"model weights not found: {path}") from None
     except Exception as err:  # weights_only refuses pickled code: say so, in one line
-        raise InputError(f"{path}: not a plain state dict ({type(err).__name__}: {str(err)[:200]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{path}: expected a state dict of tensors")
+        raise InputError(f"{path}: not a plain state dict ({_refusal(err)})") from None
+    if not isinstance(state, dict):
+        raise InputError(
+            f"{path}: expected a state dict of tensors, got an object of type {type(state).__name__}"
+        )
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        more = f" (and {len(bad) - 1} more entries are not tensors)" if len(bad) > 1 else ""
+        kind = type(state[bad[0]]).__name__
+        raise InputError(f"{path}: expected a state dict of tensors, but {bad[0]!r} is of type {kind}{more}")
     return state
 
 
-def load_ensemble(model_dir: Path) -> tuple[MapEnsemble, dict[str, Any]]:
-    """The fold ensemble written by the training stage (``model.json`` + ``fold<k>/best.pt``)."""
-    from chemmap.models.unet import UNet, UNetConfig
-
-    model_dir = Path(model_dir)
+def _read_card(model_dir: Path) -> dict[str, Any]:
     card_path = model_dir / "model.json"
     if not card_path.is_file():
         raise InputError(f"no trained model at {model_dir} (model.json missing)")
     card = json.loads(card_path.read_text())
-    ucfg = UNetConfig(**card["unet"])
-    models = []
-    for rel in card["weights"]:
-        net = UNet(ucfg)
-        net.load_state_dict(load_weights(model_dir / rel))
-        models.append(net.eval())
-    return MapEnsemble(models).eval(), card
+    missing = [k for k in ("unet", "weights") if k not in card]
+    if missing:
+        raise InputError(f"{card_path}: no {' and no '.join(missing)} entry")
+    return card
 
 
-def predict_map(model: nn.Module, x: Any, geometry=None) -> torch.Tensor:
-    """``(C, H, W)`` normalised input -> ``(T, H, W)`` map; tiled (exactly) for large scans."""
-    from chemmap.models.tiling import predict_full, predict_tiled
+def _member(config: UNetConfig, path: Path) -> UNet:
+    """One fold model; weights whose names or shapes do not fit the card's U-Net get one line."""
+    net = UNet(config)
+    state = load_weights(path)
+    expected = net.state_dict()
+    problems = [
+        f"{len(keys)} {what} (e.g. {keys[0]!r})"
+        for what, keys in (
+            ("missing", [k for k in expected if k not in state]),
+            ("unexpected", [k for k in state if k not in expected]),
+            ("of another shape", [k for k in expected if k in state and state[k].shape != expected[k].shape]),
+        )
+        if keys
+    ]
+    if problems:
+        raise InputError(f"{path}: the weights do not fit the U-Net of model.json: {', '.join(problems)}")
+    net.load_state_dict(state)
+    return net.eval()
 
+
+def load_ensemble(model_dir: Path) -> tuple[MapEnsemble, dict[str, Any]]:
+    """The fold ensemble written by the training stage (``model.json`` + ``fold<k>/best.pt``).
+
+    Returns:
+        ``(ensemble, card)``: the mean of the fold models in eval mode, and ``model.json`` as read
+        (``unet`` config, ``targets``, ``folds``, ``weights`` paths relative to ``model_dir``).
+    """
+    model_dir = Path(model_dir)
+    card = _read_card(model_dir)
+    try:
+        config = UNetConfig(**card["unet"])
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{model_dir / 'model.json'}: unet: {err}") from None
+    members = [_member(config, model_dir / rel) for rel in card["weights"]]
+    return MapEnsemble(members).eval(), card
+
+
+def predict_map(model: nn.Module, x: Any, geometry: Geometry | None = None) -> torch.Tensor:
+    """``(C, H, W)`` normalised input -> ``(T, H, W)`` float32 map; tiled (exactly) for large scans.
+
+    Args:
+        model: a map model (a U-Net or a :class:`MapEnsemble`).
+        x: ``(C, H, W)`` model input: a tensor, a NumPy array, or anything that reads
+            ``x[:, y0:y1, x0:x1]`` windows as arrays (a large scan is then never read whole).
+        geometry: the model's tiling geometry (measured when needed and not given).
+    """
     h, w = x.shape[-2:]
     with torch.no_grad():
         if h * w <= TILE_ABOVE_PIXELS:
-            xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+            xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x[...]))
             return predict_full(model, xt).float()
         return predict_tiled(model, x, core=TILE_CORE, geometry=geometry).float()

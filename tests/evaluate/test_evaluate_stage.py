@@ -1,56 +1,205 @@
-"""The evaluation stage end to end on the tiny preset: report files, metrics, MLflow artifacts."""
+"""The evaluation stage end to end on the tiny preset, with random fold weights written to disk.
+
+No training runs: two randomly initialised U-Nets (seeded) are saved the way the training
+stage saves its folds, so every number in the report can be recomputed here from the
+dataset, ``pls.json`` and the weights. The dataset is a copy whose true maps are set to a
+known constant, so the per-pixel metrics can only have come from the dataset's truth.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from chemmap.config import load_config
-from chemmap.pipeline import evaluate_stage, train_stage
+from chemmap.errors import InputError
+from chemmap.evaluate.pls import PLSBaseline
+from chemmap.evaluate.stage import N_BOOT, evaluate_ensemble
+from chemmap.files import write_json_atomic
+from chemmap.inference.ensemble import load_ensemble, predict_map
+from chemmap.models.unet import UNet, UNetConfig
+from chemmap.preprocess.store import Dataset
+from chemmap.spatial import spatial_correlated_share
+from chemmap.stages import StageDir, stage_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-QUIET = {"progress": False, "log": lambda s: None}
+TRUTH = 50.0  # % fat: every true map of the copied dataset
+RMSECV = 3.25  # what the fake training reports
+SEED = 20251126
+
+pytestmark = pytest.mark.slow  # the shared tiny dataset and one evaluation: about 20 s on 2 cores
 
 
-@pytest.mark.slow
-def test_report_compares_the_ensemble_with_pls(ray_local, tiny_dataset, tmp_path):
+def _dataset_with_known_truth(pre: StageDir, work: Path) -> StageDir:
+    """A copy of the preprocessed dataset, away from the raw scans, with every true map = TRUTH."""
+    import zarr
+
+    stage = stage_dir(work, "preprocess", {"copy_of": pre.key})
+    stage.begin()
+    shutil.copytree(pre.path / "dataset.zarr", stage.path / "dataset.zarr")
+    root = zarr.open_group(str(stage.path / "dataset.zarr"), mode="r+")
+    data = Dataset(stage.path / "dataset.zarr")
+    for scan in data.scan_ids:
+        truth = data.truth(scan)
+        assert truth, f"{scan}: the preprocessed synthetic dataset carries no true maps"
+        for target in truth:
+            root[f"scans/{scan}/truth/{target}"][...] = TRUTH
+    stage.finish({})
+    return stage
+
+
+def _random_training(work: Path, dataset: StageDir, uri: str) -> StageDir:
+    """A finished training stage holding two seeded random fold models and an MLflow run."""
     from mlflow.tracking import MlflowClient
 
+    data = Dataset(dataset.path / "dataset.zarr")
+    stage = stage_dir(work, "train", {"random_weights": SEED}, [dataset.key])
+    stage.begin()
+    config = UNetConfig(
+        in_channels=data.n_channels, out_channels=len(data.targets), depth=3, features=4, front_end=True
+    )
+    torch.manual_seed(SEED)
+    weights = []
+    for fold in (1, 2):
+        (stage.path / f"fold{fold}").mkdir()
+        torch.save(UNet(config).state_dict(), stage.path / f"fold{fold}" / "best.pt")
+        weights.append(f"fold{fold}/best.pt")
+    card = {"unet": asdict(config), "targets": data.targets, "folds": [1, 2], "weights": weights}
+    write_json_atomic(stage.path / "model.json", card)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("evaluate-test")).info.run_id
+    stage.finish({"rmsecv": RMSECV, "mlflow_run_id": run, "tracking_uri": uri})
+    return stage
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_dataset, tmp_path_factory):
+    """(config, dataset stage, training stage, evaluation stage, metrics.json) of one evaluation."""
     _, pre = tiny_dataset
-    cfg = load_config(
-        ROOT / "configs" / "ci.yaml",
-        [
-            f"workdir={tmp_path}",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "train.num_workers=1",
-        ],
-    )
-    tr = train_stage(cfg, pre, **QUIET)
-    ev = evaluate_stage(cfg, pre, tr, **QUIET)
-    m = json.loads((ev.path / "metrics.json").read_text())
-    n_test = m["n_test"]
-    assert n_test >= 2 and len(m["test_predictions"]["unet"]) == n_test
-    for name in ("unet", "pls"):
-        r = m["models"][name]
-        assert r["n"] == n_test and np.isfinite(r["rmse"])
-        assert 0 <= r["out_of_range_fraction"] <= 1 and 0 <= r["spatial_correlated_share"] <= 1
-        assert r["pixel_rmse"] > 0  # synthetic data: compared with the true maps
-    # The RMSE in the report is the RMSE of the stored predictions (nothing hard-coded).
-    ref = np.array(m["test_predictions"]["reference"])
-    pls = np.array(m["test_predictions"]["pls"])
-    assert m["models"]["pls"]["rmse"] == pytest.approx(np.sqrt(np.mean((pls - ref) ** 2)))
-    assert (
-        len(m["rmsecv"]) == 2
-        and m["bootstrap_rmse_unet_minus_pls"]["ci_low"] <= m["bootstrap_rmse_unet_minus_pls"]["ci_high"]
-    )
-    for f in ("summary.md", "summary.html", "scatter.png", "residuals.png"):
+    work = tmp_path_factory.mktemp("evaluate")
+    cfg = load_config(ROOT / "configs" / "ci.yaml", [f"workdir={work}"])
+    dataset = _dataset_with_known_truth(pre, work)
+    training = _random_training(work, dataset, f"sqlite:///{work / 'mlflow.db'}")
+    ev = evaluate_ensemble(cfg, dataset, training, progress=False, log=lambda s: None)
+    metrics = json.loads((ev.path / "metrics.json").read_text())
+    return cfg, dataset, training, ev, metrics
+
+
+def _test_maps(dataset: StageDir, training: StageDir, ev: StageDir) -> list[dict]:
+    """Every test scan's maps of the first target, recomputed from the weights and ``pls.json``."""
+    data = Dataset(dataset.path / "dataset.zarr")
+    pls = PLSBaseline.from_dict(json.loads((ev.path / "pls.json").read_text()))
+    ensemble, _ = load_ensemble(training.path)
+    out = []
+    for sid in data.ids([0]):
+        for scan in data.samples[sid].scans:
+            mask = data.mask(scan)
+            x = torch.from_numpy(data.model_input(data.cube(scan)[...]))
+            out.append(
+                {
+                    "sample": sid,
+                    "mask": mask,
+                    "unet": predict_map(ensemble, x).numpy()[0],
+                    "pls": pls.predict_cube(data.cube(scan), mask)[0],
+                }
+            )
+    return out
+
+
+def test_report_files_and_mlflow_artifacts(evaluated):
+    from mlflow.tracking import MlflowClient
+
+    _, dataset, training, ev, m = evaluated
+    data = Dataset(dataset.path / "dataset.zarr")
+    test_ids = data.ids([0])
+    assert m["n_test"] == len(test_ids) >= 2
+    assert m["test_predictions"]["sample_id"] == test_ids
+    for f in ("summary.md", "summary.html", "scatter.png", "residuals.png", "pls.json"):
         assert (ev.path / f).stat().st_size > 500, f
-    assert list(ev.path.glob("map_*.png"))
-    client = MlflowClient(cfg.tracking_uri)
-    run = tr.summary()["mlflow_run_id"]
-    names = {a.path for a in client.list_artifacts(run, "evaluation")}
-    assert "evaluation/metrics.json" in names
-    assert "test_unet_rmse" in client.get_run(run).data.metrics
+    drawn = [scan for sid in test_ids[:4] for scan in data.samples[sid].scans]
+    assert sorted(p.name for p in ev.path.glob("map_*.png")) == sorted(f"map_{s}.png" for s in drawn)
+    summary = training.summary()
+    client = MlflowClient(summary["tracking_uri"])
+    names = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "evaluation")}
+    assert {"evaluation/metrics.json", "evaluation/summary.html", "evaluation/scatter.png"} <= names
+    logged = client.get_run(summary["mlflow_run_id"]).data.metrics
+    assert logged["test_unet_rmse"] == m["models"]["unet"]["rmse"]
+    assert logged["test_pls_pixel_rmse"] == m["models"]["pls"]["pixel_rmse"]
+    assert ev.summary()["rmse_pls"] == m["models"]["pls"]["rmse"]
+
+
+def test_metrics_are_those_of_the_stored_predictions(evaluated):
+    cfg, _, _, _, m = evaluated
+    pred = m["test_predictions"]
+    ref = np.array(pred["reference"])
+    rmse = {}
+    for name in ("unet", "pls"):
+        p = np.array(pred[name])
+        r = m["models"][name]
+        rmse[name] = np.sqrt(np.mean((p - ref) ** 2))
+        assert r["n"] == len(ref)
+        assert r["rmse"] == pytest.approx(rmse[name], rel=1e-12)
+        assert r["bias"] == pytest.approx(np.mean(p - ref), rel=1e-12)
+        ss_tot = np.sum((ref - ref.mean()) ** 2)
+        assert r["r2"] == pytest.approx(1 - np.sum((p - ref) ** 2) / ss_tot, rel=1e-12)
+    boot = m["bootstrap_rmse_unet_minus_pls"]
+    assert boot["estimate"] == pytest.approx(rmse["unet"] - rmse["pls"], rel=1e-12)
+    assert (boot["n"], boot["n_boot"], boot["seed"]) == (len(ref), N_BOOT, cfg.seed)
+    assert boot["ci_low"] <= boot["ci_high"]
+    assert m["relative_rmse_change"] == pytest.approx(rmse["unet"] / rmse["pls"] - 1, rel=1e-12)
+
+
+def test_rmsecv_and_pls_come_from_the_training_and_the_fit(evaluated):
+    _, dataset, _, ev, m = evaluated
+    pls_record = json.loads((ev.path / "pls.json").read_text())
+    assert m["rmsecv"] == {"unet": RMSECV, "pls": pls_record["cv"][0]["rmsecv_at_chosen"]}
+    assert m["pls_components"] == pls_record["n_components"]
+    # PLS predicts a test sample from its mean spectrum (stored units, sample pixels of its scans).
+    data = Dataset(dataset.path / "dataset.zarr")
+    pls = PLSBaseline.from_dict(pls_record)
+    for sid, p in zip(m["test_predictions"]["sample_id"], m["test_predictions"]["pls"], strict=True):
+        pixels = [data.cube(s)[...][:, data.mask(s)] for s in data.samples[sid].scans]
+        spectrum = np.concatenate(pixels, axis=1).astype(np.float64).mean(axis=1)
+        assert p == pytest.approx(pls.predict(spectrum[None])[0, 0], rel=1e-9)
+        assert (
+            m["test_predictions"]["reference"][m["test_predictions"]["sample_id"].index(sid)]
+            == (data.samples[sid].targets[0])
+        )
+
+
+def test_map_metrics_come_from_the_dataset_truth_and_the_registered_ensemble(evaluated):
+    _, dataset, training, ev, m = evaluated
+    maps = _test_maps(dataset, training, ev)
+    for name in ("unet", "pls"):
+        inside = [t[name][t["mask"]].astype(np.float64) for t in maps]
+        shares = [spatial_correlated_share(np.where(t["mask"], t[name], np.nan), t["mask"]) for t in maps]
+        r = m["models"][name]
+        assert r["pixel_rmse"] == pytest.approx(np.mean([np.sqrt(np.mean((v - TRUTH) ** 2)) for v in inside]))
+        assert r["out_of_range_fraction"] == pytest.approx(
+            np.mean([np.mean((v < 0) | (v > 100)) for v in inside])
+        )
+        assert r["spatial_correlated_share"] == pytest.approx(np.mean(shares))
+    # The U-Net's sample prediction is the mean of its map over the sample's pixels.
+    for sid, p in zip(m["test_predictions"]["sample_id"], m["test_predictions"]["unet"], strict=True):
+        inside = np.concatenate([t["unet"][t["mask"]] for t in maps if t["sample"] == sid])
+        assert p == pytest.approx(inside.astype(np.float64).mean(), rel=1e-6)
+
+
+def test_a_finished_evaluation_is_not_redone(evaluated):
+    cfg, dataset, training, ev, _ = evaluated
+    said = []
+    again = evaluate_ensemble(cfg, dataset, training, progress=False, log=said.append)
+    assert again.path == ev.path and said == [f"evaluate: done already ({ev.path})"]
+
+
+def test_unfinished_training_is_refused(evaluated, tmp_path):
+    cfg, dataset, _, _, _ = evaluated
+    unfinished = stage_dir(tmp_path, "train", {"never": 1}, [dataset.key])
+    with pytest.raises(InputError, match="no finished training"):
+        evaluate_ensemble(cfg, dataset, unfinished, progress=False, log=lambda s: None)

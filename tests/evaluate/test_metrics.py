@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from chemmap.evaluate.metrics import map_metrics, paired_bootstrap, regression_metrics, rmse, rmsecv
+from chemmap.spatial import spatial_correlated_share
 
 
 def test_perfect_predictions():
@@ -80,7 +81,12 @@ def test_map_metrics_counts_out_of_range_and_truth():
     out = map_metrics(m, mask, truth)
     assert out["n_pixels"] == 19 * 30
     assert out["out_of_range_fraction"] == pytest.approx(15 / (19 * 30))
-    assert np.isfinite(out["spatial_correlated_share"])
+    # The share of the map inside the mask: what lies outside (NaN or anything) changes nothing.
+    share = spatial_correlated_share(np.where(mask, m, np.nan), mask)
+    assert 0.05 < share < 0.95  # noise plus two correlated runs of outliers: neither extreme
+    assert out["spatial_correlated_share"] == share
+    garbage = np.where(mask, m, 1e6)
+    assert map_metrics(garbage, mask, truth)["spatial_correlated_share"] == share
     diff = (m - truth)[mask]
     assert out["pixel_rmse"] == pytest.approx(np.sqrt(np.mean(diff**2)))
     assert out["pixel_bias"] == pytest.approx(diff.mean())
