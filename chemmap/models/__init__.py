@@ -1,33 +1,40 @@
-"""The U-Net, its loss, exact tiling and patched gradients."""
+"""The U-Net, its loss, exact tiling and patched gradients.
+
+Names are imported on first use, so that ``chemmap.models.geometry`` (pure Python) loads
+without torch: preprocessing sizes its patch index from a config alone.
+"""
 
 from __future__ import annotations
 
-from chemmap.models.loss import LossConfig, l2_penalty, output_mask, sample_loss
-from chemmap.models.patched import patched_backward
-from chemmap.models.tiling import (
-    Geometry,
-    canvas_pads,
-    core_windows,
-    model_geometry,
-    predict_full,
-    predict_tiled,
-    read_padded,
-)
-from chemmap.models.unet import UNet, UNetConfig
+import importlib
+from typing import Any
 
-__all__ = [
-    "Geometry",
-    "LossConfig",
-    "UNet",
-    "UNetConfig",
-    "canvas_pads",
-    "core_windows",
-    "l2_penalty",
-    "model_geometry",
-    "output_mask",
-    "patched_backward",
-    "predict_full",
-    "predict_tiled",
-    "read_padded",
-    "sample_loss",
-]
+_WHERE = {
+    "Geometry": "geometry",
+    "core_windows": "geometry",
+    "unet_geometry": "geometry",
+    "LossConfig": "loss",
+    "l2_penalty": "loss",
+    "sample_loss": "loss",
+    "patched_backward": "patched",
+    "patched_sum": "patched",
+    "canvas_pads": "tiling",
+    "model_geometry": "tiling",
+    "predict_full": "tiling",
+    "predict_tiled": "tiling",
+    "read_padded": "tiling",
+    "UNet": "unet",
+    "UNetConfig": "unet",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -9,12 +9,16 @@ For one sample with prediction ``p`` and mask ``m`` at the model's output geomet
 - out of range (weight 1e-3): ``sum(m * relu(-p) ** 2) + sum(m * relu(p - 100) ** 2)``,
   a sum, so its weight scales with the image size;
 - L2 (weight 1e-3): sum of squared convolution weights, once per optimiser step
-  (:func:`l2_penalty`, not part of the per-sample terms);
-- per-pixel MSE (weight 0 unless a dataset has pixel labels): mean over labelled
-  in-mask pixels of ``(p - label) ** 2``.
+  (:func:`l2_penalty`, not part of the per-sample terms).
 
 Per-sample terms are summed over targets (``T`` maps at once; a NaN reference leaves
 that target out for that sample) and averaged over the batch.
+
+Each term has one implementation here, written on sums over pixels (:func:`masked_sum`,
+:func:`smooth_sum`, :func:`out_of_range_term`) and per-sample normalisers
+(:func:`mean_error`, :func:`smooth_term`), so that the multi-scan objective of training
+(:mod:`chemmap.train.objective`) and the patched gradient (:mod:`chemmap.models.patched`)
+can add the sums over scans or patches before normalising.
 
 The smoothness weight decides how much detail survives, and only the mean is
 supervised, so validation RMSE cannot choose it; DESIGN.md notes that weight 1 halved
@@ -24,13 +28,15 @@ set ``LossConfig(smooth=...)`` from the training config.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-TERMS = ("mean", "smooth", "out_of_range", "pixel")
+TERMS = ("mean", "smooth", "out_of_range")
 UPPER = 100.0  # percent: fat (or any constituent) cannot exceed 100 %
 
 
@@ -42,7 +48,19 @@ class LossConfig:
     smooth: float = 20.0  # neighbouring-pixel differences / N (paper: 20; DESIGN.md: 1 may be better)
     out_of_range: float = 1e-3  # squared excursions below 0 and above 100, summed over pixels
     l2: float = 1e-3  # squared conv weights, once per optimiser step (see l2_penalty)
-    pixel: float = 0.0  # per-pixel MSE where pixel labels exist (NaN = unlabelled)
+
+
+class TermWeights(Protocol):
+    """The per-sample terms' weights: a :class:`LossConfig`, or the training config's loss section."""
+
+    @property
+    def mean(self) -> float: ...
+
+    @property
+    def smooth(self) -> float: ...
+
+    @property
+    def out_of_range(self) -> float: ...
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -58,12 +76,13 @@ def _as_bthw(p: torch.Tensor) -> torch.Tensor:
 
 def _as_mask(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Mask as (B, 1, H, W) or (B, T, H, W) in p's dtype."""
+    given = tuple(mask.shape)
     if mask.ndim == 3:
         mask = mask.unsqueeze(1)  # (B, 1, H, W)
     if mask.ndim != 4 or mask.shape[0] != p.shape[0] or mask.shape[-2:] != p.shape[-2:]:
         raise ValueError(
-            f"mask shape {tuple(mask.shape)} does not match predictions {tuple(p.shape)}: bring it to "
-            "the output geometry first (chemmap.models.loss.output_mask)."
+            f"mask shape {given} does not match predictions {tuple(p.shape)}: masks and maps must "
+            "share the map's geometry (chemmap.models.tiling.forward_full gives maps at the image's)."
         )
     return mask.to(p.dtype)
 
@@ -79,116 +98,115 @@ def _as_targets(y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def output_mask(
-    mask: torch.Tensor, model: nn.Module | int, shape: tuple[int, int] | None = None
-) -> torch.Tensor:
-    """Bring an image mask to the model's output geometry.
-
-    A valid-convolution model loses ``margin`` pixels per side: output pixel ``(i, j)`` sits
-    on image pixel ``(i + margin, j + margin)``, so the mask is cropped alike.
-
-    Args:
-        mask: ``(..., H, W)`` mask of the model's input.
-        model: the model (its ``margin``) or the margin itself.
-        shape: the output ``(h, w)``; default ``(H - 2 * margin, W - 2 * margin)``.
-
-    Returns:
-        ``(..., h, w)`` mask.
-    """
-    margin = model if isinstance(model, int) else int(getattr(model, "margin", 0))
-    height, width = mask.shape[-2:]
-    h, w = shape if shape is not None else (height - 2 * margin, width - 2 * margin)
-    if h <= 0 or w <= 0 or margin + h > height or margin + w > width:
-        raise ValueError(f"cannot crop a mask of {(height, width)} by margin {margin} to {(h, w)}.")
-    return mask[..., margin : margin + h, margin : margin + w]
-
-
 # ----------------------------------------------------------------------------- terms
 
 
+def _check_count(n: torch.Tensor) -> None:
+    empty = (n <= 0).reshape(len(n) if n.ndim else 1, -1).any(1)  # (B,)
+    if bool(empty.any()):
+        which = torch.nonzero(empty).flatten().tolist()
+        raise ValueError(f"empty sample mask for batch element(s) {which}: the masked mean is undefined.")
+
+
 def pixel_count(mask: torch.Tensor) -> torch.Tensor:
-    """N per sample: ``(B,)`` number of in-mask pixels; an empty mask is an error."""
-    n = mask.flatten(1).sum(1)  # (B,)
-    if bool((n <= 0).any()):
-        empty = torch.nonzero(n <= 0).flatten().tolist()
-        raise ValueError(f"empty sample mask for batch element(s) {empty}: the masked mean is undefined.")
+    """N per sample (and per target for a per-target mask): ``(B, 1|T)``; an empty mask is an error."""
+    n = mask.sum((-2, -1))  # (B, 1|T)
+    _check_count(n)
     return n
 
 
-def masked_mean(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum(p * m) / N`` per sample and target: p (B, T, H, W), mask (B, [1|T], H, W) -> (B, T)."""
+def masked_sum(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum(p * m)`` per sample and target: p (B, T, H, W), mask (B, [1|T], H, W) -> (B, T)."""
     p = _as_bthw(p)
-    m = _as_mask(mask, p)
-    return (p * m).sum((-2, -1)) / m.sum((-2, -1)).clamp_min(1e-12)  # (B, T)
+    return (p * _as_mask(mask, p)).sum((-2, -1))  # (B, T)
+
+
+def mean_error(total: torch.Tensor, n: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean term from sums: ``(y - total / n) ** 2`` -> (B, T); 0 where y is NaN.
+
+    Args:
+        total: ``(B, T)`` sums of the masked map (:func:`masked_sum`, added over a
+            sample's scans or patches).
+        n: ``(B, 1|T)`` in-mask pixel counts (added alike); must be positive.
+        y: ``(B, T)`` lab values.
+    """
+    _check_count(n)
+    err = torch.where(torch.isnan(y), torch.zeros_like(y), y - total / n)  # (B, T)
+    return err**2
 
 
 def mean_term(p: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``(y - sum(p * m) / N) ** 2`` per sample and target -> (B, T); 0 where y is NaN."""
     p = _as_bthw(p)
     y = _as_targets(y, p)
-    pixel_count(_as_mask(mask, p))
-    err = torch.where(torch.isnan(y), torch.zeros_like(y), y - masked_mean(p, mask))  # (B, T)
-    return err**2
+    return mean_error(masked_sum(p, mask), _as_mask(mask, p).sum((-2, -1)), y)
 
 
-def smooth_sum(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over in-mask neighbouring pairs along x and y of ``(p_a - p_b) ** 2`` -> (B, T).
+def neighbour_sum(p: torch.Tensor, mask: torch.Tensor, axis: int) -> torch.Tensor:
+    """Sum of ``(p_a - p_b) ** 2`` over neighbouring pairs along one axis, both in the mask -> (B, T).
 
-    Not yet divided by N (the patched gradient sums it over patches first).
+    Args:
+        p: ``(B, T, H, W)`` maps.
+        mask: ``(B, 1|T, H, W)`` mask.
+        axis: -2 for vertical pairs (along y), -1 for horizontal pairs (along x).
     """
     p = _as_bthw(p)
     m = _as_mask(mask, p)
-    pair_y = m[..., 1:, :] * m[..., :-1, :]  # (B, ., H-1, W): both pixels of a vertical pair in the mask
-    pair_x = m[..., :, 1:] * m[..., :, :-1]  # (B, ., H, W-1)
-    dy = (p[..., 1:, :] - p[..., :-1, :]) ** 2 * pair_y  # (B, T, H-1, W)
-    dx = (p[..., :, 1:] - p[..., :, :-1]) ** 2 * pair_x  # (B, T, H, W-1)
-    return dy.sum((-2, -1)) + dx.sum((-2, -1))  # (B, T)
+    k = p.shape[axis] - 1  # pairs per line
+    both = m.narrow(axis, 1, k) * m.narrow(axis, 0, k)  # (B, ., H-1, W) or (B, ., H, W-1): pair in the mask
+    step = p.narrow(axis, 1, k) - p.narrow(axis, 0, k)  # (B, T, H-1, W) or (B, T, H, W-1)
+    return (step**2 * both).sum((-2, -1))  # (B, T)
+
+
+def smooth_sum(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over in-mask neighbouring pairs along y and x of ``(p_a - p_b) ** 2`` -> (B, T).
+
+    Not yet divided by N (a sample's scans, or the patched gradient's patches, add it first).
+    """
+    return neighbour_sum(p, mask, -2) + neighbour_sum(p, mask, -1)
 
 
 def smooth_term(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Smoothness per sample and target, divided by N -> (B, T)."""
     p = _as_bthw(p)
-    n = pixel_count(_as_mask(mask, p))  # (B,)
-    return smooth_sum(p, mask) / n[:, None]
+    return smooth_sum(p, mask) / pixel_count(_as_mask(mask, p))
 
 
 def out_of_range_term(p: torch.Tensor, mask: torch.Tensor, upper: float = UPPER) -> torch.Tensor:
-    """``sum(m * relu(-p) ** 2) + sum(m * relu(p - upper) ** 2)`` per sample and target -> (B, T)."""
+    """``sum(m * relu(-p) ** 2) + sum(m * relu(p - upper) ** 2)`` per sample and target -> (B, T).
+
+    A sum over pixels, not a mean: a sample's scans or patches add it as it is.
+    """
     p = _as_bthw(p)
     m = _as_mask(mask, p)
     return (m * (F.relu(-p) ** 2 + F.relu(p - upper) ** 2)).sum((-2, -1))  # (B, T)
 
 
-def pixel_term(p: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-pixel MSE over labelled in-mask pixels (NaN = unlabelled) -> (B, T); 0 without labels."""
-    p = _as_bthw(p)
-    labels = _as_bthw(labels).to(p.dtype)
-    m = _as_mask(mask, p) * (~torch.isnan(labels)).to(p.dtype)  # (B, T, H, W)
-    sq = torch.where(m > 0, p - torch.nan_to_num(labels), torch.zeros_like(p)) ** 2  # (B, T, H, W)
-    return (sq * m).sum((-2, -1)) / m.sum((-2, -1)).clamp_min(1.0)  # (B, T)
+def weighted_total(terms: Mapping[str, Any], weights: TermWeights) -> Any:
+    """``sum(weight * term)`` over :data:`TERMS`, for tensors or floats alike.
+
+    The L2 term is not a per-sample term: it is added once per optimiser step, elsewhere.
+    """
+    mean, smooth, out_of_range = (terms[name] for name in TERMS)
+    return weights.mean * mean + weights.smooth * smooth + weights.out_of_range * out_of_range
 
 
 def sample_loss(
-    p: torch.Tensor,
-    mask: torch.Tensor,
-    y: torch.Tensor,
-    config: LossConfig | None = None,
-    pixel_labels: torch.Tensor | None = None,
+    p: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, config: LossConfig | None = None
 ) -> dict[str, torch.Tensor]:
     """The per-sample loss terms, summed over targets and averaged over the batch.
 
     Args:
         p: predictions ``(B, T, H, W)`` (or ``(B, H, W)``) at the output geometry.
-        mask: ``(B, H, W)`` or ``(B, 1|T, H, W)`` sample mask at the output geometry
-            (see :func:`output_mask`); 1 inside, 0 outside.
+        mask: ``(B, H, W)`` or ``(B, 1|T, H, W)`` sample mask at the output geometry;
+            1 inside, 0 outside.
         y: lab values ``(B, T)`` (or ``(B,)``); NaN leaves that target out of the mean term.
         config: weights; default :class:`LossConfig`.
-        pixel_labels: optional ``(B, T, H, W)`` per-pixel references, NaN where unlabelled.
 
     Returns:
-        Scalars: each unweighted term ("mean", "smooth", "out_of_range", "pixel") and
-        "total", the weighted sum (L2 excluded: add ``config.l2 * l2_penalty(model)``
-        once per optimiser step).
+        Scalars: each unweighted term ("mean", "smooth", "out_of_range") and "total", the
+        weighted sum (L2 excluded: add ``config.l2 * l2_penalty(model)`` once per
+        optimiser step).
     """
     config = LossConfig() if config is None else config
     terms = {
@@ -196,11 +214,8 @@ def sample_loss(
         "smooth": smooth_term(p, mask),
         "out_of_range": out_of_range_term(p, mask),
     }
-    if pixel_labels is not None:
-        terms["pixel"] = pixel_term(p, mask, pixel_labels)
     out = {name: value.sum(1).mean() for name, value in terms.items()}  # sum targets, mean batch
-    out.setdefault("pixel", torch.zeros((), dtype=out["mean"].dtype, device=out["mean"].device))
-    out["total"] = sum(getattr(config, name) * out[name] for name in TERMS)
+    out["total"] = weighted_total(out, config)
     return out
 
 

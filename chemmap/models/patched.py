@@ -8,13 +8,14 @@ known:
 2. one pass per patch then backpropagates the exact per-pixel gradient through that
    patch's core only:
 
-   - mean term: ``w_mean * 2 * (M - y) / N`` per in-mask pixel (a constant: the
-     surrogate ``c * sum(p * m)`` has exactly that gradient);
+   - mean term: its derivative with respect to the sample's masked sum, a constant per
+     target (``w_mean * 2 * (M - y) / N``), times ``sum(p * m)`` over the core;
    - smoothness: the pairs whose first pixel (top or left) lies in the core, with the
      partner taken from the same window (its core plus one row and column of seam),
      so every pair is counted once, across patch seams too;
-   - out of range and per-pixel MSE: their local sums over the core.
+   - out of range: its sum over the core.
 
+The terms are :mod:`chemmap.models.loss`'s own functions, applied to the core (and seam).
 Tiling is exact (see :mod:`chemmap.models.tiling`), so the core and seam pixels of each
 window, and their derivatives with respect to the weights, are those of the
 whole-image pass: the accumulated gradient equals the whole-image loss gradient to
@@ -28,15 +29,68 @@ Gradients accumulate into ``.grad`` of the model's parameters; the caller owns
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from chemmap.models.loss import TERMS, UPPER, LossConfig
+from chemmap.models.loss import (
+    LossConfig,
+    TermWeights,
+    masked_sum,
+    mean_error,
+    neighbour_sum,
+    out_of_range_term,
+    weighted_total,
+)
 from chemmap.models.tiling import Box, Geometry, model_geometry, plan_window
 
 ReadWindow = Callable[[int, int, int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MeanTerm:
+    """The mean term of one sample, fixed before any patch is backpropagated.
+
+    Attributes:
+        value: ``(y - M) ** 2`` summed over targets (NaN targets left out).
+        coef: ``(T,)`` its derivative with respect to the sample's masked sum
+            ``sum(p * m)``: the same for every in-mask pixel of the map.
+        count: ``N``, the sample's in-mask pixels.
+    """
+
+    value: torch.Tensor
+    coef: torch.Tensor
+    count: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PatchTerms:
+    """One patch's share of the per-sample sums (unweighted, summed over targets).
+
+    Attributes:
+        mean: ``sum(coef * p * m)`` over the core: the mean term's surrogate, whose
+            gradient is the mean term's.
+        smooth: squared differences of in-mask pairs whose first pixel is in the core.
+        out_of_range: squared excursions below 0 and above 100 inside the core.
+    """
+
+    mean: torch.Tensor
+    smooth: torch.Tensor
+    out_of_range: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What every patch of one :func:`patched_backward` call shares."""
+
+    model: nn.Module
+    read_window: ReadWindow
+    geometry: Geometry
+    halo: int | None
+    mask: torch.Tensor  # (H, W) in the model's dtype
+    weights: TermWeights
+    scale: float
 
 
 def _forward_window(model: nn.Module, read_window: ReadWindow, read: Box) -> torch.Tensor:
@@ -55,6 +109,11 @@ def _check_cover(windows: Sequence[Box], mask: torch.Tensor) -> None:
         raise ValueError("windows must cover every in-mask pixel exactly once (use tiling.core_windows).")
 
 
+def _like_param(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    param = next(model.parameters())
+    return torch.as_tensor(t).to(device=param.device, dtype=param.dtype)
+
+
 def patched_sum(
     model: nn.Module,
     read_window: ReadWindow,
@@ -71,21 +130,63 @@ def patched_sum(
     """
     geometry = model_geometry(model) if geometry is None else geometry
     height, width = mask.shape
-    param = next(model.parameters())
-    mask = mask.to(device=param.device, dtype=param.dtype)  # (H, W)
+    mask = _like_param(model, mask)  # (H, W)
     total: torch.Tensor | None = None
     with torch.no_grad():
         for box in windows:
-            m = mask[box[0] : box[2], box[1] : box[3]]
+            m = mask[box[0] : box[2], box[1] : box[3]]  # (h, w)
             if not bool(m.any()):
                 continue
             window = plan_window(model, geometry, height, width, box, halo)
             p = window.crop(_forward_window(model, read_window, window.read), box)  # (T, h, w)
-            s = (p * m).sum((-2, -1))
+            s = masked_sum(p[None], m[None])[0]  # (T,)
             total = s if total is None else total + s
     if total is None:
         raise ValueError("empty sample mask: the masked mean is undefined.")
     return total, mask.sum()
+
+
+def mean_term_of(total: torch.Tensor, count: torch.Tensor, y: torch.Tensor) -> MeanTerm:
+    """The sample's mean term and its derivative, from the masked sum ``(T,)`` and ``N``."""
+    total = total.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        value = mean_error(total[None], count.reshape(1, 1), y[None]).sum()  # models.loss's term
+        (coef,) = torch.autograd.grad(value, total)  # (T,)
+    return MeanTerm(value.detach(), coef, count)
+
+
+def patch_terms(p: torch.Tensor, mask: torch.Tensor, core: tuple[int, int], coef: torch.Tensor) -> PatchTerms:
+    """A patch's share of the sample's sums, from its core and one seam row and column.
+
+    Args:
+        p: ``(T, h + 1, w + 1)`` map of the core and the seam (less at the image's border).
+        mask: ``(h + 1, w + 1)`` mask alike.
+        core: ``(h, w)``, the core's size; the core is ``p[:, :h, :w]``.
+        coef: ``(T,)`` :attr:`MeanTerm.coef`.
+    """
+    h, w = core
+    p, mask = p[None], mask[None]  # (1, T, h+1, w+1), (1, h+1, w+1)
+    vertical = neighbour_sum(p[..., : h + 1, :w], mask[..., : h + 1, :w], -2)  # upper pixel in the core
+    horizontal = neighbour_sum(p[..., :h, : w + 1], mask[..., :h, : w + 1], -1)  # left pixel in the core
+    core_p, core_m = p[..., :h, :w], mask[..., :h, :w]  # (1, T, h, w), (1, h, w)
+    return PatchTerms(
+        mean=(masked_sum(core_p, core_m)[0] * coef).sum(),
+        smooth=(vertical + horizontal).sum(),
+        out_of_range=out_of_range_term(core_p, core_m).sum(),
+    )
+
+
+def _backward_patch(run: _Pass, box: Box, mean: MeanTerm) -> PatchTerms:
+    """Backpropagate one core's share of the weighted loss; returns its (detached) sums."""
+    y0, x0, y1, x1 = box
+    height, width = run.mask.shape
+    seam = (y0, x0, min(y1 + 1, height), min(x1 + 1, width))  # the core and one seam row and column
+    window = plan_window(run.model, run.geometry, height, width, seam, run.halo)
+    p = window.crop(_forward_window(run.model, run.read_window, window.read), seam)  # (T, h+1, w+1)
+    part = patch_terms(p, run.mask[seam[0] : seam[2], seam[1] : seam[3]], (y1 - y0, x1 - x0), mean.coef)
+    normalised = {"mean": part.mean, "smooth": part.smooth / mean.count, "out_of_range": part.out_of_range}
+    (run.scale * weighted_total(normalised, run.weights)).backward()
+    return PatchTerms(part.mean.detach(), part.smooth.detach(), part.out_of_range.detach())
 
 
 def patched_backward(
@@ -98,7 +199,6 @@ def patched_backward(
     halo: int | None = None,
     *,
     geometry: Geometry | None = None,
-    pixel_labels: torch.Tensor | None = None,
     scale: float = 1.0,
     sample_totals: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
@@ -117,7 +217,6 @@ def patched_backward(
         loss_cfg: weights; default :class:`LossConfig`. The L2 term is not included.
         halo: input pixels around each core; default the measured radius (exact).
         geometry: from :func:`chemmap.models.tiling.model_geometry` (measured if not given).
-        pixel_labels: optional ``(T, H, W)`` per-pixel references, NaN where unlabelled.
         scale: multiplies the gradient, e.g. ``1 / batch_size`` to average over a batch.
         sample_totals: for a sample spanning several images, ``(sum, count)`` of
             :func:`patched_sum` added over all of them: the mean and ``N`` of the mean and
@@ -125,73 +224,28 @@ def patched_backward(
             of the gradient (the "mean" term it returns is the sample's).
 
     Returns:
-        The sample's unweighted terms ("mean", "smooth", "out_of_range", "pixel"), each
-        summed over targets, and "total", their weighted sum (before ``scale``).
+        The sample's unweighted terms ("mean", "smooth", "out_of_range"), each summed over
+        targets, and "total", their weighted sum (before ``scale``).
     """
-    cfg = LossConfig() if loss_cfg is None else loss_cfg
+    weights = LossConfig() if loss_cfg is None else loss_cfg
     geometry = model_geometry(model) if geometry is None else geometry
-    height, width = mask.shape
-    param = next(model.parameters())
-    mask = mask.to(device=param.device, dtype=param.dtype)  # (H, W)
-    y = torch.as_tensor(y).to(device=param.device, dtype=param.dtype).reshape(-1)  # (T,)
+    mask = _like_param(model, mask)  # (H, W)
+    y = _like_param(model, y).reshape(-1)  # (T,)
     _check_cover(windows, mask)
     active = [box for box in windows if bool(mask[box[0] : box[2], box[1] : box[3]].any())]
-
     # 1. The masked mean of every target from a no-grad tiled pass (or the sample's, given).
     if sample_totals is None:
-        total, n = patched_sum(model, read_window, active, mask, halo, geometry=geometry)
+        total, count = patched_sum(model, read_window, active, mask, halo, geometry=geometry)
     else:
-        total, n = (torch.as_tensor(t).to(device=param.device, dtype=param.dtype) for t in sample_totals)
-    if n <= 0:
-        raise ValueError("empty sample mask: the masked mean is undefined.")
-    mean = total / n  # (T,)
-    known = ~torch.isnan(y)
-    coef = torch.where(known, 2.0 * (mean - y) / n, torch.zeros_like(y))  # (T,) dL_mean/dp per pixel
-
-    labelled = None
-    if pixel_labels is not None:
-        pixel_labels = pixel_labels.to(device=param.device, dtype=param.dtype)  # (T, H, W)
-        labelled = (~torch.isnan(pixel_labels)).to(param.dtype) * mask  # (T, H, W)
-        n_labelled = labelled.sum((-2, -1)).clamp_min(1.0)  # (T,)
-
+        total, count = (_like_param(model, t) for t in sample_totals)
+    mean = mean_term_of(total, count, y)
     # 2. One pass per patch: core + one seam row/column for the pairs that cross it.
-    smooth = torch.zeros((), dtype=param.dtype, device=param.device)
-    oor = torch.zeros_like(smooth)
-    pixel = torch.zeros_like(smooth)
-    for y0, x0, y1, x1 in active:
-        h, w = y1 - y0, x1 - x0
-        ext = (y0, x0, min(y1 + 1, height), min(x1 + 1, width))
-        window = plan_window(model, geometry, height, width, ext, halo)
-        pe = window.crop(_forward_window(model, read_window, window.read), ext)  # (T, he, we)
-        me = mask[ext[0] : ext[2], ext[1] : ext[3]]  # (he, we)
-        pc, mc = pe[:, :h, :w], me[:h, :w]  # core: (T, h, w), (h, w)
-
-        col = pe[:, :, :w]  # (T, he, w): vertical pairs whose upper pixel is in the core
-        pairs_y = (col[:, 1:] - col[:, :-1]) ** 2 * (me[1:, :w] * me[:-1, :w])  # (T, he-1, w)
-        row = pe[:, :h, :]  # (T, h, we): horizontal pairs whose left pixel is in the core
-        pairs_x = (row[..., 1:] - row[..., :-1]) ** 2 * (me[:h, 1:] * me[:h, :-1])  # (T, h, we-1)
-        smooth_part = pairs_y[:, :h].sum() + pairs_x[..., :w].sum()
-        oor_part = (mc * (F.relu(-pc) ** 2 + F.relu(pc - UPPER) ** 2)).sum()
-
-        surrogate = cfg.mean * (coef[:, None, None] * pc * mc).sum()
-        surrogate = surrogate + cfg.smooth * smooth_part / n + cfg.out_of_range * oor_part
-        if labelled is not None:
-            lab = labelled[:, y0:y1, x0:x1]  # (T, h, w)
-            ref = torch.nan_to_num(pixel_labels[:, y0:y1, x0:x1])  # (T, h, w)
-            err = torch.where(lab > 0, pc - ref, torch.zeros_like(pc))
-            pixel_part = ((err**2 * lab).sum((-2, -1)) / n_labelled).sum()
-            surrogate = surrogate + cfg.pixel * pixel_part
-            pixel += pixel_part.detach()
-        (scale * surrogate).backward()
-        smooth += smooth_part.detach()
-        oor += oor_part.detach()
-
+    run = _Pass(model, read_window, geometry, halo, mask, weights, scale)
+    parts = [_backward_patch(run, box, mean) for box in active]
     terms = {
-        "mean": torch.where(known, (y - mean) ** 2, torch.zeros_like(y)).sum(),
-        "smooth": smooth / n,
-        "out_of_range": oor,
-        "pixel": pixel,
+        "mean": float(mean.value),
+        "smooth": float(sum(part.smooth for part in parts) / count),
+        "out_of_range": float(sum(part.out_of_range for part in parts)),
     }
-    out = {name: float(value) for name, value in terms.items()}
-    out["total"] = sum(getattr(cfg, name) * out[name] for name in TERMS)
-    return out
+    terms["total"] = float(weighted_total(terms, weights))
+    return terms

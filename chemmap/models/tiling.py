@@ -14,14 +14,15 @@ the whole canvas would be padded, so a window at the image border sees the same 
 as the whole-image pass.
 
 ``R`` and the stride grid are measured from the model (:func:`model_geometry`), never
-hard-coded.
+hard-coded; for a U-Net, :func:`chemmap.models.geometry.unet_geometry` computes the same
+from its config alone (the tests check the two agree).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,32 +30,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from chemmap.models.geometry import Geometry, Reach, core_windows, halo_radius
+from chemmap.models.unet import FRONT_END_BANDS, UNet, UNetConfig
+
+__all__ = [
+    "Box",
+    "CanvasPads",
+    "Geometry",
+    "Window",
+    "canvas_pads",
+    "core_windows",
+    "forward_full",
+    "model_geometry",
+    "plan_window",
+    "predict_full",
+    "predict_tiled",
+    "read_padded",
+]
+
 PAD_MODES = ("reflect", "replicate", "zeros")
 
 Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), end exclusive, image coordinates
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What tiling needs to know about a model, measured from the model itself.
-
-    Attributes:
-        radius: the halo R that makes tiles exact: input pixels to keep around a core
-            whose edges lie on the image's stride grid (multiples of ``stride``). It is
-            the receptive radius seen from the grid: an output pixel ``k`` rows inside a
-            core may reach ``R + k`` rows up. A halo one stride smaller is not exact.
-        stride: the output shifts with the input by multiples of this (the pooling grid).
-        margin: input pixels a valid-convolution net loses per side (0 with ``pad=True``).
-        exact: whether the model is shift-equivariant on the stride grid; if False (e.g.
-            bilinear with ``align_corners=True``) tiles only approximate the whole image.
-        reach: the farthest input pixel any single output pixel depends on (>= radius).
-    """
-
-    radius: int
-    stride: int
-    margin: int = 0
-    exact: bool = True
-    reach: int | None = None
 
 
 _GEOMETRY_CACHE: dict[Any, Geometry] = {}
@@ -83,8 +79,24 @@ def _accepts(model: nn.Module, n: int) -> bool:
     return bool(accepts(n)) if accepts is not None else n >= 1
 
 
-def canvas_pads(model: nn.Module, height: int, width: int) -> tuple[int, int, int, int]:
-    """Padding ``(top, bottom, left, right)`` that turns an image into the model's canvas.
+@dataclass(frozen=True)
+class CanvasPads:
+    """Rows and columns added around an image to make the model's canvas.
+
+    Unpacks as ``top, bottom, left, right = canvas_pads(...)``.
+    """
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((self.top, self.bottom, self.left, self.right))
+
+
+def canvas_pads(model: nn.Module, height: int, width: int) -> CanvasPads:
+    """Padding that turns an image into the model's canvas.
 
     The canvas is what :func:`predict_full` feeds the model: the margin on every side
     (``pad=False``), then rows/columns at the bottom/right up to the next accepted size.
@@ -93,7 +105,7 @@ def canvas_pads(model: nn.Module, height: int, width: int) -> tuple[int, int, in
     m = _margin(model)
     bottom = _valid_size(model, height + 2 * m) - height - m
     right = _valid_size(model, width + 2 * m) - width - m
-    return m, bottom, m, right
+    return CanvasPads(top=m, bottom=bottom, left=m, right=right)
 
 
 # ----------------------------------------------------------------------------- padding
@@ -161,8 +173,6 @@ def _probe(model: nn.Module, in_channels: int | None = None) -> tuple[nn.Module,
     positive input every ReLU passes and no dependency cancels: the support of one output
     pixel's gradient is its receptive field.
     """
-    from chemmap.models.unet import FRONT_END_BANDS, UNet, UNetConfig
-
     config = getattr(model, "config", None)
     if isinstance(model, UNet) and isinstance(config, UNetConfig):
         in_channels = FRONT_END_BANDS if config.front_end else 1
@@ -186,15 +196,16 @@ def _probe(model: nn.Module, in_channels: int | None = None) -> tuple[nn.Module,
     return probe, in_channels
 
 
-def _extents(probe: nn.Module, in_channels: int, n: int, stride: int, margin: int) -> np.ndarray | None:
-    """Reach ``(up, down, left, right)`` of an output pixel at each phase k of the grid.
+def _measure_reach(probe: nn.Module, in_channels: int, n: int, stride: int, margin: int) -> Reach | None:
+    """How far the field of an output pixel extends at each phase k of the grid (see :class:`Reach`).
 
-    Row k of the result is for the output pixel on input position ``centre + k``, with
-    ``centre`` a multiple of ``stride`` in the probe's input. Returns None if some support
-    touches the border of the ``n x n`` probe input (it is too small to see the field).
+    Phase k is the output pixel on input position ``centre + k``, with ``centre`` a
+    multiple of ``stride`` in the probe's input; the larger of the row and column reach
+    is kept on each side. Returns None if some field touches the border of the ``n x n``
+    probe input (it is too small to see the whole field).
     """
     centre = (n // 2) // stride * stride
-    rows = []
+    before, after = [], []
     for start in range(0, stride, 8):
         ks = list(range(start, min(start + 8, stride)))
         x = torch.rand(len(ks), in_channels, n, n, dtype=torch.float64) + 0.5  # (K, C, n, n)
@@ -211,8 +222,9 @@ def _extents(probe: nn.Module, in_channels: int, n: int, stride: int, margin: in
             if min(y_lo, x_lo) == 0 or max(y_hi, x_hi) == n - 1:
                 return None
             p = centre + k
-            rows.append((p - y_lo, y_hi - p, p - x_lo, x_hi - p))
-    return np.array(rows)
+            before.append(max(p - y_lo, p - x_lo))
+            after.append(max(y_hi - p, x_hi - p))
+    return Reach(tuple(before), tuple(after))
 
 
 def _measure_stride(
@@ -277,48 +289,20 @@ def model_geometry(model: nn.Module, in_channels: int | None = None, *, cache: b
     n = _valid_size(model, 8 * nominal + 2 * margin)
     while True:
         with torch.enable_grad():
-            ext = _extents(probe, probe_channels, n, nominal, margin)
-        if ext is not None:
+            reach = _measure_reach(probe, probe_channels, n, nominal, margin)
+        if reach is not None:
             break
         n = _valid_size(model, 2 * n)
-    reach = int(ext.max())
-    size = _valid_size(model, max(n, 2 * reach + 4 * nominal + 2 * margin))
-    stride, exact = _measure_stride(model, probe, probe_channels, size, reach, nominal)
-    # Cores start and end on the image's grid, which sits at phase phi of the canvas grid
-    # (the canvas starts `margin` pixels before the image). Core row j (from its start)
-    # is at phase (phi + j) and needs up[phase] - j rows of halo above; likewise below.
-    phi = margin % nominal
-    j = np.arange(nominal)
-    first, last = (phi + j) % nominal, (phi - 1 - j) % nominal
-    before = max((ext[first, 0] - j).max(), (ext[first, 2] - j).max())
-    after = max((ext[last, 1] - j).max(), (ext[last, 3] - j).max())
-    geometry = Geometry(int(max(before, after)), stride, margin, exact, reach)
+    farthest = max(reach.before + reach.after)
+    size = _valid_size(model, max(n, 2 * farthest + 4 * nominal + 2 * margin))
+    stride, exact = _measure_stride(model, probe, probe_channels, size, farthest, nominal)
+    geometry = Geometry(halo_radius(reach, nominal, margin), stride, margin, exact, farthest)
     if key is not None:
         _GEOMETRY_CACHE[key] = geometry
     return geometry
 
 
 # ----------------------------------------------------------------------------- windows
-
-
-def core_windows(height: int, width: int, core: int, stride: int = 1) -> list[Box]:
-    """Non-overlapping ``core x core`` tiles covering the image, starting on the stride grid.
-
-    Args:
-        height, width: image size.
-        core: tile side; a multiple of ``stride``. Tiles at the bottom/right are clipped.
-        stride: the model's stride grid.
-
-    Returns:
-        ``(y0, x0, y1, x1)`` boxes, row-major.
-    """
-    if core < 1 or core % stride:
-        raise ValueError(f"core must be a positive multiple of the stride {stride}, got {core}.")
-    return [
-        (y0, x0, min(y0 + core, height), min(x0 + core, width))
-        for y0 in range(0, height, core)
-        for x0 in range(0, width, core)
-    ]
 
 
 @dataclass(frozen=True)
@@ -468,11 +452,3 @@ def predict_tiled(
                 progress(done, len(boxes))
     assert out is not None
     return out if batched else out[0]
-
-
-def stitch_boxes(boxes: Sequence[Box], height: int, width: int) -> bool:
-    """Whether ``boxes`` cover ``height x width`` exactly once (a sanity check for callers)."""
-    count = np.zeros((height, width), dtype=np.int32)
-    for y0, x0, y1, x1 in boxes:
-        count[y0:y1, x0:x1] += 1
-    return bool((count == 1).all())

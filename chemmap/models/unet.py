@@ -26,7 +26,6 @@ cannot take raise a ``ValueError`` that names the nearest sizes it can.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -35,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from chemmap.models.geometry import body_output_size, unet_margin, unet_stride
 
 NORMALIZATIONS = (None, "bn", "ln")
 ENCODERS = ("plain", "resnet")
@@ -220,36 +221,6 @@ class SpectralFrontEnd(nn.Module):
         return x.squeeze(1)  # (B, C - 6, H/2, W/2)
 
 
-# ----------------------------------------------------------------------------- sizes
-
-
-@functools.cache
-def _body_output_size(n: int, depth: int, pad: bool) -> int:
-    """Output size of the U-Net body (no front-end) for input size ``n``; -1 if not accepted."""
-    if pad:
-        return n if n >= 2 ** (depth - 1) else -1
-    for _ in range(depth - 1):
-        n -= 4  # two valid 3x3 convolutions
-        if n <= 0 or n % 2:
-            return -1  # pooling needs an even size to keep the skip centred
-        n //= 2
-    n -= 4
-    if n <= 0:
-        return -1
-    for _ in range(depth - 1):
-        n = 2 * n - 4
-    return n
-
-
-@functools.cache
-def _body_min_size(depth: int) -> int:
-    """Smallest input a valid-convolution body of this depth accepts."""
-    n = 1
-    while _body_output_size(n, depth, pad=False) <= 0:
-        n += 1
-    return n
-
-
 # ----------------------------------------------------------------------------- model
 
 
@@ -281,11 +252,6 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(widths[0], config.out_channels, 1)
         self.reset_parameters()
 
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> UNet:
-        """``UNet.from_kwargs(**fields)`` is ``UNet(UNetConfig(**fields))``."""
-        return cls(UNetConfig(**kwargs))
-
     def reset_parameters(self) -> None:
         """Kaiming-normal convolution weights, zero biases; norm layers at weight 1, bias 0."""
         for module in self.modules():
@@ -302,23 +268,19 @@ class UNet(nn.Module):
     @property
     def stride(self) -> int:
         """Input shifts by multiples of this shift the output alike (the pooling grid)."""
-        return 2 ** (self.config.depth - 1) * (2 if self.config.front_end else 1)
+        return unet_stride(self.config.depth, self.config.front_end)
 
     @property
     def margin(self) -> int:
         """Input pixels lost per side (0 with ``pad=True``)."""
-        if self.config.pad:
-            return 0
-        n = _body_min_size(self.config.depth)
-        m = (n - _body_output_size(n, self.config.depth, pad=False)) // 2
-        return 2 * m if self.config.front_end else m
+        return unet_margin(self.config.depth, self.config.pad, self.config.front_end)
 
     def output_size(self, n: int) -> int:
         """Output size along one axis for input size ``n``, or -1 if the net cannot take ``n``."""
         depth, pad = self.config.depth, self.config.pad
         if not self.config.front_end:
-            return _body_output_size(n, depth, pad)
-        half = _body_output_size(math.ceil(n / 2), depth, pad)
+            return body_output_size(n, depth, pad)
+        half = body_output_size(math.ceil(n / 2), depth, pad)
         if half <= 0:
             return -1
         return n if self.config.pad else n - 2 * self.margin

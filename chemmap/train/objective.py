@@ -1,57 +1,81 @@
 """The paper's loss for one sample that may span several scans (DESIGN.md, "Loss").
 
 A sample's scans (both sides of a belly) together form its masked pixels, so the mean,
-the smoothness normaliser and ``N`` run over all of them: the terms are built from
-per-scan sums and combined here.
+the smoothness normaliser and ``N`` run over all of them: each scan gives its sums
+(:func:`scan_sums`) and :func:`sample_loss` combines them with the terms of
+:mod:`chemmap.models.loss`, which holds the one implementation of every term.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from chemmap.config import LossSection
+from chemmap.models.loss import (
+    TermWeights,
+    masked_sum,
+    mean_error,
+    out_of_range_term,
+    smooth_sum,
+    weighted_total,
+)
 
 
-def scan_sums(pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class ScanSums:
+    """What one scan adds to its sample's loss (every field a sum over its in-mask pixels).
+
+    Attributes:
+        total: ``(T,)`` sum of the masked map.
+        count: in-mask pixels (0-d).
+        smooth: ``(T,)`` squared differences of neighbouring in-mask pairs along y and x.
+        out_of_range: ``(T,)`` squared excursions below 0 % and above 100 %.
+    """
+
+    total: torch.Tensor
+    count: torch.Tensor
+    smooth: torch.Tensor
+    out_of_range: torch.Tensor
+
+
+def scan_sums(pred: torch.Tensor, mask: torch.Tensor) -> ScanSums:
     """Per-scan sums of one map.
 
     Args:
         pred: ``(T, H, W)`` predicted maps (percent).
-        mask: ``(H, W)`` bool, the sample's pixels at the map's resolution.
-
-    Returns:
-        ``sum`` (T,) of masked predictions, ``n`` pixel count, ``smooth`` (T,) sum of squared
-        differences of neighbouring in-mask pairs along y and x, ``oor`` (T,) sum of squared
-        excursions below 0 % and above 100 % inside the mask.
+        mask: ``(H, W)`` bool, the sample's pixels at the map's resolution; may be empty
+            for one of a sample's scans, not for all.
     """
-    m = mask.to(pred.dtype)  # (H, W)
-    total = (pred * m).sum(dim=(-2, -1))  # (T,)
-    pair_y = m[1:, :] * m[:-1, :]  # (H-1, W): both pixels of a vertical pair inside
-    pair_x = m[:, 1:] * m[:, :-1]  # (H, W-1)
-    dy = (pred[:, 1:, :] - pred[:, :-1, :]).pow(2) * pair_y
-    dx = (pred[:, :, 1:] - pred[:, :, :-1]).pow(2) * pair_x
-    smooth = dy.sum(dim=(-2, -1)) + dx.sum(dim=(-2, -1))  # (T,)
-    oor = ((torch.relu(-pred) ** 2 + torch.relu(pred - 100.0) ** 2) * m).sum(dim=(-2, -1))  # (T,)
-    return {"sum": total, "n": m.sum(), "smooth": smooth, "oor": oor}
+    p, m = pred[None], mask[None].to(pred.dtype)  # (1, T, H, W), (1, H, W)
+    return ScanSums(
+        total=masked_sum(p, m)[0],
+        count=m.sum(),
+        smooth=smooth_sum(p, m)[0],
+        out_of_range=out_of_range_term(p, m)[0],
+    )
 
 
-def sample_loss(
-    sums: list[dict[str, torch.Tensor]], target: torch.Tensor, w: LossSection
-) -> dict[str, torch.Tensor]:
+def sample_loss(sums: list[ScanSums], target: torch.Tensor, w: TermWeights) -> dict[str, torch.Tensor]:
     """The loss terms of one sample from its scans' sums, summed over targets (as ``models.loss``).
 
     Args:
         sums: :func:`scan_sums` of each of the sample's scans.
-        target: ``(T,)`` the sample's lab values (percent).
-        w: term weights.
+        target: ``(T,)`` the sample's lab values (percent); NaN leaves a target out of the
+            mean term.
+        w: term weights (``LossConfig`` or the training config's loss section).
 
     Returns:
-        ``loss`` (weighted total without L2) and each unweighted term, plus ``mean_pred`` (T,).
+        ``loss`` (weighted total without L2) and each unweighted term (``mse``, ``smooth``,
+        ``oor``), plus ``mean_pred`` (T,).
+
+    Raises:
+        ValueError: if the sample has no in-mask pixel in any scan.
     """
-    n = torch.stack([s["n"] for s in sums]).sum().clamp_min(1.0)
-    mean_pred = torch.stack([s["sum"] for s in sums]).sum(0) / n  # (T,)
-    mse = (mean_pred - target).pow(2).sum()
-    smooth = (torch.stack([s["smooth"] for s in sums]).sum(0) / n).sum()
-    oor = torch.stack([s["oor"] for s in sums]).sum(0).sum()
-    loss = w.mean * mse + w.smooth * smooth + w.out_of_range * oor
-    return {"loss": loss, "mse": mse, "smooth": smooth, "oor": oor, "mean_pred": mean_pred}
+    n = torch.stack([s.count for s in sums]).sum()
+    total = torch.stack([s.total for s in sums]).sum(0)  # (T,)
+    mse = mean_error(total[None], n.reshape(1, 1), target.to(total.dtype)[None]).sum()
+    smooth = (torch.stack([s.smooth for s in sums]).sum(0) / n).sum()
+    oor = torch.stack([s.out_of_range for s in sums]).sum(0).sum()
+    loss = weighted_total({"mean": mse, "smooth": smooth, "out_of_range": oor}, w)
+    return {"loss": loss, "mse": mse, "smooth": smooth, "oor": oor, "mean_pred": total / n}

@@ -1,43 +1,90 @@
-"""The multi-scan sample loss equals chemmap.models.loss on one image, and pools scans correctly."""
+"""The multi-scan sample loss is chemmap.models.loss's: on one image, and on scans side by side."""
 
 from __future__ import annotations
 
+import functools
+
+import pytest
 import torch
 
 from chemmap.config import LossSection
 from chemmap.models.loss import LossConfig
 from chemmap.models.loss import sample_loss as image_loss
+from chemmap.models.patched import patched_backward, patched_sum
+from chemmap.models.tiling import core_windows, forward_full, model_geometry, read_padded
+from chemmap.models.unet import UNet, UNetConfig
 from chemmap.train.objective import sample_loss, scan_sums
 
-
-def test_one_scan_matches_the_model_loss():
-    g = torch.Generator().manual_seed(0)
-    p = 50 + 60 * torch.randn(2, 9, 11, generator=g)  # (T, H, W), some pixels out of range
-    mask = torch.rand(9, 11, generator=g) > 0.3
-    y = torch.tensor([30.0, 60.0])
-    w = LossSection(smooth=3.0, out_of_range=0.01)
-    ours = sample_loss([scan_sums(p, mask)], y, w)
-    ref = image_loss(p[None], mask[None].float(), y[None], LossConfig(smooth=3.0, out_of_range=0.01, l2=0))
-    torch.testing.assert_close(ours["loss"], ref["total"])
+# The objective and models.loss do the same sums, some in another order: in float64 they
+# differ by rounding only, ~eps per sum. Bound: 1000 eps = 2.2e-13.
+EXACT = 1000 * torch.finfo(torch.float64).eps
+WEIGHTS = LossConfig(mean=1.0, smooth=3.0, out_of_range=0.01, l2=0.0)
 
 
-def test_two_scans_form_one_sample():
-    g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(1, 6, 7, generator=g), torch.randn(1, 5, 7, generator=g)
-    ma, mb = torch.rand(6, 7, generator=g) > 0.4, torch.rand(5, 7, generator=g) > 0.4
-    out = sample_loss([scan_sums(a, ma), scan_sums(b, mb)], torch.tensor([0.5]), LossSection())
-    pooled = torch.cat([a[0][ma], b[0][mb]]).mean()  # the sample's mean over both scans' pixels
-    torch.testing.assert_close(out["mean_pred"][0], pooled)
-    torch.testing.assert_close(out["mse"], (pooled - 0.5) ** 2)
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
-def test_patched_gradient_of_a_two_scan_sample_equals_the_whole_sample_gradient():
-    from chemmap.models.loss import LossConfig
-    from chemmap.models.patched import patched_backward, patched_sum
-    from chemmap.models.tiling import core_windows, model_geometry, read_padded
-    from chemmap.models.unet import UNet, UNetConfig
-    from chemmap.train.loop import forward_map
+def scans(
+    seed: int, targets: int, shapes: list[tuple[int, int]]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Seeded maps ``(T, H, W)`` (some pixels below 0 or above 100 %) and bool masks ``(H, W)``."""
+    g = torch.Generator().manual_seed(seed)
+    maps = [50 + 60 * torch.randn(targets, h, w, generator=g, dtype=torch.float64) for h, w in shapes]
+    masks = [torch.rand(h, w, generator=g) > 0.3 for h, w in shapes]
+    return [p.requires_grad_(True) for p in maps], masks
 
+
+def side_by_side(maps: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image holding every scan, separated by a masked-out column: no pair joins two scans."""
+    height = max(p.shape[-2] for p in maps)
+    width = sum(p.shape[-1] + 1 for p in maps)
+    pieces, mask_pieces = [], []
+    for p, m in zip(maps, masks, strict=True):
+        pad = (0, 1, 0, height - p.shape[-2])  # one empty column right, empty rows below
+        pieces.append(torch.nn.functional.pad(p, pad))
+        mask_pieces.append(torch.nn.functional.pad(m.double(), pad))
+    canvas, mask = torch.cat(pieces, -1), torch.cat(mask_pieces, -1)
+    assert canvas.shape[-2:] == (height, width)
+    return canvas, mask  # (T, H, W), (H, W)
+
+
+@pytest.mark.parametrize("targets", [1, 2])
+@pytest.mark.parametrize("shapes", [[(9, 11)], [(9, 11), (6, 13), (12, 7)]], ids=["one scan", "three scans"])
+def test_objective_is_the_image_loss_of_its_scans_side_by_side(targets: int, shapes: list) -> None:
+    """Terms and gradients equal models.loss.sample_loss (one scan: the image itself)."""
+    maps, masks = scans(len(shapes) + 10 * targets, targets, shapes)
+    y = torch.tensor([30.0, 60.0][:targets], dtype=torch.float64)
+    ours = sample_loss([scan_sums(p, m) for p, m in zip(maps, masks, strict=True)], y, WEIGHTS)
+    canvas, mask = side_by_side(maps, masks) if len(maps) > 1 else (maps[0], masks[0].double())
+    ref = image_loss(canvas[None], mask[None], y[None], WEIGHTS)
+    for name, ref_name in [("loss", "total"), ("mse", "mean"), ("smooth", "smooth"), ("oor", "out_of_range")]:
+        assert ours[name].item() == pytest.approx(ref[ref_name].item(), rel=EXACT), name
+    grads = torch.autograd.grad(ours["loss"], maps)
+    ref_grads = torch.autograd.grad(ref["total"], maps)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel(g, r) < EXACT
+
+
+def test_config_section_weights_and_a_missing_lab_value() -> None:
+    """The training config's loss section weighs like LossConfig; a NaN target leaves the mean term."""
+    maps, masks = scans(3, 2, [(8, 9), (7, 10)])
+    y = torch.tensor([25.0, float("nan")], dtype=torch.float64)
+    parts = [scan_sums(p, m) for p, m in zip(maps, masks, strict=True)]
+    ours = sample_loss(parts, y, LossSection(smooth=3.0, out_of_range=0.01))
+    pooled = torch.cat([p[0][m] for p, m in zip(maps, masks, strict=True)]).mean()  # first target's mean
+    assert ours["mean_pred"][0].item() == pytest.approx(pooled.item(), rel=EXACT)
+    assert ours["mse"].item() == pytest.approx(((pooled - 25.0) ** 2).item(), rel=EXACT)
+    assert ours["loss"].item() == pytest.approx(sample_loss(parts, y, WEIGHTS)["loss"].item(), rel=EXACT)
+
+
+def test_a_sample_without_pixels_is_an_error() -> None:
+    maps, masks = scans(4, 1, [(5, 6)])
+    with pytest.raises(ValueError, match="empty sample mask"):
+        sample_loss([scan_sums(maps[0], torch.zeros_like(masks[0]))], torch.tensor([1.0]), WEIGHTS)
+
+
+def test_patched_gradient_of_a_two_scan_sample_equals_the_whole_sample_gradient() -> None:
     torch.manual_seed(0)
     model = UNet(UNetConfig(in_channels=3, out_channels=1, depth=3, features=4)).double()
     images = [torch.randn(3, 37, 41, dtype=torch.float64), torch.randn(3, 30, 45, dtype=torch.float64)]
@@ -46,7 +93,7 @@ def test_patched_gradient_of_a_two_scan_sample_equals_the_whole_sample_gradient(
     w = LossSection(smooth=2.0, out_of_range=0.01)
 
     model.zero_grad()
-    parts = [scan_sums(forward_map(model, x), m) for x, m in zip(images, masks, strict=True)]
+    parts = [scan_sums(forward_full(model, x), m) for x, m in zip(images, masks, strict=True)]
     sample_loss(parts, y, w)["loss"].backward()
     whole = torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
 
@@ -54,7 +101,7 @@ def test_patched_gradient_of_a_two_scan_sample_equals_the_whole_sample_gradient(
     geo = model_geometry(model)
     cfg = LossConfig(mean=w.mean, smooth=w.smooth, out_of_range=w.out_of_range, l2=0.0)
     jobs = [
-        (lambda *b, x=x: read_padded(x, *b), core_windows(*x.shape[-2:], 16, geo.stride), m.double())
+        (functools.partial(read_padded, x), core_windows(*x.shape[-2:], 16, geo.stride), m.double())
         for x, m in zip(images, masks, strict=True)
     ]
     sums = [patched_sum(model, read, win, m, geometry=geo) for read, win, m in jobs]
@@ -62,4 +109,4 @@ def test_patched_gradient_of_a_two_scan_sample_equals_the_whole_sample_gradient(
     for read, win, m in jobs:
         patched_backward(model, read, win, m, y, cfg, geometry=geo, sample_totals=totals)
     patched = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert float((patched - whole).norm() / whole.norm()) < 1e-8
+    assert rel(patched, whole) < EXACT
