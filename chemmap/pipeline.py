@@ -300,7 +300,7 @@ def find_training(cfg: ChemmapConfig, dataset: StageDir | None = None, *, log: L
     """The finished training stage of this config; an error naming where it looked if none."""
     from chemmap.train.trainer import training_dir
 
-    stage = training_dir(cfg, dataset or find_dataset(cfg, log=log))[0]
+    stage = training_dir(cfg, dataset or find_dataset(cfg, log=log))
     if not stage.complete:
         raise InputError(f"no finished training at {stage.path}; run `chemmap train` first")
     return stage

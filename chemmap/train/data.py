@@ -1,90 +1,34 @@
-"""Training data from ``dataset.zarr``: samples (one lab value, one or more scans), windows, augmentation.
+"""Training views of a dataset: flips and transposes, seeded augmentation, prefetching, sharding.
 
-A *view* of a scan is the scan as one epoch of training sees it: flipped and/or rotated,
+A *view* of a scan is the scan as one epoch of training sees it: flipped and/or transposed,
 with a per-sample gain and offset and per-pixel noise, every random number drawn from a
 seed of (run seed, sample, epoch). A view can be read whole or window by window, and a
 window reads exactly the pixels the whole view has there (noise is drawn per fixed block
 of the original scan, not per window), so patch-wise training sees the same image as
 whole-image training and its gradient stays exact.
+
+The dataset itself is read only through :class:`chemmap.preprocess.store.Dataset`: a view
+reads :meth:`~chemmap.preprocess.store.Dataset.raw_window` and turns it into model input
+with :meth:`~chemmap.preprocess.store.Dataset.model_input`, the function scoring uses too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from chemmap.config import AugmentSection
-from chemmap.preprocess.recipe import Recipe
+from chemmap.preprocess.store import Dataset, PatchIndex
 
 NOISE_BLOCK = 32  # px: the grid on which augmentation noise is seeded
 
-
-@dataclass(frozen=True)
-class SampleInfo:
-    sample_id: str
-    split: int
-    targets: tuple[float, ...]
-    scans: tuple[str, ...]
-
-
-class ZarrSamples:
-    """Read-only access to a finished dataset: sample table, recipe, cubes and masks."""
-
-    def __init__(self, store: str | Path) -> None:
-        import zarr
-
-        self.store = str(store)
-        self.root = zarr.open_group(self.store, mode="r")
-        attrs = self.root.attrs
-        self.recipe = Recipe.from_dict(attrs["recipe"])
-        self.targets: list[str] = list(attrs["targets"])
-        self.samples = {
-            s["sample_id"]: SampleInfo(
-                s["sample_id"], int(s["split"]), tuple(s["targets"]), tuple(s["scans"])
-            )
-            for s in attrs["samples"]
-        }
-        self._mean = np.asarray(self.recipe.mean, np.float32)[:, None, None]
-        self._std = np.asarray(self.recipe.std, np.float32)[:, None, None]
-        self._arrays: dict[str, Any] = {}
-
-    @property
-    def n_channels(self) -> int:
-        return self.recipe.n_channels
-
-    def ids(self, splits: Sequence[int]) -> list[str]:
-        return sorted(s for s, info in self.samples.items() if info.split in splits)
-
-    def cube(self, scan_id: str):
-        if scan_id not in self._arrays:
-            self._arrays[scan_id] = self.root[f"scans/{scan_id}/cube"]
-        return self._arrays[scan_id]
-
-    def shape(self, scan_id: str) -> tuple[int, int]:
-        return tuple(self.cube(scan_id).shape[1:])  # type: ignore[return-value]
-
-    def mask(self, scan_id: str) -> np.ndarray:
-        return self.root[f"scans/{scan_id}/mask"][...]
-
-    def raw_window(self, scan_id: str, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
-        """Stored (physical-unit) values of a window; parts outside the scan are NaN."""
-        h, w = self.shape(scan_id)
-        out = np.full((self.n_channels, y1 - y0, x1 - x0), np.nan, np.float32)
-        ya, yb, xa, xb = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
-        if ya < yb and xa < xb:
-            out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = self.cube(scan_id)[:, ya:yb, xa:xb]
-        return out
-
-    def normalize(self, x: np.ndarray) -> np.ndarray:
-        """Standardise with the training statistics; NaN (outside the scan) becomes 0."""
-        z = (x - self._mean) / self._std
-        return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), end exclusive
 
 
 @dataclass(frozen=True)
@@ -96,6 +40,7 @@ class Transform:
     flip_x: bool = False
 
     def shape(self, h: int, w: int) -> tuple[int, int]:
+        """``(H, W)`` of the view of an ``(h, w)`` scan."""
         return (w, h) if self.transpose else (h, w)
 
     def apply(self, a: np.ndarray) -> np.ndarray:
@@ -107,7 +52,7 @@ class Transform:
             a = a[..., :, ::-1]
         return np.ascontiguousarray(a)
 
-    def source_window(self, h: int, w: int, y0: int, x0: int, y1: int, x1: int) -> tuple[int, int, int, int]:
+    def source_window(self, h: int, w: int, y0: int, x0: int, y1: int, x1: int) -> Box:
         """The window of the original ``(h, w)`` scan that maps onto a window of the view."""
         vh, vw = self.shape(h, w)
         if self.flip_y:
@@ -118,21 +63,46 @@ class Transform:
             y0, x0, y1, x1 = x0, y0, x1, y1
         return y0, x0, y1, x1
 
+    def view_window(self, h: int, w: int, y0: int, x0: int, y1: int, x1: int) -> Box:
+        """The window of the view that a window of the original ``(h, w)`` scan maps onto.
 
-def _rng(*key: int | str) -> np.random.Generator:
-    """A generator seeded by a tuple of ints/strings (stable across processes)."""
-    import hashlib
+        The inverse of :meth:`source_window`: windows that partition the scan's mask map onto
+        windows that partition the view's mask.
+        """
+        if self.transpose:
+            y0, x0, y1, x1 = x0, y0, x1, y1
+        vh, vw = self.shape(h, w)
+        if self.flip_y:
+            y0, y1 = vh - y1, vh - y0
+        if self.flip_x:
+            x0, x1 = vw - x1, vw - x0
+        return y0, x0, y1, x1
 
+
+def seeded_rng(*key: int | str) -> np.random.Generator:
+    """A generator seeded by a tuple of ints and strings, the same in every process.
+
+    (``hash()`` of a string differs between processes; a digest of its ``repr`` does not.)
+    """
     digest = hashlib.sha256(repr(key).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 class ScanView:
-    """One scan as one epoch of training sees it (see the module docstring)."""
+    """One scan as one epoch of training sees it (see the module docstring).
+
+    Args:
+        data: the dataset.
+        scan_id: one of ``data.scan_ids``.
+        transform: flips and transpose.
+        gain, offset: ``x * gain + offset`` on the stored (physical-unit) values.
+        noise: standard deviation of per-pixel Gaussian noise on the stored values.
+        noise_key: seed of the noise blocks (run seed, sample, epoch, scan).
+    """
 
     def __init__(
         self,
-        data: ZarrSamples,
+        data: Dataset,
         scan_id: str,
         transform: Transform = Transform(),
         gain: float = 1.0,
@@ -145,6 +115,7 @@ class ScanView:
         self.transform = transform
         self.gain, self.offset, self.noise, self.noise_key = gain, offset, noise, noise_key
         self.src_shape = data.shape(scan_id)
+        self._mask: np.ndarray | None = None
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -165,7 +136,20 @@ class ScanView:
         return self.window(y0, x0, y1, x1)
 
     def mask(self) -> np.ndarray:
-        return self.transform.apply(self.data.mask(self.scan_id))
+        """``(H, W)`` bool: the sample's pixels in the view."""
+        if self._mask is None:
+            self._mask = self.transform.apply(self.data.mask(self.scan_id))
+        return self._mask
+
+    def patch_windows(self, index: PatchIndex) -> list[Box]:
+        """The dataset's patch-index core windows of this scan, in the view's coordinates.
+
+        They partition the view's mask as the index's windows partition the scan's; their
+        edges may leave the stride grid (a flip of an odd-sized scan):
+        :func:`chemmap.models.tiling.plan_window` widens boxes to the grid itself.
+        """
+        windows = index.of_scan(self.data.scan_ids.index(self.scan_id))
+        return [self.transform.view_window(*self.src_shape, *box) for box in windows]
 
     def _noise(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         """Noise for a window of the *original* scan, assembled from seeded fixed blocks."""
@@ -174,7 +158,7 @@ class ScanView:
         b = NOISE_BLOCK
         for by in range(y0 // b, (y1 - 1) // b + 1):
             for bx in range(x0 // b, (x1 - 1) // b + 1):
-                blk = _rng(*self.noise_key, by, bx).standard_normal((c, b, b), dtype=np.float32)
+                blk = seeded_rng(*self.noise_key, by, bx).standard_normal((c, b, b), dtype=np.float32)
                 ya, yb = max(y0, by * b), min(y1, (by + 1) * b)
                 xa, xb = max(x0, bx * b), min(x1, (bx + 1) * b)
                 out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = blk[
@@ -182,29 +166,37 @@ class ScanView:
                 ]
         return out * np.float32(self.noise)
 
-    def window(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
-        """Normalised model input for a window of the view, ``(C, y1-y0, x1-x0)``; 0 outside the scan."""
+    def raw_window(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """Augmented stored values of a window of the view, in the *scan's* orientation.
+
+        ``(C, h, w)`` of the source window (:meth:`Transform.source_window`); NaN outside the scan.
+        """
         sy0, sx0, sy1, sx1 = self.transform.source_window(*self.src_shape, y0, x0, y1, x1)
         x = self.data.raw_window(self.scan_id, sy0, sx0, sy1, sx1)
         if self.gain != 1.0 or self.offset != 0.0:
             x = x * np.float32(self.gain) + np.float32(self.offset)
         if self.noise > 0:
             x = x + self._noise(sy0, sx0, sy1, sx1)
-        return self.transform.apply(self.data.normalize(x))
+        return x
+
+    def window(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """Model input for a window of the view, ``(C, y1-y0, x1-x0)``; 0 outside the scan."""
+        return self.transform.apply(self.data.model_input(self.raw_window(y0, x0, y1, x1)))
 
     def full(self) -> np.ndarray:
+        """Model input of the whole view, ``(C, H, W)``."""
         h, w = self.hw
         return self.window(0, 0, h, w)
 
 
 def sample_views(
-    data: ZarrSamples, sample_id: str, epoch: int, seed: int, augment: AugmentSection | None
+    data: Dataset, sample_id: str, epoch: int, seed: int, augment: AugmentSection | None
 ) -> list[ScanView]:
     """The views of a sample's scans for one epoch (no augmentation when ``augment`` is None)."""
     info = data.samples[sample_id]
     if augment is None:
         return [ScanView(data, s) for s in info.scans]
-    rng = _rng(seed, sample_id, epoch)
+    rng = seeded_rng(seed, sample_id, epoch)
     views = []
     for s in info.scans:
         t = Transform(
@@ -224,8 +216,19 @@ class Prefetcher:
     Zarr reads release the GIL, so the next sample is read while the model computes.
     """
 
-    def __init__(self, items: Sequence[Any], load, depth: int = 2) -> None:
+    def __init__(self, items: Sequence[Any], load: Callable[[Any], Any], depth: int = 2) -> None:
         self.items, self.load, self.depth = list(items), load, depth
+
+    def _work(self, q: queue.Queue, stop: threading.Event) -> None:
+        for it in self.items:
+            if stop.is_set():
+                return
+            try:
+                q.put((True, self.load(it)))
+            except BaseException as err:  # handed to the consumer, raised there
+                q.put((False, err))
+                return
+        q.put((True, StopIteration))
 
     def __iter__(self) -> Iterator[Any]:
         if self.depth <= 0:
@@ -234,20 +237,7 @@ class Prefetcher:
             return
         q: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
-
-        def work() -> None:
-            for it in self.items:
-                if stop.is_set():
-                    return
-                try:
-                    q.put((True, self.load(it)))
-                except BaseException as err:  # handed to the consumer, raised there
-                    q.put((False, err))
-                    return
-            q.put((True, StopIteration))
-
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
+        threading.Thread(target=self._work, args=(q, stop), daemon=True).start()
         try:
             while True:
                 ok, val = q.get()
@@ -260,7 +250,9 @@ class Prefetcher:
             stop.set()
 
 
-def shard_for_rank(ids: Sequence[str], rank: int, world: int, batch: int, rng_seed: int | None):
+def shard_for_rank(
+    ids: Sequence[str], rank: int, world: int, batch: int, rng_seed: int | None
+) -> tuple[list[tuple[str, float]], int]:
     """Shuffle (optionally), pad and shard sample ids so every rank gets the same number of steps.
 
     Returns ``(items, steps)`` where ``items`` is a list of ``(sample_id, weight)`` for this rank,

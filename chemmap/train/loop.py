@@ -5,40 +5,43 @@ zero-weight samples), a step's samples (and patches) accumulate under ``no_sync(
 one gradient synchronisation on the step's last backward, augmentations come from a seed
 per (sample, epoch), L2 is added once per step, and early stopping looks at validation
 metrics all-reduced over the ranks, so every rank stops at the same epoch.
+
+One epoch, step by step: :func:`train_epoch` (:func:`whole_step` or :func:`patch_step` per
+optimiser step), :func:`validate`, :func:`epoch_metrics`, :func:`update_state`, then
+:func:`report_epoch` (MLflow from rank 0, the checkpoint, ``ray.train.report``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import hashlib
 import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from chemmap import tracking
 from chemmap.config import AugmentSection, LossSection, TrainSection
-from chemmap.models.loss import l2_penalty
-from chemmap.train.data import Prefetcher, ZarrSamples, sample_views, shard_for_rank
+from chemmap.models.loss import LossConfig, l2_penalty, weighted_total
+from chemmap.models.patched import patched_backward, patched_sum
+from chemmap.models.tiling import Geometry, canvas_pads, forward_full, predict_full, read_padded
+from chemmap.models.unet import UNet, UNetConfig
+from chemmap.preprocess.store import Dataset, PatchIndex
+from chemmap.train.data import Prefetcher, ScanView, sample_views, shard_for_rank
 from chemmap.train.objective import sample_loss, scan_sums
 
 STATE_FILE = "state.pt"
 
 
-def forward_map(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The map of a whole image with gradients: ``(C, H, W)`` -> ``(T, H, W)``.
-
-    :func:`chemmap.models.tiling.forward_full` through the (possibly DDP-wrapped) model,
-    whose geometry questions go to the net inside.
-    """
-    from chemmap.models.tiling import forward_full
-
-    net = model.module if hasattr(model, "module") else model
-    return forward_full(_Geometric(model, net) if model is not net else model, x)
+# ----------------------------------------------------------------------------- model calls
 
 
 class _Geometric(torch.nn.Module):
@@ -60,6 +63,20 @@ class _Geometric(torch.nn.Module):
             return getattr(object.__getattribute__(self, "_net"), name)
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def forward_map(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The map of a whole image with gradients: ``(C, H, W)`` -> ``(T, H, W)``.
+
+    :func:`chemmap.models.tiling.forward_full` through the (possibly DDP-wrapped) model,
+    whose geometry questions go to the net inside.
+    """
+    net = _unwrap(model)
+    return forward_full(_Geometric(model, net) if model is not net else model, x)
+
+
 def sync_step(
     model: torch.nn.Module, net: torch.nn.Module, in_channels: int, extra: torch.Tensor | None
 ) -> None:
@@ -68,8 +85,6 @@ def sync_step(
     A minimal forward through DDP and a backward of ``0 * output + extra`` (the step's L2
     term) make DDP all-reduce the accumulated ``.grad`` of every parameter exactly once.
     """
-    from chemmap.models.tiling import canvas_pads
-
     top, bottom, left, right = canvas_pads(net, 1, 1)
     param = next(net.parameters())
     x = torch.zeros(
@@ -82,37 +97,58 @@ def sync_step(
     (out if extra is None else out + extra).backward()
 
 
-def patch_backward(model, net, views, y, loss_w: LossSection, geometry, core: int, halo: int, scale: float):
-    """The exact gradient of one sample (one or more scans) from patches (:mod:`chemmap.models.patched`).
+@dataclass(frozen=True)
+class PatchPlan:
+    """What patch-wise training needs: the dataset's patch index, its halo, the model's geometry."""
 
-    A no-grad tiled pass over every scan gives the sample's mean; then each scan's patches
-    backpropagate their share, so memory stays one patch whatever the sample's size.
+    index: PatchIndex
+    halo: int  # the index's halo (checked >= geometry.radius on the driver)
+    geometry: Geometry
+
+
+def sample_backward_by_patches(
+    model: torch.nn.Module,
+    net: torch.nn.Module,
+    views: list[ScanView],
+    y: torch.Tensor,
+    loss_w: LossSection,
+    plan: PatchPlan,
+    scale: float,
+) -> dict[str, float]:
+    """Accumulate the exact gradient of one sample (one or more scans) patch by patch.
+
+    The patches are the dataset's patch-index windows mapped into each view
+    (:meth:`ScanView.patch_windows`). A no-grad tiled pass over every scan gives the
+    sample's mean; then each scan's patches backpropagate their share
+    (:func:`chemmap.models.patched.patched_backward`), so memory stays one patch whatever
+    the sample's size. Returns the sample's unweighted terms and their weighted ``total``.
     """
-    from chemmap.models.loss import LossConfig
-    from chemmap.models.patched import patched_backward, patched_sum
-    from chemmap.models.tiling import core_windows, read_padded
-
     geo_model = _Geometric(model, net)
-    jobs = []
-    for v in views:
-        read = (lambda view: lambda y0, x0, y1, x1: read_padded(view, y0, x0, y1, x1))(v)
-        jobs.append((read, core_windows(*v.hw, core, geometry.stride), torch.from_numpy(v.mask())))
-    sums = [patched_sum(geo_model, read, win, m, halo, geometry=geometry) for read, win, m in jobs]
+    jobs = [
+        (functools.partial(read_padded, v), v.patch_windows(plan.index), torch.from_numpy(v.mask()))
+        for v in views
+    ]
+    sums = [patched_sum(geo_model, read, win, m, plan.halo, geometry=plan.geometry) for read, win, m in jobs]
     totals = (sum(s for s, _ in sums), sum(n for _, n in sums))
-    lc = LossConfig(
-        mean=loss_w.mean, smooth=loss_w.smooth, out_of_range=loss_w.out_of_range, l2=0.0, pixel=0.0
-    )
+    lc = LossConfig(mean=loss_w.mean, smooth=loss_w.smooth, out_of_range=loss_w.out_of_range, l2=0.0)
     terms: dict[str, float] = {"smooth": 0.0, "out_of_range": 0.0}
     for read, win, m in jobs:
         t = patched_backward(
-            geo_model, read, win, m, y, lc, halo, geometry=geometry, scale=scale, sample_totals=totals
+            geo_model,
+            read,
+            win,
+            m,
+            y,
+            lc,
+            plan.halo,
+            geometry=plan.geometry,
+            scale=scale,
+            sample_totals=totals,
         )
         terms["smooth"] += t["smooth"]
         terms["out_of_range"] += t["out_of_range"]
         terms["mean"] = t["mean"]  # the sample's: the same from every scan
-    terms["total"] = (
-        lc.mean * terms["mean"] + lc.smooth * terms["smooth"] + lc.out_of_range * terms["out_of_range"]
-    )
+    terms["total"] = weighted_total(terms, lc)
     return terms
 
 
@@ -125,9 +161,7 @@ def _autocast(device: torch.device, amp: str):
 
 def predict_sample(model, views, device, amp: str) -> tuple[np.ndarray, list[np.ndarray]]:
     """Mean prediction ``(T,)`` of a sample and its maps (no gradients, eval mode)."""
-    from chemmap.models.tiling import predict_full
-
-    net = model.module if hasattr(model, "module") else model
+    net = _unwrap(model)
     total, n, maps = None, 0, []
     with torch.no_grad(), _autocast(device, amp):
         for v in views:
@@ -149,7 +183,7 @@ def _reduce(values: list[float], device: torch.device) -> list[float]:
 
 
 def _debug_hooks(debug: dict[str, Any], epoch: int, rank: int, step: int, steps: int) -> None:
-    """Fault injection for the tests (``train_stage(..., debug=...)``); a no-op otherwise.
+    """Fault injection for the tests (``train_ensemble(..., debug=...)``); a no-op otherwise.
 
     ``kill_once``: ``{"epoch", "rank", "marker"}`` -- that worker process dies mid-epoch, once
     (the marker file records it did). ``stop_at_epoch``: rank 0 raises at that epoch's start,
@@ -166,8 +200,6 @@ def _debug_hooks(debug: dict[str, Any], epoch: int, rank: int, step: int, steps:
 
 
 def _param_digest(net: torch.nn.Module) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for k, v in sorted(net.state_dict().items()):
         h.update(k.encode())
@@ -175,37 +207,12 @@ def _param_digest(net: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def train_fold(config: dict[str, Any]) -> None:
-    """Ray Train entry point (``train_loop_per_worker``) for one fold.
+# ----------------------------------------------------------------------------- one worker's fold
 
-    ``config`` keys: store, model (UNetConfig fields), train (TrainSection dump), fold,
-    seed, tracking_uri, run_id (MLflow run of this fold or None), threads.
-    """
-    import ray.train
-    import ray.train.torch as rt
 
-    from chemmap.models.unet import UNet, UNetConfig
-
-    tcfg = TrainSection.model_validate(config["train"])
-    debug = config.get("debug") or {}
-    loss_w: LossSection = tcfg.loss
-    augment: AugmentSection = tcfg.augment
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if config.get("threads"):
-        torch.set_num_threads(int(config["threads"]))
-    seed, fold = int(config["seed"]), int(config["fold"])
-    torch.manual_seed(seed * 1000 + fold)  # same initial weights on every rank (DDP broadcasts anyway)
-
-    data = ZarrSamples(config["store"])
-    train_ids = data.ids([s for s in range(1, 100) if s != fold])
-    val_ids = data.ids([fold])
-    model = UNet(UNetConfig(**config["model"]))
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min", factor=tcfg.plateau_factor, patience=tcfg.plateau_patience
-    )
-    state: dict[str, Any] = {
+def new_state() -> dict[str, Any]:
+    """The fold's progress as checkpointed (plain values: loaded with ``weights_only=True``)."""
+    return {
         "epoch": -1,
         "best_rmse": math.inf,
         "best_epoch": -1,
@@ -213,162 +220,326 @@ def train_fold(config: dict[str, Any]) -> None:
         "history": [],
         "best_model": None,
     }
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        state = saved["state"]
 
-    if ckpt is None and hasattr(model, "head") and model.head.bias is not None:
-        # Start from the training mean instead of 0 %: the first epochs then learn contrast, not offset.
-        mean_y = np.mean([data.samples[s].targets for s in train_ids], axis=0)
-        with torch.no_grad():
-            model.head.bias.copy_(torch.as_tensor(mean_y, dtype=model.head.bias.dtype))
-    model = rt.prepare_model(model)  # DDP over the workers (moves to the worker's device)
+
+@dataclass
+class Fold:
+    """What one worker trains a fold with: built by :func:`build_fold`, updated every epoch."""
+
+    train: TrainSection
+    fold: int
+    seed: int
+    rank: int
+    world: int
+    data: Dataset
+    train_ids: list[str]
+    val_ids: list[str]
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    net: torch.nn.Module  # the U-Net inside
+    opt: torch.optim.Optimizer
+    sched: Any  # ReduceLROnPlateau
+    device: torch.device
+    state: dict[str, Any] = field(default_factory=new_state)
+    patches: PatchPlan | None = None  # None: whole-image training
+    mlflow: Any = None  # MLflow client (rank 0, when a run is given)
+    run_id: str | None = None
+    debug: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EpochSums:
+    """This rank's training sums of one epoch (weighted by the samples' weights)."""
+
+    loss: float = 0.0
+    mse: float = 0.0
+    weight: float = 0.0
+    pixels: float = 0.0
+
+    def add(self, loss: float, mse: float, weight: float, pixels: int) -> None:
+        self.loss += loss * weight
+        self.mse += mse * weight
+        self.weight += weight
+        self.pixels += pixels * weight
+
+
+@dataclass(frozen=True)
+class LoadedSample:
+    """One training sample as a step uses it; ``inputs`` are whole-view tensors (whole mode only)."""
+
+    sample_id: str
+    weight: float
+    views: list[ScanView]
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] | None  # (x (C, H, W), mask (H, W)) per scan
+
+
+@dataclass(frozen=True)
+class SampleLoader:
+    """Reads ``(sample_id, weight)`` items of one epoch (run by the :class:`Prefetcher`'s thread)."""
+
+    data: Dataset
+    seed: int
+    epoch: int
+    augment: AugmentSection
+    whole: bool  # read whole views now; patch mode reads windows on demand (memory: one patch)
+
+    def __call__(self, item: tuple[str, float]) -> LoadedSample:
+        sid, weight = item
+        views = sample_views(self.data, sid, self.epoch, self.seed, self.augment)
+        inputs = None
+        if self.whole:
+            inputs = [(torch.from_numpy(v.full()), torch.from_numpy(v.mask())) for v in views]
+        return LoadedSample(sid, weight, views, inputs)
+
+
+def _restore(model, opt, sched) -> dict[str, Any] | None:
+    """Load the latest Ray Train checkpoint into model, optimiser and scheduler; its state, or None."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    return saved["state"]
+
+
+def _start_at_training_mean(model: UNet, data: Dataset, train_ids: list[str]) -> None:
+    """Head bias at the training mean instead of 0 %: the first epochs then learn contrast, not offset."""
+    if model.head.bias is None:
+        return
+    mean_y = np.mean([data.samples[s].targets for s in train_ids], axis=0)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.as_tensor(mean_y, dtype=model.head.bias.dtype))
+
+
+def _patch_plan(config: dict[str, Any], tcfg: TrainSection, data: Dataset) -> PatchPlan | None:
+    if tcfg.mode != "patches":
+        return None
+    index = data.patch_index()
+    return PatchPlan(index, index.halo, Geometry(**config["geometry"]))
+
+
+def build_fold(config: dict[str, Any]) -> Fold:
+    """Model, optimiser, scheduler and data of one fold on this worker, resumed from a checkpoint."""
+    import ray.train
+    import ray.train.torch as rt
+
+    tcfg = TrainSection.model_validate(config["train"])
+    ctx = ray.train.get_context()
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    seed, fold = int(config["seed"]), int(config["fold"])
+    torch.manual_seed(seed * 1000 + fold)  # same initial weights on every rank (DDP broadcasts anyway)
+    data = Dataset(config["store"])
+    train_ids = data.ids([s for s in data.splits if s not in (0, fold)])
+    net = UNet(UNetConfig(**config["model"]))
+    opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=tcfg.plateau_factor, patience=tcfg.plateau_patience
+    )
+    state = _restore(net, opt, sched)
+    if state is None:
+        _start_at_training_mean(net, data, train_ids)
+    model = rt.prepare_model(net)  # DDP over the workers (moves to the worker's device)
     device = rt.get_device()
-    net = model.module if hasattr(model, "module") else model
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    client = None
-    if rank == 0 and config.get("run_id"):
-        from chemmap.tracking import client as mlflow_client
+    rank = ctx.get_world_rank()
+    run_id = config.get("run_id") if rank == 0 else None
+    return Fold(
+        train=tcfg,
+        fold=fold,
+        seed=seed,
+        rank=rank,
+        world=ctx.get_world_size(),
+        data=data,
+        train_ids=train_ids,
+        val_ids=data.ids([fold]),
+        model=model,
+        net=_unwrap(model),
+        opt=opt,
+        sched=sched,
+        device=device,
+        state=state if state is not None else new_state(),
+        patches=_patch_plan(config, tcfg, data),
+        mlflow=tracking.client(config["tracking_uri"]) if run_id else None,
+        run_id=run_id,
+        debug=config.get("debug") or {},
+    )
 
-        client = mlflow_client(config["tracking_uri"])
 
-    patches = tcfg.mode == "patches"
-    if patches:
-        from chemmap.models.tiling import model_geometry
+def _target(f: Fold, sample_id: str) -> torch.Tensor:
+    return torch.tensor(f.data.samples[sample_id].targets, dtype=torch.float32, device=f.device)
 
-        geometry = model_geometry(net)
-        pk = data.root["patches"][next(iter(data.root["patches"].array_keys()))].attrs
-        core = int(pk["core"]) if int(pk["core"]) % geometry.stride == 0 else 4 * geometry.stride
-        halo = max(int(pk["halo"]), geometry.radius)
 
-    def load(item):
-        sid, weight = item
-        views = sample_views(data, sid, epoch, seed, augment)
-        if patches:  # windows are read on demand: memory is one patch, not one image
-            return sid, weight, views
-        return sid, weight, [(torch.from_numpy(v.full()), torch.from_numpy(v.mask())) for v in views]
+def whole_step(f: Fold, batch: list[LoadedSample], sums: EpochSums) -> None:
+    """Gradients of one optimiser step from whole views; DDP synchronises on the last backward."""
+    bs = len(batch)
+    for j, s in enumerate(batch):
+        last = j == bs - 1
+        sync = contextlib.nullcontext() if (last or not hasattr(f.model, "no_sync")) else f.model.no_sync()
+        with sync, _autocast(f.device, f.train.amp):
+            parts = [
+                scan_sums(forward_map(f.model, x.to(f.device)).float(), m.to(f.device)) for x, m in s.inputs
+            ]
+            terms = sample_loss(parts, _target(f, s.sample_id), f.train.loss)
+            loss = terms["loss"] * (s.weight / bs)
+            if last and f.train.loss.l2:
+                loss = loss + f.train.loss.l2 * l2_penalty(f.net)  # once per optimiser step
+            loss.backward()
+        pixels = sum(int(m.sum()) for _, m in s.inputs)
+        sums.add(float(terms["loss"].detach()), float(terms["mse"].detach()), s.weight, pixels)
 
-    for epoch in range(state["epoch"] + 1, tcfg.epochs):
-        t0 = time.perf_counter()
-        items, steps = shard_for_rank(train_ids, rank, world, tcfg.batch_size, rng_seed=seed * 7919 + epoch)
-        model.train()
-        sums = np.zeros(4)  # loss, mse, weight, pixels
-        batches = Prefetcher(items, load, depth=tcfg.prefetch)
-        it = iter(batches)
-        for step in range(steps):
-            _debug_hooks(debug, epoch, rank, step, steps)
-            opt.zero_grad(set_to_none=True)
-            if patches:
-                for _ in range(tcfg.batch_size):
-                    sid, weight, views = next(it)
-                    y = torch.tensor(data.samples[sid].targets, dtype=torch.float32, device=device)
-                    with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
-                        t = patch_backward(
-                            model,
-                            net,
-                            views,
-                            y,
-                            loss_w,
-                            geometry,
-                            core,
-                            halo,
-                            scale=weight / tcfg.batch_size,
-                        )
-                    n_px = sum(int(v.mask().sum()) for v in views)
-                    sums += [t["total"] * weight, t["mean"] * weight, weight, n_px * weight]
-                l2 = loss_w.l2 * l2_penalty(net) if loss_w.l2 else None
-                if hasattr(model, "no_sync"):
-                    sync_step(model, net, data.n_channels, l2)
-                elif l2 is not None:
-                    l2.backward()
-                opt.step()
-                continue
-            for j in range(tcfg.batch_size):
-                sid, weight, scans = next(it)
-                y = torch.tensor(data.samples[sid].targets, dtype=torch.float32, device=device)
-                last = j == tcfg.batch_size - 1
-                sync = (
-                    contextlib.nullcontext() if (last or not hasattr(model, "no_sync")) else model.no_sync()
-                )
-                with sync, _autocast(device, tcfg.amp):
-                    parts = [
-                        scan_sums(forward_map(model, x.to(device)).float(), m.to(device)) for x, m in scans
-                    ]
-                    terms = sample_loss(parts, y, loss_w)
-                    loss = terms["loss"] * (weight / tcfg.batch_size)
-                    if last and loss_w.l2:
-                        loss = loss + loss_w.l2 * l2_penalty(net)  # once per optimiser step
-                    loss.backward()
-                sums += [
-                    float(terms["loss"].detach()) * weight,
-                    float(terms["mse"].detach()) * weight,
-                    weight,
-                    sum(int(m.sum()) for _, m in scans) * weight,
-                ]
-            opt.step()
-        train_seconds = time.perf_counter() - t0
 
-        model.eval()
-        sq = np.zeros(2)
-        for sid in val_ids[rank::world]:
-            mean_pred, _ = predict_sample(model, sample_views(data, sid, 0, seed, None), device, tcfg.amp)
-            sq += [float(((mean_pred - np.asarray(data.samples[sid].targets)) ** 2).mean()), 1.0]
-        tot = _reduce([*sums.tolist(), *sq.tolist()], device)
-        loss_sum, mse_sum, n_train, pixels, val_sq, n_val = tot
-        val_rmse = math.sqrt(val_sq / max(n_val, 1))
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(n_train, 1),
-            "train_rmse": math.sqrt(mse_sum / max(n_train, 1)),
-            "val_rmse": val_rmse,
-            "val_loss": val_sq / max(n_val, 1),
-            "lr": opt.param_groups[0]["lr"],
-            "pixels_per_s": pixels / max(train_seconds, 1e-9),
-            "epoch_seconds": time.perf_counter() - t0,
-        }
-        sched.step(metrics["val_loss"])
-        if val_rmse < state["best_rmse"] - 1e-9:
-            state.update(best_rmse=val_rmse, best_epoch=epoch, bad_epochs=0)
-            state["best_model"] = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["history"].append(metrics)
-        stop = state["bad_epochs"] >= tcfg.early_stopping  # identical on every rank: metrics are reduced
-        metrics["stop"] = int(stop)
-
-        if rank == 0:  # one line per epoch on the driver's console (Ray forwards worker output)
-            print(
-                f"fold {fold} epoch {epoch + 1}/{tcfg.epochs}: train RMSE {metrics['train_rmse']:.3f}, "
-                f"val RMSE {val_rmse:.3f}, lr {metrics['lr']:.2g}, {metrics['epoch_seconds']:.1f} s"
-                + (" (best)" if state["best_epoch"] == epoch else ""),
-                flush=True,
+def patch_step(f: Fold, batch: list[LoadedSample], sums: EpochSums) -> None:
+    """Gradients of one optimiser step patch by patch, under ``no_sync``; then one synchronisation."""
+    assert f.patches is not None
+    no_sync = f.model.no_sync if hasattr(f.model, "no_sync") else contextlib.nullcontext
+    for s in batch:
+        with no_sync():
+            t = sample_backward_by_patches(
+                f.model,
+                f.net,
+                s.views,
+                _target(f, s.sample_id),
+                f.train.loss,
+                f.patches,
+                scale=s.weight / len(batch),
             )
-        if debug.get("digest_dir"):  # every rank records its parameters: DDP keeps them identical
-            Path(debug["digest_dir"], f"epoch{epoch}_rank{rank}.txt").write_text(_param_digest(net))
-        if client is not None:
-            from chemmap.tracking import log_metrics
+        sums.add(t["total"], t["mean"], s.weight, sum(int(v.mask().sum()) for v in s.views))
+    l2 = f.train.loss.l2 * l2_penalty(f.net) if f.train.loss.l2 else None
+    if hasattr(f.model, "no_sync"):
+        sync_step(f.model, f.net, f.data.n_channels, l2)
+    elif l2 is not None:
+        l2.backward()
 
-            log_metrics(client, config["run_id"], {k: v for k, v in metrics.items() if k != "epoch"}, epoch)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                torch.save(
-                    {
-                        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "state": state,
-                    },
-                    Path(tmp) / STATE_FILE,
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
-        if stop:
+
+def train_epoch(f: Fold, epoch: int) -> EpochSums:
+    """One pass over this rank's shard of the training samples: the same number of steps on every rank."""
+    tcfg = f.train
+    items, steps = shard_for_rank(
+        f.train_ids, f.rank, f.world, tcfg.batch_size, rng_seed=f.seed * 7919 + epoch
+    )
+    loader = SampleLoader(f.data, f.seed, epoch, tcfg.augment, whole=f.patches is None)
+    step_fn = whole_step if f.patches is None else patch_step
+    f.model.train()
+    sums = EpochSums()
+    it = iter(Prefetcher(items, loader, depth=tcfg.prefetch))
+    for step in range(steps):
+        _debug_hooks(f.debug, epoch, f.rank, step, steps)
+        f.opt.zero_grad(set_to_none=True)
+        step_fn(f, [next(it) for _ in range(tcfg.batch_size)], sums)
+        f.opt.step()
+    return sums
+
+
+def validate(f: Fold) -> tuple[float, int]:
+    """This rank's share of the validation samples: ``(sum of squared errors, samples)``."""
+    f.model.eval()
+    sq, n = 0.0, 0
+    for sid in f.val_ids[f.rank :: f.world]:
+        mean_pred, _ = predict_sample(
+            f.model, sample_views(f.data, sid, 0, f.seed, None), f.device, f.train.amp
+        )
+        sq += float(((mean_pred - np.asarray(f.data.samples[sid].targets)) ** 2).mean())
+        n += 1
+    return sq, n
+
+
+def epoch_metrics(
+    f: Fold, epoch: int, sums: EpochSums, val: tuple[float, int], train_seconds: float, t0: float
+) -> dict[str, float]:
+    """The epoch's metrics, summed over every rank (the same numbers on all of them)."""
+    tot = _reduce([sums.loss, sums.mse, sums.weight, sums.pixels, *val], f.device)
+    loss_sum, mse_sum, n_train, pixels, val_sq, n_val = tot
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum / max(n_train, 1),
+        "train_rmse": math.sqrt(mse_sum / max(n_train, 1)),
+        "val_rmse": math.sqrt(val_sq / max(n_val, 1)),
+        "val_loss": val_sq / max(n_val, 1),
+        "lr": f.opt.param_groups[0]["lr"],
+        "pixels_per_s": pixels / max(train_seconds, 1e-9),
+        "epoch_seconds": time.perf_counter() - t0,
+    }
+
+
+def update_state(f: Fold, metrics: dict[str, float]) -> bool:
+    """Scheduler, best epoch and early stopping; whether to stop (identical on every rank)."""
+    epoch, val_rmse = int(metrics["epoch"]), metrics["val_rmse"]
+    state = f.state
+    f.sched.step(metrics["val_loss"])
+    if val_rmse < state["best_rmse"] - 1e-9:
+        state.update(best_rmse=val_rmse, best_epoch=epoch, bad_epochs=0)
+        state["best_model"] = copy.deepcopy({k: v.detach().cpu() for k, v in f.net.state_dict().items()})
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch
+    state["history"].append(metrics)
+    stop = state["bad_epochs"] >= f.train.early_stopping  # metrics are reduced over ranks
+    metrics["stop"] = int(stop)
+    return stop
+
+
+def print_epoch(f: Fold, metrics: dict[str, float]) -> None:
+    """One line per epoch on the driver's console, from rank 0 (Ray forwards worker output)."""
+    if f.rank != 0:
+        return
+    epoch = int(metrics["epoch"])
+    print(
+        f"fold {f.fold} epoch {epoch + 1}/{f.train.epochs}: train RMSE {metrics['train_rmse']:.3f}, "
+        f"val RMSE {metrics['val_rmse']:.3f}, lr {metrics['lr']:.2g}, {metrics['epoch_seconds']:.1f} s"
+        + (" (best)" if f.state["best_epoch"] == epoch else ""),
+        flush=True,
+    )
+
+
+def report_epoch(f: Fold, metrics: dict[str, float]) -> None:
+    """Metrics to MLflow (rank 0), the checkpoint (rank 0) and ``ray.train.report`` (every rank)."""
+    import ray.train
+
+    epoch = int(metrics["epoch"])
+    if f.debug.get("digest_dir"):  # every rank records its parameters: DDP keeps them identical
+        Path(f.debug["digest_dir"], f"epoch{epoch}_rank{f.rank}.txt").write_text(_param_digest(f.net))
+    if f.mlflow is not None:
+        tracking.log_metrics(f.mlflow, f.run_id, {k: v for k, v in metrics.items() if k != "epoch"}, epoch)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if f.rank == 0:
+            saved = {
+                "model": {k: v.detach().cpu() for k, v in f.net.state_dict().items()},
+                "optimizer": f.opt.state_dict(),
+                "scheduler": f.sched.state_dict(),
+                "state": f.state,
+            }
+            torch.save(saved, Path(tmp) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def run_epoch(f: Fold, epoch: int) -> bool:
+    """Train, validate, record and report one epoch; whether early stopping ends the fold."""
+    t0 = time.perf_counter()
+    sums = train_epoch(f, epoch)
+    train_seconds = time.perf_counter() - t0
+    metrics = epoch_metrics(f, epoch, sums, validate(f), train_seconds, t0)
+    stop = update_state(f, metrics)
+    print_epoch(f, metrics)
+    report_epoch(f, metrics)
+    return stop
+
+
+def train_fold(config: dict[str, Any]) -> None:
+    """Ray Train entry point (``train_loop_per_worker``) for one fold.
+
+    ``config`` keys: store, model (UNetConfig fields), train (TrainSection dump), fold,
+    seed, tracking_uri, run_id (MLflow run of this fold or None), threads, debug, and
+    geometry (the model's :class:`~chemmap.models.tiling.Geometry` fields; patch mode).
+    """
+    f = build_fold(config)
+    for epoch in range(f.state["epoch"] + 1, f.train.epochs):
+        if run_epoch(f, epoch):
             break

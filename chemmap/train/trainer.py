@@ -1,11 +1,12 @@
 """The training stage: 5-fold cross-validation with Ray Train, tracked in MLflow.
 
 Every input is checked before a worker starts: the dataset, the model's channel count
-against it, the MLflow server and the Ray address. Each fold is a ``TorchTrainer`` run
-named after the stage key and fold, with its checkpoints under ``storage_path``;
+against it, in patch mode the dataset's patch index against the model's geometry, the
+MLflow server and the Ray address (``cluster:``). Each fold is a ``TorchTrainer`` run
+named after the stage key and fold, with its checkpoints under ``cluster.storage_path``;
 running the stage again resumes each unfinished fold from its latest checkpoint, and
 logs into the same MLflow runs. The trained model is the ensemble of the folds' best
-epochs, written as state dicts (``fold<k>.pt``) beside ``model.json``.
+epochs, written as state dicts (``fold<k>/best.pt``) beside ``model.json``.
 """
 
 from __future__ import annotations
@@ -13,51 +14,62 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
+from chemmap import tracking
 from chemmap.config import ChemmapConfig, dump_config
 from chemmap.errors import InputError
-from chemmap.files import write_json_atomic
+from chemmap.figures import plot_learning_curve
+from chemmap.files import atomic_path, write_json_atomic
+from chemmap.models.tiling import Geometry, model_geometry
+from chemmap.models.unet import UNet, UNetConfig
+from chemmap.preprocess.store import Dataset
 from chemmap.stages import StageDir, stage_dir
+from chemmap.train.loop import STATE_FILE, train_fold
 
+Log = Callable[[str], None]
 
-def model_config(cfg: ChemmapConfig, n_channels: int, n_targets: int):
+# train: settings that change how robustly or how fast training runs, not what it learns:
+# not in the stage key (where it runs, cluster:, never was).
+NOT_IN_KEY = {"max_failures", "prefetch", "torch_threads", "checkpoints_to_keep"}
+# Settings removed at the only value they ever had, kept in the key so that trainings made
+# before their removal are still found (train.loss.pixel: the per-pixel term, weight 0).
+def model_config(cfg: ChemmapConfig, n_channels: int, n_targets: int) -> UNetConfig:
     """The U-Net config for a dataset; a channel count that contradicts it is an error."""
-    from chemmap.models.unet import UNetConfig
-
-    opts = dict(cfg.model)
-    for key, have in (("in_channels", n_channels), ("out_channels", n_targets)):
-        if key in opts and int(opts[key]) != have:
+    given = {"in_channels": cfg.model.in_channels, "out_channels": cfg.model.out_channels}
+    have = {"in_channels": n_channels, "out_channels": n_targets}
+    for key, value in given.items():
+        if value is not None and value != have[key]:
             raise InputError(
-                f"{cfg.source}: model.{key}={opts[key]} but the dataset has {have} "
+                f"{cfg.source}: model.{key}={value} but the dataset has {have[key]} "
                 f"({'channels after preprocessing' if key == 'in_channels' else 'targets'})"
             )
-        opts[key] = have
     try:
-        return UNetConfig(**opts)
+        return UNetConfig(**cfg.model.model_dump(exclude={"in_channels", "out_channels"}), **have)
     except (TypeError, ValueError) as err:
         raise InputError(f"{cfg.source}: model: {err}") from None
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:
     """A TCP probe of ``host:port`` / ``ray://host:port``: ray.init itself retries for minutes."""
-    import socket
-    from urllib.parse import urlsplit
-
     if address == "auto":
         return
     hostport = urlsplit(address if "://" in address else f"ray://{address}")
     host, port = hostport.hostname, hostport.port
     if not host or not port:
-        raise InputError(f"train.ray_address: expected host:port, ray://host:port or auto, got {address!r}")
+        raise InputError(f"cluster.ray_address: expected host:port, ray://host:port or auto, got {address!r}")
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as err:
-        raise InputError(f"train.ray_address: cannot reach Ray at {address} ({err})") from None
+        raise InputError(f"cluster.ray_address: cannot reach Ray at {address} ({err})") from None
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -75,197 +87,290 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"train.ray_address: cannot connect to Ray at {address!r}: {msg}") from None
+        raise InputError(f"cluster.ray_address: cannot connect to Ray at {address!r}: {msg}") from None
 
 
-def _fold_done(path: Path) -> dict | None:
-    f = path / "result.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+# ----------------------------------------------------------------------------- the stage's plan
 
 
-def training_dir(cfg: ChemmapConfig, dataset: StageDir):
-    """The training stage folder for a config and dataset, after checking that they fit.
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a config trains on a dataset, checked against it (:func:`plan_training`)."""
 
-    Returns ``(stage, unet_config, folds, train_section)``.
+    stage: StageDir  # the training stage folder
+    unet: UNetConfig
+    folds: list[int]  # the CV folds (splits) to train
+    train_section: dict[str, Any]  # the train: settings in the stage key
+    store: Path  # dataset.zarr
+
+
+def train_key_section(cfg: ChemmapConfig) -> dict[str, Any]:
+    """The ``train:`` settings in the stage key: what decides what training learns."""
+    return cfg.train.model_dump(mode="json", exclude=NOT_IN_KEY)
+
+
+def training_section(cfg: ChemmapConfig, ucfg: UNetConfig) -> dict[str, Any]:
+    """The config section of the training stage's key (its other input: the dataset's key).
+
+    Unchanged settings give an unchanged key: trainings made before are found again.
     """
-    from chemmap.preprocess.dataset import open_dataset
+    return {"model": asdict(ucfg), "train": train_key_section(cfg), "seed": cfg.seed, "targets": cfg.targets}
 
+
+def plan_training(cfg: ChemmapConfig, dataset: StageDir) -> TrainingPlan:
+    """The training stage for a config and a finished dataset stage, after checking that they fit."""
     if not dataset.complete:
         raise InputError(f"dataset not found: {dataset.path} is unfinished; run `chemmap preprocess`")
-    meta = open_dataset(dataset.path / "dataset.zarr")
-    missing = [t for t in cfg.targets if t not in meta["targets"]]
+    store = dataset.path / "dataset.zarr"
+    data = Dataset(store)
+    missing = [t for t in cfg.targets if t not in data.targets]
     if missing:
-        raise InputError(f"{cfg.source}: targets {missing} are not in the dataset (it has {meta['targets']})")
-    ucfg = model_config(cfg, meta["recipe"].n_channels, len(cfg.targets))
-    splits = sorted({s["split"] for s in meta["samples"]})
+        raise InputError(f"{cfg.source}: targets {missing} are not in the dataset (it has {data.targets})")
+    ucfg = model_config(cfg, data.n_channels, len(cfg.targets))
+    splits = data.splits
     folds = cfg.train.folds or [s for s in splits if s != 0]
     bad = [f for f in folds if f not in splits or f == 0]
     if bad:
         raise InputError(f"{cfg.source}: train.folds {bad} are not CV folds of the dataset (splits {splits})")
-    # Settings that change where or how robustly training runs, not what it learns, stay out of the key.
-    where = {"ray_address", "storage_path", "max_failures", "prefetch", "torch_threads"}
-    tsec = cfg.train.model_dump(mode="json", exclude=where | {"resources_per_worker", "checkpoints_to_keep"})
-    section = {"model": asdict(ucfg), "train": tsec, "seed": cfg.seed, "targets": cfg.targets}
-    return stage_dir(cfg.workdir_path, "train", section, [dataset.key]), ucfg, folds, tsec
+    section = training_section(cfg, ucfg)
+    stage = stage_dir(cfg.workdir_path, "train", section, [dataset.key])
+    return TrainingPlan(stage, ucfg, list(folds), section["train"], store)
 
 
-def train_stage(
-    cfg: ChemmapConfig, dataset: StageDir, *, progress: bool = True, log=print, debug: dict | None = None
-) -> StageDir:
-    """Train the fold ensemble on a finished dataset stage; returns the training stage.
+def training_dir(cfg: ChemmapConfig, dataset: StageDir) -> StageDir:
+    """The training stage folder for a config and a finished dataset stage (checked to fit)."""
+    return plan_training(cfg, dataset).stage
 
-    ``debug`` passes fault-injection hooks to the workers (tests only; see ``loop._debug_hooks``).
+
+def check_patch_index(data: Dataset, ucfg: UNetConfig) -> Geometry:
+    """The model's geometry, if the dataset's patch index fits it; one line saying why not otherwise.
+
+    Patch-wise gradients are exact when each core window keeps a halo of at least the
+    model's receptive radius and the windows lie on the model's stride grid.
     """
+    index = data.patch_index()
+    geometry = model_geometry(UNet(ucfg))
+    if index.halo < geometry.radius or index.stride % geometry.stride:
+        raise InputError(
+            f"{data.path}: its patch index (halo {index.halo} px, stride {index.stride} px) does not fit "
+            f"the model (receptive radius {geometry.radius} px, stride {geometry.stride} px); "
+            "train.mode=patches needs halo >= radius and the index on the model's stride grid: "
+            "preprocess the dataset again with this model: section"
+        )
+    return geometry
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def _check_services(cfg: ChemmapConfig) -> None:
+    """MLflow, the GPU and Ray (``cluster:``), each refused in one line before any worker starts."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from chemmap import tracking
-    from chemmap.figures import plot_learning_curve
-    from chemmap.train.loop import STATE_FILE, train_fold
-
-    stage, ucfg, folds, tsec = training_dir(cfg, dataset)
-    store = dataset.path / "dataset.zarr"
-    if stage.complete:
-        log(f"train: done already ({stage.path})")
-        return stage
-
-    uri = cfg.tracking_uri
-    tracking.check_tracking_uri(uri)
-    if cfg.train.use_gpu and not cfg.train.ray_address and not torch.cuda.is_available():
+    tracking.check_tracking_uri(cfg.tracking_uri)
+    address = cfg.cluster.ray_address
+    if cfg.train.use_gpu and not address and not torch.cuda.is_available():
         raise InputError(f"{cfg.source}: train.use_gpu is true but this machine has no CUDA device")
     workers = cfg.train.num_workers
-    connect_ray(
-        cfg.train.ray_address, num_cpus=None if cfg.train.ray_address else max(os.cpu_count() or 1, workers)
-    )
+    connect_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, workers))
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < workers and not cfg.train.use_gpu:
         raise InputError(f"train.num_workers={workers} but the Ray cluster has {cpus:g} CPUs")
 
-    stage.begin()
-    storage = cfg.resolve_path(cfg.train.storage_path) if cfg.train.storage_path else stage.path / "ray"
-    storage_str = (
-        cfg.train.storage_path if cfg.train.storage_path and "://" in cfg.train.storage_path else str(storage)
+
+def _storage_path(cfg: ChemmapConfig, stage: StageDir) -> str:
+    """Where Ray Train keeps checkpoints: ``cluster.storage_path`` (a URL or a path), else the stage."""
+    path = cfg.cluster.storage_path
+    if path and "://" in path:
+        return path
+    return str(cfg.resolve_path(path) if path else stage.path / "ray")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One training stage run: the plan, its MLflow runs, and how workers are started."""
+
+    cfg: ChemmapConfig
+    plan: TrainingPlan
+    dataset_key: str
+    book: tracking.RunBook
+    parent: str  # MLflow run of the whole training
+    geometry: Geometry | None  # the model's (patch mode)
+    debug: dict[str, Any]
+    log: Log
+
+
+def _open_runs(cfg: ChemmapConfig, plan: TrainingPlan, dataset: StageDir) -> tuple[tracking.RunBook, str]:
+    """The MLflow parent run of the training (the same one when a run resumes), with its params."""
+    book = tracking.RunBook(
+        plan.stage.path / "mlflow_runs.json", cfg.tracking_uri, cfg.mlflow.experiment or cfg.name
     )
-    book = tracking.RunBook(stage.path / "mlflow_runs.json", uri, cfg.mlflow.experiment or cfg.name)
     parent = book.run(
         "training",
-        f"train-{stage.key[:8]}",
-        tags={"chemmap.stage_key": stage.key, "chemmap.dataset_key": dataset.key},
+        f"train-{plan.stage.key[:8]}",
+        tags={"chemmap.stage_key": plan.stage.key, "chemmap.dataset_key": dataset.key},
     )
-    tracking.log_params(
-        book.client,
-        parent,
-        {
-            "model": asdict(ucfg),
-            "train": tsec,
-            "seed": cfg.seed,
-            "targets": ",".join(cfg.targets),
-            "dataset_key": dataset.key,
-            "n_channels": ucfg.in_channels,
-        },
-    )
+    params = {
+        "model": asdict(plan.unet),
+        "train": plan.train_section,
+        "seed": cfg.seed,
+        "targets": ",".join(cfg.targets),
+        "dataset_key": dataset.key,
+        "n_channels": plan.unet.in_channels,
+    }
+    tracking.log_params(book.client, parent, params)
     book.client.log_text(parent, dump_config(cfg), "config.yaml")
-    threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // workers)
+    return book, parent
 
-    results: dict[int, dict] = {}
-    t_start = time.perf_counter()
-    for fold in folds:
-        fdir = stage.path / f"fold{fold}"
-        done = _fold_done(fdir)
-        if done:
-            log(f"train: fold {fold} done already (val RMSE {done['best_val_rmse']:.3f})")
-            results[fold] = done
-            continue
-        fdir.mkdir(parents=True, exist_ok=True)
-        run_id = book.run(f"fold{fold}", f"fold{fold}", parent=parent, tags={"chemmap.fold": fold})
-        log(
-            f"train: fold {fold}/{len(folds)} on {workers} worker(s) "
-            f"({'GPU' if cfg.train.use_gpu else 'CPU'}, mode {cfg.train.mode}), MLflow run {run_id}"
-        )
-        t0 = time.perf_counter()
-        trainer = TorchTrainer(
-            train_fold,
-            train_loop_config={
-                "store": str(store),
-                "model": asdict(ucfg),
-                "train": cfg.train.model_dump(mode="json"),
-                "fold": fold,
-                "seed": cfg.seed,
-                "tracking_uri": uri,
-                "run_id": run_id,
-                "threads": threads,
-                "debug": debug or {},
-            },
-            scaling_config=ScalingConfig(
-                num_workers=workers,
-                use_gpu=cfg.train.use_gpu,
-                resources_per_worker=cfg.train.resources_per_worker
-                or ({"CPU": 1} if not cfg.train.use_gpu else None),
-            ),
-            run_config=RunConfig(
-                name=f"{stage.key}-fold{fold}",
-                storage_path=storage_str,
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            ),
-        )
-        try:
-            result = trainer.fit()
-        except Exception as err:  # a training error: keep what is checkpointed, say where
-            raise RuntimeError(f"training fold {fold} failed: {err}") from err
-        if result.checkpoint is None:
-            raise RuntimeError(f"training fold {fold} finished without a checkpoint")
-        with result.checkpoint.as_directory() as d:
-            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        st = saved["state"]
-        best = st["best_model"] if st["best_model"] is not None else saved["model"]
-        tmp = fdir / ".best.pt.tmp"
-        torch.save(best, tmp)
-        os.replace(tmp, fdir / "best.pt")
-        plot_learning_curve(st["history"], fdir / "learning_curve.png")
-        book.client.log_artifact(run_id, str(fdir / "learning_curve.png"))
-        info = {
-            "fold": fold,
-            "best_val_rmse": st["best_rmse"],
-            "best_epoch": st["best_epoch"],
-            "epochs_run": st["epoch"] + 1,
-            "seconds": time.perf_counter() - t0,
-            "run_id": run_id,
-            "weights": str(fdir / "best.pt"),
-            "checkpoint": result.checkpoint.path,
-            "history": st["history"],
-        }
-        book.client.log_metric(run_id, "best_val_rmse", st["best_rmse"])
-        book.client.set_terminated(run_id)
-        write_json_atomic(fdir / "result.json", info)
-        results[fold] = info
 
+def _fit_fold(run: _Run, fold: int, run_id: str):
+    """One fold's ``TorchTrainer`` run (resumed from its checkpoints); its ``Result``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg, stage = run.cfg, run.plan.stage
+    workers = cfg.train.num_workers
+    loop_config = {
+        "store": str(run.plan.store),
+        "model": asdict(run.plan.unet),
+        "train": cfg.train.model_dump(mode="json"),
+        "fold": fold,
+        "seed": cfg.seed,
+        "tracking_uri": cfg.tracking_uri,
+        "run_id": run_id,
+        "threads": cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // workers),
+        "geometry": asdict(run.geometry) if run.geometry is not None else None,
+        "debug": run.debug,
+    }
+    resources = cfg.cluster.resources_per_worker or ({"CPU": 1} if not cfg.train.use_gpu else None)
+    trainer = TorchTrainer(
+        train_fold,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=f"{stage.key}-fold{fold}",
+            storage_path=_storage_path(cfg, stage),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # a training error: keep what is checkpointed, say where
+        raise RuntimeError(f"training fold {fold} failed: {err}") from err
+    if result.checkpoint is None:
+        raise RuntimeError(f"training fold {fold} finished without a checkpoint")
+    return result
+
+
+def _save_fold(run: _Run, fold: int, run_id: str, result, seconds: float) -> dict[str, Any]:
+    """The fold's best weights, learning curve and ``result.json`` from its last checkpoint."""
+    fdir = run.plan.stage.path / f"fold{fold}"
+    with result.checkpoint.as_directory() as d:
+        saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    st = saved["state"]
+    with atomic_path(fdir / "best.pt") as tmp:
+        torch.save(st["best_model"] if st["best_model"] is not None else saved["model"], tmp)
+    plot_learning_curve(st["history"], fdir / "learning_curve.png")
+    run.book.client.log_artifact(run_id, str(fdir / "learning_curve.png"))
+    info = {
+        "fold": fold,
+        "best_val_rmse": st["best_rmse"],
+        "best_epoch": st["best_epoch"],
+        "epochs_run": st["epoch"] + 1,
+        "seconds": seconds,
+        "run_id": run_id,
+        "weights": str(fdir / "best.pt"),
+        "checkpoint": result.checkpoint.path,
+        "history": st["history"],
+    }
+    run.book.client.log_metric(run_id, "best_val_rmse", st["best_rmse"])
+    run.book.client.set_terminated(run_id)
+    write_json_atomic(fdir / "result.json", info)
+    return info
+
+
+def train_one_fold(run: _Run, fold: int) -> dict[str, Any]:
+    """Train one fold, or find it done; its ``result.json`` record."""
+    fdir = run.plan.stage.path / f"fold{fold}"
+    if (fdir / "result.json").is_file():
+        done = json.loads((fdir / "result.json").read_text())
+        run.log(f"train: fold {fold} done already (val RMSE {done['best_val_rmse']:.3f})")
+        return done
+    fdir.mkdir(parents=True, exist_ok=True)
+    run_id = run.book.run(f"fold{fold}", f"fold{fold}", parent=run.parent, tags={"chemmap.fold": fold})
+    tcfg = run.cfg.train
+    run.log(
+        f"train: fold {fold}/{len(run.plan.folds)} on {tcfg.num_workers} worker(s) "
+        f"({'GPU' if tcfg.use_gpu else 'CPU'}, mode {tcfg.mode}), MLflow run {run_id}"
+    )
+    t0 = time.perf_counter()
+    result = _fit_fold(run, fold, run_id)
+    return _save_fold(run, fold, run_id, result, time.perf_counter() - t0)
+
+
+def _finish(run: _Run, results: dict[int, dict[str, Any]], seconds: float) -> StageDir:
+    """RMSECV, the overall learning curve, ``model.json`` and the completion marker."""
+    stage, client = run.plan.stage, run.book.client
     rmsecv = math.sqrt(sum(r["best_val_rmse"] ** 2 for r in results.values()) / len(results))
     history = [dict(h, fold=f) for f, r in results.items() for h in r["history"]]
     plot_learning_curve(history, stage.path / "learning_curve.png")
-    book.client.log_artifact(parent, str(stage.path / "learning_curve.png"))
-    book.client.log_metric(parent, "rmsecv", rmsecv)
-    book.client.set_terminated(parent)
+    client.log_artifact(run.parent, str(stage.path / "learning_curve.png"))
+    client.log_metric(run.parent, "rmsecv", rmsecv)
+    client.set_terminated(run.parent)
+    folds = sorted(results)
     model_card = {
-        "unet": asdict(ucfg),
-        "targets": cfg.targets,
-        "folds": sorted(results),
-        "weights": [f"fold{f}/best.pt" for f in sorted(results)],
+        "unet": asdict(run.plan.unet),
+        "targets": run.cfg.targets,
+        "folds": folds,
+        "weights": [f"fold{f}/best.pt" for f in folds],
     }
     write_json_atomic(stage.path / "model.json", model_card)
     summary = {
-        "mlflow_run_id": parent,
-        "tracking_uri": uri,
+        "mlflow_run_id": run.parent,
+        "tracking_uri": run.cfg.tracking_uri,
         "fold_run_ids": {f: r["run_id"] for f, r in results.items()},
         "checkpoints": {f: r["checkpoint"] for f, r in results.items()},
         "weights": {f: r["weights"] for f, r in results.items()},
         "val_rmse": {f: r["best_val_rmse"] for f, r in results.items()},
         "rmsecv": rmsecv,
-        "seconds": time.perf_counter() - t_start,
-        "dataset": str(store),
-        "dataset_key": dataset.key,
+        "seconds": seconds,
+        "dataset": str(run.plan.store),
+        "dataset_key": run.dataset_key,
     }
-    stage.finish(summary, dump_config(cfg))
-    log(f"train: RMSECV {rmsecv:.3f} over folds {sorted(results)} ({summary['seconds']:.0f} s)")
+    stage.finish(summary, dump_config(run.cfg))
+    run.log(f"train: RMSECV {rmsecv:.3f} over folds {folds} ({seconds:.0f} s)")
     return stage
+
+
+def train_ensemble(
+    cfg: ChemmapConfig,
+    dataset: StageDir,
+    *,
+    progress: bool = True,
+    log: Log = print,
+    debug: dict[str, Any] | None = None,
+) -> StageDir:
+    """Train the fold ensemble on a finished dataset stage; returns the training stage.
+
+    Args:
+        cfg: the pipeline's config (``model:``, ``train:``, ``cluster:``, ``mlflow:``).
+        dataset: the finished preprocess stage.
+        progress: accepted for the pipeline's stage signature (workers print one line per epoch).
+        log: where the stage's lines go.
+        debug: fault-injection hooks for the workers (tests only; see ``loop._debug_hooks``).
+    """
+    plan = plan_training(cfg, dataset)
+    if plan.stage.complete:
+        log(f"train: done already ({plan.stage.path})")
+        return plan.stage
+    geometry = check_patch_index(Dataset(plan.store), plan.unet) if cfg.train.mode == "patches" else None
+    _check_services(cfg)
+    plan.stage.begin()
+    book, parent = _open_runs(cfg, plan, dataset)
+    run = _Run(cfg, plan, dataset.key, book, parent, geometry, debug or {}, log)
+    t_start = time.perf_counter()
+    results = {fold: train_one_fold(run, fold) for fold in plan.folds}
+    return _finish(run, results, time.perf_counter() - t_start)

@@ -1,4 +1,8 @@
-"""Ray Train on a real local Ray instance (2 CPU workers, DDP over gloo), tracked in MLflow."""
+"""Ray Train on a real local Ray instance (2 CPU workers, DDP over gloo), tracked in MLflow.
+
+The stage is called as the pipeline calls it (:func:`chemmap.train.trainer.train_ensemble`) on
+the CI preset's dataset; the CLI test goes through ``chemmap train``.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from chemmap.config import load_config
+from chemmap.config import config_from_dict, load_config
 from chemmap.errors import InputError
-from chemmap.pipeline import train_stage
+from chemmap.models.tiling import model_geometry
+from chemmap.models.unet import UNet
+from chemmap.pipeline import preprocess_stage
+from chemmap.preprocess.store import Dataset
+from chemmap.stages import StageDir, stable_hash
+from chemmap.train.trainer import model_config, train_ensemble, training_dir, training_section
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = {"progress": False, "log": lambda s: None}
-pytestmark = pytest.mark.slow
 
 
 def _cfg(tmp_path: Path, *extra: str):
@@ -23,7 +31,7 @@ def _cfg(tmp_path: Path, *extra: str):
         ROOT / "configs" / "ci.yaml",
         [
             f"workdir={tmp_path}",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"cluster.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "train.epochs=2",
             "train.folds=[1]",
             "train.num_workers=2",
@@ -36,14 +44,15 @@ def _digests(d: Path, epoch: int) -> set[str]:
     return {p.read_text() for p in d.glob(f"epoch{epoch}_rank*.txt")}
 
 
+@pytest.mark.slow
 def test_ddp_on_two_workers_against_a_real_mlflow_server(ray_local, mlflow_server, tiny_dataset, tmp_path):
     from mlflow.tracking import MlflowClient
 
     _, pre = tiny_dataset
-    cfg = _cfg(tmp_path, f"mlflow.tracking_uri={mlflow_server}")
+    cfg = _cfg(tmp_path, f"cluster.tracking_uri={mlflow_server}")
     digests = tmp_path / "digests"
     digests.mkdir()
-    stage = train_stage(cfg, pre, debug={"digest_dir": str(digests)}, **QUIET)
+    stage = train_ensemble(cfg, pre, debug={"digest_dir": str(digests)}, **QUIET)
     for epoch in (0, 1):
         assert len(list(digests.glob(f"epoch{epoch}_rank*.txt"))) == 2
         assert len(_digests(digests, epoch)) == 1, "ranks hold different parameters after a DDP step"
@@ -63,15 +72,16 @@ def test_ddp_on_two_workers_against_a_real_mlflow_server(ray_local, mlflow_serve
     assert client.get_run(fold_run).data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
 
 
+@pytest.mark.slow
 def test_stopped_run_resumes_from_its_checkpoint(ray_local, tiny_dataset, tmp_path):
     from mlflow.tracking import MlflowClient
 
     _, pre = tiny_dataset
     cfg = _cfg(tmp_path, "train.epochs=3", "train.max_failures=0", "train.early_stopping=10")
     with pytest.raises(RuntimeError, match="fold 1 failed"):
-        train_stage(cfg, pre, debug={"stop_at_epoch": 2}, **QUIET)
+        train_ensemble(cfg, pre, debug={"stop_at_epoch": 2}, **QUIET)
     runs = json.loads(next(tmp_path.glob("train/*/mlflow_runs.json")).read_text())
-    stage = train_stage(cfg, pre, **QUIET)  # the same run, started again
+    stage = train_ensemble(cfg, pre, **QUIET)  # the same run, started again
     result = json.loads((stage.path / "fold1" / "result.json").read_text())
     assert [h["epoch"] for h in result["history"]] == [0, 1, 2]  # epochs 0-1 from the checkpoint
     summary = stage.summary()
@@ -80,11 +90,12 @@ def test_stopped_run_resumes_from_its_checkpoint(ray_local, tiny_dataset, tmp_pa
     assert sorted(m.step for m in client.get_metric_history(runs["fold1"], "val_rmse")) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_epoch_is_replaced(ray_local, tiny_dataset, tmp_path):
     _, pre = tiny_dataset
     marker = tmp_path / "killed.txt"
     cfg = _cfg(tmp_path, "train.max_failures=1", "train.early_stopping=10")
-    stage = train_stage(
+    stage = train_ensemble(
         cfg, pre, debug={"kill_once": {"epoch": 1, "rank": 1, "marker": str(marker)}}, **QUIET
     )
     assert marker.is_file()  # the worker did die
@@ -92,34 +103,92 @@ def test_a_worker_killed_mid_epoch_is_replaced(ray_local, tiny_dataset, tmp_path
     assert [h["epoch"] for h in result["history"]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_uneven_patch_counts_neither_hang_nor_diverge(ray_local, tiny_dataset, tmp_path):
-    import zarr
-
     _, pre = tiny_dataset
-    root = zarr.open_group(pre.path / "dataset.zarr", mode="r")
-    name = pre.summary()["patches"]
-    idx = root[f"patches/{name}"][...]
-    counts = {s: int((idx[:, 0] == i).sum()) for i, s in enumerate(x["scan_id"] for x in root.attrs["scans"])}
-    assert len(set(counts.values())) > 1  # samples do differ in patch count
+    data = Dataset(pre.path / "dataset.zarr")
+    index = data.patch_index()
+    counts = {len(index.of_scan(i)) for i in range(len(data.scan_ids))}
+    assert len(counts) > 1  # samples do differ in patch count
     digests = tmp_path / "digests"
     digests.mkdir()
-    cfg = _cfg(tmp_path, "train.mode=patches", "train.batch_size=2")
-    train_stage(cfg, pre, debug={"digest_dir": str(digests)}, **QUIET)
+    cfg = _cfg(tmp_path, "train.mode=patches", "train.batch_size=2", "train.augment.rot90=true")
+    train_ensemble(cfg, pre, debug={"digest_dir": str(digests)}, **QUIET)
     for epoch in (0, 1):
         assert len(_digests(digests, epoch)) == 1
 
 
+@pytest.mark.slow
 def test_config_errors_come_before_any_worker(ray_local, tiny_dataset, tmp_path):
     _, pre = tiny_dataset
     with pytest.raises(InputError, match=r"model\.in_channels=99 but the dataset has \d+"):
-        train_stage(_cfg(tmp_path, "model.in_channels=99"), pre, **QUIET)
+        train_ensemble(_cfg(tmp_path, "model.in_channels=99"), pre, **QUIET)
     with pytest.raises(InputError, match=r"cannot reach MLflow server at http://127\.0\.0\.1:9"):
-        train_stage(_cfg(tmp_path, "mlflow.tracking_uri=http://127.0.0.1:9"), pre, **QUIET)
+        train_ensemble(_cfg(tmp_path, "cluster.tracking_uri=http://127.0.0.1:9"), pre, **QUIET)
+    unfinished = StageDir("preprocess", "0" * 16, tmp_path / "preprocess" / "unfinished", {}, ())
     with pytest.raises(InputError, match="dataset not found"):
-        train_stage(_cfg(tmp_path, "synth.seed=12345"), **QUIET)
+        train_ensemble(_cfg(tmp_path), unfinished, **QUIET)
     assert not list(tmp_path.glob("train/*/ray"))  # nothing was started
 
 
+def _refusal(cfg, dataset: StageDir) -> str:
+    with pytest.raises(InputError) as err:
+        train_ensemble(cfg, dataset, **QUIET)
+    return str(err.value)
+
+
+@pytest.mark.slow
+def test_a_patch_index_that_does_not_fit_the_model_is_refused_before_any_worker(tiny_dataset, tmp_path):
+    sets, pre = tiny_dataset
+    cfg = _cfg(tmp_path, "train.mode=patches")
+    data = Dataset(pre.path / "dataset.zarr")
+    g = model_geometry(UNet(model_config(cfg, data.n_channels, len(cfg.targets))))
+    assert g.stride < g.radius  # so a halo of one stride is too small
+
+    # A dataset preprocessed with too small a halo for this model.
+    small = preprocess_stage(
+        load_config(ROOT / "configs" / "ci.yaml", [*sets, f"preprocess.patch_halo={g.stride}"]), **QUIET
+    )
+    msg = _refusal(cfg, small)
+    assert "\n" not in msg and str(small.path / "dataset.zarr") in msg
+    assert f"halo {g.stride} px, stride {g.stride} px" in msg
+    assert f"receptive radius {g.radius} px, stride {g.stride} px" in msg
+
+    # A different model on the tiny dataset: a coarser stride grid and a larger radius.
+    deeper = _cfg(tmp_path, "train.mode=patches", "model.depth=4")
+    d = model_geometry(UNet(model_config(deeper, data.n_channels, len(cfg.targets))))
+    index = data.patch_index()
+    assert index.stride % d.stride != 0
+    msg = _refusal(deeper, pre)
+    assert f"halo {index.halo} px, stride {index.stride} px" in msg
+    assert f"receptive radius {d.radius} px, stride {d.stride} px" in msg
+    assert not list(tmp_path.glob("train/*"))  # no stage folder, no MLflow run, no Ray
+
+    # Whole-image training does not use the index.
+    training_dir(_cfg(tmp_path, "model.depth=4"), pre)
+
+
+def test_where_training_runs_never_enters_its_key_but_the_gpu_does():
+    """``cluster:`` and robustness settings leave the key alone; ``train.use_gpu`` (bf16) changes it."""
+
+    def key(cfg) -> str:
+        return stable_hash(training_section(cfg, model_config(cfg, 62, len(cfg.targets))))
+
+    default = config_from_dict({})
+    where = {
+        "cluster": {
+            "ray_address": "ray://head:10001",
+            "storage_path": "s3://bucket/ckpt",
+            "resources_per_worker": {"GPU": 1},
+            "tracking_uri": "http://mlflow:5000",
+        },
+        "train": {"max_failures": 5, "prefetch": 0, "torch_threads": 3, "checkpoints_to_keep": 4},
+    }
+    assert key(config_from_dict(where)) == key(default)
+    assert key(config_from_dict({"train": {"use_gpu": True}})) != key(default)  # bf16 on GPU: numerics
+
+
+@pytest.mark.slow
 def test_unreachable_ray_address_is_one_line_from_the_cli(tiny_dataset, tmp_path):
     sets, _ = tiny_dataset
     res = subprocess.run(
@@ -129,7 +198,7 @@ def test_unreachable_ray_address_is_one_line_from_the_cli(tiny_dataset, tmp_path
             "chemmap.cli",
             "train",
             str(ROOT / "configs" / "ci.yaml"),
-            *[a for s in [*sets, "train.ray_address=127.0.0.1:9"] for a in ("--set", s)],
+            *[a for s in [*sets, "cluster.ray_address=127.0.0.1:9"] for a in ("--set", s)],
         ],
         capture_output=True,
         text=True,
@@ -139,5 +208,5 @@ def test_unreachable_ray_address_is_one_line_from_the_cli(tiny_dataset, tmp_path
     assert (
         res.stderr.strip()
         .splitlines()[-1]
-        .startswith("error: train.ray_address: cannot reach Ray at 127.0.0.1:9")
+        .startswith("error: cluster.ray_address: cannot reach Ray at 127.0.0.1:9")
     )
