@@ -40,6 +40,8 @@ Log = Callable[[str], None]
 # train: settings that change how robustly or how fast training runs, not what it learns:
 # not in the stage key (where it runs, cluster:, never was).
 NOT_IN_KEY = {"max_failures", "prefetch", "torch_threads", "checkpoints_to_keep"}
+
+
 # Settings removed at the only value they ever had, kept in the key so that trainings made
 # before their removal are still found (train.loss.pixel: the per-pixel term, weight 0).
 def model_config(cfg: ChemmapConfig, n_channels: int, n_targets: int) -> UNetConfig:
