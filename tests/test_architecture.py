@@ -33,30 +33,20 @@ ALLOWED: dict[str, set[str]] = {
     "inference": {"preprocess", "models"},
     "train": {"preprocess", "models", "stages", "tracking"},
     "evaluate": {"preprocess", "models", "inference", "stages", "tracking"},
-    "pipeline": {
-        "io",
-        "synth",
-        "preprocess",
-        "models",
-        "train",
-        "evaluate",
-        "inference",
-        "stages",
-        "tracking",
-    },
-    "cli": {
-        "io",
-        "synth",
-        "preprocess",
-        "models",
-        "train",
-        "evaluate",
-        "inference",
-        "stages",
-        "tracking",
-        "pipeline",
-    },
 }
+STAGE_PACKAGES = {
+    "io",
+    "synth",
+    "preprocess",
+    "models",
+    "train",
+    "evaluate",
+    "inference",
+    "stages",
+    "tracking",
+}
+ALLOWED["pipeline"] = STAGE_PACKAGES
+ALLOWED["cli"] = {*ALLOWED["pipeline"], "pipeline"}
 # Modules that may import chemmap modules inside functions: the assemblers, to keep
 # `chemmap --help` instant and to load a stage's heavy libraries only when it runs.
 LAZY_IMPORTERS = {"cli", "pipeline"}

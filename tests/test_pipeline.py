@@ -3,37 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-from chemmap.config import load_config
 from chemmap.errors import InputError
 from chemmap.pipeline import find_dataset, patch_geometry, preprocess_stage
 from chemmap.preprocess.store import open_dataset
-from tests.preprocess.scanfolder import write_folder
+from tests.preprocess.scanfolder import folder_config, write_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"progress": False, "log": lambda s: None}
 
 
-def _cfg(tmp_path: Path, *extra: str):
-    sets = [
-        f"workdir={tmp_path / 'runs'}",
-        "data.source=folder",
-        f"data.root={tmp_path / 'scans'}",
-        "preprocess.wavelength_min=750",
-        "preprocess.bin=2",
-        "preprocess.chunk_lines=8",
-        "preprocess.chunk_samples=8",
-        "preprocess.patch_core=8",
-        "preprocess.mask.min_size=8",
-        "model.depth=2",
-        "model.features=2",
-        "model.front_end=false",
-        *extra,
-    ]
-    return load_config(ROOT / "configs" / "ci.yaml", sets)
+_cfg = folder_config
 
 
 @pytest.fixture()

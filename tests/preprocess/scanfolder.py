@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from chemmap.config import ChemmapConfig, load_config
 from chemmap.io.envi import create_envi
 
+CI_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ci.yaml"
 WL = np.linspace(700.0, 1000.0, 16)
 WHITE, DARK = 3000, 100  # counts
 
@@ -53,3 +55,23 @@ def write_folder(root: Path, n: int = 8, **kw) -> Path:
         rows.append(f"S{i:02d},P{i:02d},{fat},{0 if i < 2 else 1 + i % 5}")
     (root / "references.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def folder_config(tmp_path: Path, *extra: str) -> ChemmapConfig:
+    """configs/ci.yaml reading the folder ``tmp_path/scans`` (see :func:`write_folder`), a tiny model."""
+    sets = [
+        f"workdir={tmp_path / 'runs'}",
+        "data.source=folder",
+        f"data.root={tmp_path / 'scans'}",
+        "preprocess.wavelength_min=750",
+        "preprocess.bin=2",
+        "preprocess.chunk_lines=8",
+        "preprocess.chunk_samples=8",
+        "preprocess.patch_core=8",
+        "preprocess.mask.min_size=8",
+        "model.depth=2",
+        "model.features=2",
+        "model.front_end=false",
+        *extra,
+    ]
+    return load_config(CI_CONFIG, sets)

@@ -9,15 +9,13 @@ import pytest
 import xarray as xr
 import zarr
 
-from chemmap.config import load_config
 from chemmap.errors import InputError
 from chemmap.io import open_scan
 from chemmap.models.geometry import unet_geometry
 from chemmap.pipeline import preprocess_stage
 from chemmap.preprocess.recipe import Recipe
-from tests.preprocess.scanfolder import WL, write_folder
+from tests.preprocess.scanfolder import WL, folder_config, write_folder
 
-ROOT = Path(__file__).resolve().parents[2]
 QUIET = {"progress": False, "log": lambda s: None}
 
 
@@ -25,23 +23,7 @@ class Crash(Exception):
     pass
 
 
-def _cfg(tmp_path: Path, *extra: str):
-    sets = [
-        f"workdir={tmp_path / 'runs'}",
-        "data.source=folder",
-        f"data.root={tmp_path / 'scans'}",
-        "preprocess.wavelength_min=750",
-        "preprocess.bin=2",
-        "preprocess.chunk_lines=8",
-        "preprocess.chunk_samples=8",
-        "preprocess.patch_core=8",
-        "preprocess.mask.min_size=8",
-        "model.depth=2",
-        "model.features=2",
-        "model.front_end=false",
-        *extra,
-    ]
-    return load_config(ROOT / "configs" / "ci.yaml", sets)
+_cfg = folder_config
 
 
 @pytest.fixture()
