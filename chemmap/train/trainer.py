@@ -42,8 +42,6 @@ Log = Callable[[str], None]
 NOT_IN_KEY = {"max_failures", "prefetch", "torch_threads", "checkpoints_to_keep"}
 
 
-# Settings removed at the only value they ever had, kept in the key so that trainings made
-# before their removal are still found (train.loss.pixel: the per-pixel term, weight 0).
 def model_config(cfg: ChemmapConfig, n_channels: int, n_targets: int) -> UNetConfig:
     """The U-Net config for a dataset; a channel count that contradicts it is an error."""
     given = {"in_channels": cfg.model.in_channels, "out_channels": cfg.model.out_channels}
