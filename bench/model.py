@@ -155,7 +155,8 @@ def measure(models: dict[str, nn.Module], x: torch.Tensor, precision: str, iters
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
+    devices = [] if args.cuda_only else ["cpu"]
+    devices += ["cuda"] if torch.cuda.is_available() and not args.cpu_only else []
     rows = []
     for device in devices:
         for pad in args.pad:
@@ -205,6 +206,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument("--cuda-only", action="store_true", help="skip the CPU rows (e.g. paper-size inputs)")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
     if args.tiny:
