@@ -157,10 +157,9 @@ def patch_geometry(cfg: ChemmapConfig) -> PatchGeometry:
     return geometry
 
 
-def _dataset_config(cfg: ChemmapConfig) -> dict[str, Any]:
+def _dataset_config(cfg: ChemmapConfig, geometry: PatchGeometry) -> dict[str, Any]:
     """What decides a dataset besides its input files: the preprocess stage's config section."""
     pre = cfg.preprocess.model_dump(mode="json", exclude={"patch_core", "patch_halo", "patch_stride"})
-    geometry = patch_geometry(cfg)
     patches = {"core": geometry.core, "halo": geometry.halo, "stride": geometry.stride}
     return {
         "preprocess": pre,
@@ -171,7 +170,7 @@ def _dataset_config(cfg: ChemmapConfig) -> dict[str, Any]:
     }
 
 
-def _lookup_key(cfg: ChemmapConfig) -> str:
+def _lookup_key(cfg: ChemmapConfig, section: dict[str, Any]) -> str:
     """The index entry of a data config: where the data come from and how they are preprocessed."""
     if cfg.data.source == "synthetic":
         where: dict[str, Any] = {"synth": cfg.synth.model_dump(mode="json")}
@@ -180,7 +179,7 @@ def _lookup_key(cfg: ChemmapConfig) -> str:
             "data": cfg.data.model_dump(mode="json"),
             "root": str(cfg.resolve_path(cfg.data.root).resolve()),
         }
-    return stable_hash({**where, **_dataset_config(cfg)})
+    return stable_hash({**where, **section})
 
 
 def _index_path(cfg: ChemmapConfig) -> Path:
@@ -195,7 +194,7 @@ def _read_index(cfg: ChemmapConfig) -> dict[str, Any]:
 def _record_dataset(cfg: ChemmapConfig, stage: StageDir, src: DataSource) -> None:
     """Remember which dataset this data config produced (read by :func:`find_dataset`)."""
     index = _read_index(cfg)
-    index[_lookup_key(cfg)] = {
+    index[_lookup_key(cfg, dict(stage.config))] = {
         "key": stage.key,
         "path": str(stage.path),
         "config": stage.config,
@@ -213,8 +212,12 @@ def _warn_if_stale(entry: dict[str, Any], log: Log) -> None:
         return  # synthetic (keyed by content) or archived: nothing to compare
     changed = []
     for rel, size, mtime in entry["files"]:
-        st = (root / rel).stat() if (root / rel).exists() else None
-        if st is None or st.st_size != size or st.st_mtime_ns != mtime:
+        try:
+            st = (root / rel).stat()
+        except FileNotFoundError:
+            changed.append(rel)
+            continue
+        if st.st_size != size or st.st_mtime_ns != mtime:
             changed.append(rel)
     if changed:
         log(
@@ -228,7 +231,7 @@ def find_dataset(cfg: ChemmapConfig, *, log: Log = print) -> StageDir:
 
     Never reads the raw scans; warns (one line) if they are still there and changed.
     """
-    entry = _read_index(cfg).get(_lookup_key(cfg))
+    entry = _read_index(cfg).get(_lookup_key(cfg, _dataset_config(cfg, patch_geometry(cfg))))
     if entry is None:
         raise InputError(
             f"dataset not found: no dataset for this data and preprocess config in {_index_path(cfg)}; "
@@ -255,7 +258,7 @@ def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = pr
     """Raw scans -> ``dataset.zarr`` (chunk-parallel with Dask), with its patch index."""
     geometry = patch_geometry(cfg)  # a bad model: section fails here, before any scan is read
     src = data_source(cfg, progress=progress, log=log)
-    stage = stage_dir(cfg.workdir_path, "preprocess", _dataset_config(cfg), [src.key])
+    stage = stage_dir(cfg.workdir_path, "preprocess", _dataset_config(cfg, geometry), [src.key])
     store = stage.path / "dataset.zarr"
     if stage.complete:
         _record_dataset(cfg, stage, src)
