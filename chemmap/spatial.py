@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["semivariogram", "spatial_correlated_share"]
+__all__ = ["coarse_mask", "semivariogram", "spatial_correlated_share"]
 
 LAGS = (1, 2, 3)  # px, along x and y pooled
 
@@ -81,3 +81,21 @@ def spatial_correlated_share(map2d: np.ndarray, mask: np.ndarray | None = None) 
     _slope, intercept = np.polyfit(np.asarray(LAGS, dtype=np.float64), gam, 1)
     nugget = max(float(intercept), 0.0)
     return float(np.clip(1.0 - nugget / sill, 0.0, 1.0))
+
+
+def coarse_mask(mask: np.ndarray, step: int) -> np.ndarray:
+    """The mask of a grid ``step`` times coarser: a cell holds sample when all its pixels do.
+
+    Cell ``(i, j)`` covers pixels ``step*i .. step*i + step - 1`` (and the same in x); cells
+    at an odd edge cover only the pixels that exist.
+
+    Returns:
+        bool ``(ceil(H / step), ceil(W / step))``.
+    """
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2 or step < 1:
+        raise ValueError(f"need a 2-D mask and a step >= 1, got {m.shape} and {step}.")
+    h, w = m.shape
+    hc, wc = -(-h // step), -(-w // step)
+    padded = np.pad(m, ((0, hc * step - h), (0, wc * step - w)), constant_values=True)
+    return padded.reshape(hc, step, wc, step).all(axis=(1, 3))

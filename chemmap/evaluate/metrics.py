@@ -9,11 +9,25 @@ how much of a map's variance is spatially correlated and how many pixels leave 0
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 
 from chemmap.spatial import spatial_correlated_share
 
-__all__ = ["map_metrics", "paired_bootstrap", "regression_metrics", "rmse", "rmsecv"]
+__all__ = [
+    "TISSUE_FAT_THRESHOLD",
+    "MapTally",
+    "map_metrics",
+    "paired_bootstrap",
+    "regression_metrics",
+    "rmse",
+    "rmsecv",
+]
+
+TISSUE_FAT_THRESHOLD = 50.0  # % fat: a pixel whose true fat is at or above this is fat tissue
 
 
 def _as_vector(a: np.ndarray, name: str) -> np.ndarray:
@@ -149,6 +163,8 @@ def map_metrics(
     *,
     name: str = "map",
     valid_range: tuple[float, float] = (0.0, 100.0),
+    native: tuple[np.ndarray, np.ndarray] | None = None,
+    fat_tissue: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Statistics of one chemical map inside its sample mask.
 
@@ -159,12 +175,21 @@ def map_metrics(
         truth: Optional true per-pixel map ``(H, W)`` (synthetic data), same units.
         name: What the map is called in error messages (e.g. the scan id).
         valid_range: Physically possible values, default 0-100 %.
+        native: ``(map, mask)`` of the same map on the grid its model made it on (e.g. the
+            U-Net's half-resolution output before up-sampling, a binned map's bins); the
+            spatially correlated share is computed there. Default: ``map2d`` is native.
+        fat_tissue: ``(H, W)`` bool, pixels whose true fat is at or above
+            :data:`TISSUE_FAT_THRESHOLD`; with ``truth``, adds the bias inside fat and lean tissue.
 
     Returns:
         ``n_pixels``; ``mean`` and ``std`` of the map in the mask; ``spatial_correlated_share``
-        (1 - nugget/sill, see :mod:`chemmap.spatial`); ``out_of_range_fraction`` (share of
-        masked pixels below or above ``valid_range``); and with ``truth``: ``pixel_rmse`` and
-        ``pixel_bias`` (mean map - truth) over the mask.
+        on the native grid (1 - nugget/sill, see :mod:`chemmap.spatial`; a smoothness property,
+        not accuracy) and ``spatial_correlated_share_full`` on ``map2d``'s grid;
+        ``out_of_range_fraction`` (share of masked pixels below or above ``valid_range``); with
+        ``truth``: ``pixel_rmse``, ``pixel_bias`` (mean map - truth) and ``true_mean`` over
+        the mask pixels where the truth has a value (``pixels_without_truth``: those where it
+        is NaN, background the estimated mask took in); with ``fat_tissue`` too:
+        ``bias_fat_tissue`` and ``bias_lean_tissue`` (NaN where the map has no such pixel).
 
     Raises:
         ValueError: shapes differ, the mask is empty, or the map (or truth) has NaN/inf inside
@@ -184,23 +209,50 @@ def map_metrics(
     if bad:
         raise ValueError(f"{name}: {bad} of {n} pixels inside the mask are NaN or inf.")
     lo, hi = valid_range
+    full_share = float(spatial_correlated_share(np.where(msk, m2, np.nan), msk))
     out = {
         "n_pixels": n,
         "mean": float(vals.mean()),
         "std": float(vals.std()),
-        "spatial_correlated_share": float(spatial_correlated_share(np.where(msk, m2, np.nan), msk)),
+        "spatial_correlated_share": full_share if native is None else _native_share(native, name),
+        "spatial_correlated_share_full": full_share,
         "out_of_range_fraction": float(np.mean((vals < lo) | (vals > hi))),
     }
     if truth is not None:
-        t = np.asarray(truth, dtype=np.float64)
-        if t.shape != m2.shape:
-            raise ValueError(f"{name}: truth shape {t.shape} differs from map shape {m2.shape}.")
-        tv = t[msk]
-        tbad = int(np.sum(~np.isfinite(tv)))
-        if tbad:
-            raise ValueError(f"{name}: truth has {tbad} NaN or inf pixels inside the mask.")
-        out["pixel_rmse"] = float(np.sqrt(np.mean((vals - tv) ** 2)))
-        out["pixel_bias"] = float(np.mean(vals - tv))
+        out.update(_truth_metrics(vals, truth, msk, fat_tissue, name))
+    return out
+
+
+def _native_share(native: tuple[np.ndarray, np.ndarray], name: str) -> float:
+    """The spatially correlated share of a map on its own grid."""
+    z, m = np.asarray(native[0], dtype=np.float64), np.asarray(native[1], dtype=bool)
+    if z.shape != m.shape or z.ndim != 2:
+        raise ValueError(f"{name}: native map {z.shape} and its mask {m.shape} must be one 2-D shape.")
+    return float(spatial_correlated_share(np.where(m, z, np.nan), m))
+
+
+def _truth_metrics(
+    vals: np.ndarray, truth: np.ndarray, msk: np.ndarray, fat_tissue: np.ndarray | None, name: str
+) -> dict[str, float]:
+    """Per-pixel error of a map's mask pixels ``vals`` against the true map."""
+    t = np.asarray(truth, dtype=np.float64)
+    if t.shape != msk.shape:
+        raise ValueError(f"{name}: truth shape {t.shape} differs from map shape {msk.shape}.")
+    tv = t[msk]
+    known = np.isfinite(tv)  # the estimated mask may take in a pixel the truth calls background
+    if not known.any():
+        raise ValueError(f"{name}: the true map has no value inside the mask.")
+    err = vals[known] - tv[known]
+    out = {
+        "pixel_rmse": float(np.sqrt(np.mean(err**2))),
+        "pixel_bias": float(np.mean(err)),
+        "true_mean": float(tv[known].mean()),
+        "pixels_without_truth": int((~known).sum()),
+    }
+    if fat_tissue is not None:
+        fat = np.asarray(fat_tissue, dtype=bool)[msk][known]
+        for key, sel in (("bias_fat_tissue", fat), ("bias_lean_tissue", ~fat)):
+            out[key] = float(err[sel].mean()) if sel.any() else float("nan")
     return out
 
 
@@ -263,3 +315,126 @@ def paired_bootstrap(
         "n_boot": int(n_boot),
         "seed": int(seed),
     }
+
+
+@dataclass
+class MapTally:
+    """One way of making maps over the scans of a split: pooled pixel errors and per-map rows.
+
+    :meth:`add` takes one map at a time, so a split's maps are never held in memory together;
+    :meth:`summary` pools them. Pooled means every mask pixel of every map weighs the same
+    (the headline per-pixel RMSE); ``*_per_map`` values weigh every map the same.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    _sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_POOLED, 0.0))
+    # sample id -> [map sum, px; and over the pixels with a true value: truth sum, map sum, px]
+    _samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(
+        self,
+        sample_id: str,
+        full: np.ndarray,
+        mask: np.ndarray,
+        truth: np.ndarray | None = None,
+        *,
+        native: tuple[np.ndarray, np.ndarray] | None = None,
+        fat_tissue: np.ndarray | None = None,
+        name: str = "map",
+    ) -> dict[str, Any]:
+        """Score one map (see :func:`map_metrics` for the arguments); returns its row."""
+        row = map_metrics(full, mask, truth, name=name, native=native, fat_tissue=fat_tissue)
+        msk = np.asarray(mask, dtype=bool)
+        vals = np.asarray(full, dtype=np.float64)[msk]
+        s = self._sums
+        s["pixels"] += vals.size
+        s["out_of_range"] += row["out_of_range_fraction"] * vals.size
+        sample = self._samples.setdefault(sample_id, [0.0, 0.0, 0.0, 0.0, 0.0])
+        sample[0] += float(vals.sum())
+        sample[1] += vals.size
+        if truth is not None:
+            tv = np.asarray(truth, dtype=np.float64)[msk]
+            known = np.isfinite(tv)  # background the estimated mask took in has no true value
+            err = vals[known] - tv[known]
+            s["known"] += err.size
+            s["sse"] += float(np.dot(err, err))
+            s["err"] += float(err.sum())
+            sample[2:] = [
+                sample[2] + float(tv[known].sum()),
+                sample[3] + float(vals[known].sum()),
+                sample[4] + err.size,
+            ]
+            if fat_tissue is not None:
+                fat = np.asarray(fat_tissue, dtype=bool)[msk][known]
+                for tissue, sel in (("fat", fat), ("lean", ~fat)):
+                    s[f"{tissue}_err"] += float(err[sel].sum())
+                    s[f"{tissue}_px"] += int(sel.sum())
+        self.rows.append({"sample_id": sample_id, **row})
+        return row
+
+    def sample_means(self) -> dict[str, float]:
+        """Sample id -> the mean of its maps over all its scans' mask pixels."""
+        return {sid: v[0] / v[1] for sid, v in self._samples.items()}
+
+    @property
+    def has_truth(self) -> bool:
+        return bool(self.rows) and all("pixel_rmse" in r for r in self.rows)
+
+    @property
+    def pixel_rmse(self) -> float:
+        """The pooled per-pixel RMSE against the truth (NaN without truth)."""
+        s = self._sums
+        return float(np.sqrt(s["sse"] / s["known"])) if self.has_truth else float("nan")
+
+    def summary(self, labs: Mapping[str, float]) -> dict[str, Any]:
+        """The split's numbers for this kind of map.
+
+        Args:
+            labs: sample id -> lab value of the target (every sample added must be there).
+
+        Returns:
+            ``n_maps``, ``n_pixels``, ``out_of_range_fraction`` (pooled),
+            ``spatial_correlated_share`` (native grid) and ``spatial_correlated_share_full``
+            (mean over maps), ``mean_rmse_lab`` (RMSE over samples of the map's mean over the
+            sample's mask pixels against the lab value); with truth also ``pixel_rmse`` and
+            ``pixel_bias`` (pooled), ``pixel_rmse_per_map`` (mean over maps), ``bias_fat_tissue``
+            and ``bias_lean_tissue`` (pooled; when tissue was given) and ``mean_rmse_truth``
+            (the map's mean against the true map's mean over the same pixels).
+        """
+        if not self.rows:
+            raise ValueError("no map was added")
+        s = self._sums
+        ids = list(self._samples)
+        means = np.array([self._samples[i][0] / self._samples[i][1] for i in ids])
+        out: dict[str, Any] = {
+            "n_maps": len(self.rows),
+            "n_pixels": int(s["pixels"]),
+            "out_of_range_fraction": s["out_of_range"] / s["pixels"],
+            "spatial_correlated_share": _nanmean([r["spatial_correlated_share"] for r in self.rows]),
+            "spatial_correlated_share_full": _nanmean(
+                [r["spatial_correlated_share_full"] for r in self.rows]
+            ),
+            "mean_rmse_lab": rmse(np.array([labs[i] for i in ids]), means),
+        }
+        if self.has_truth:
+            true_means = np.array([self._samples[i][2] / self._samples[i][4] for i in ids])
+            known_means = np.array([self._samples[i][3] / self._samples[i][4] for i in ids])
+            out |= {
+                "pixel_rmse": self.pixel_rmse,
+                "pixel_bias": s["err"] / s["known"],
+                "pixel_rmse_per_map": float(np.mean([r["pixel_rmse"] for r in self.rows])),
+                "mean_rmse_truth": rmse(true_means, known_means),
+                "pixels_without_truth": int(s["pixels"] - s["known"]),
+            }
+            for tissue in ("fat", "lean"):
+                if s[f"{tissue}_px"] > 0:
+                    out[f"bias_{tissue}_tissue"] = s[f"{tissue}_err"] / s[f"{tissue}_px"]
+        return out
+
+
+_POOLED = ("pixels", "out_of_range", "known", "sse", "err", "fat_err", "fat_px", "lean_err", "lean_px")
+
+
+def _nanmean(values: list[float]) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")

@@ -10,6 +10,7 @@ import html
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,19 @@ import numpy as np
 
 from chemmap.files import write_bytes_atomic
 
-__all__ = ["summary_table", "write_report"]
+__all__ = ["ReportTable", "results_markdown", "summary_table", "write_report"]
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """One more table of the summaries: a heading, an optional paragraph, rows and columns."""
+
+    heading: str
+    rows: Mapping[str, Mapping[str, Any]]
+    columns: Sequence[str] | None = None
+    text: str = ""
+    first: str = "method"
+
 
 # Columns first in the summary table, in this order; other keys follow alphabetically.
 _PREFERRED_COLUMNS = (
@@ -61,21 +74,29 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def summary_table(metrics: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
+def summary_table(
+    metrics: Mapping[str, Mapping[str, Any]], columns: Sequence[str] | None = None, *, first: str = "model"
+) -> tuple[str, str]:
     """One row per model, one column per metric, as Markdown and as an HTML table.
 
     Args:
         metrics: Model name -> metrics dict (e.g. :func:`~chemmap.evaluate.metrics.regression_metrics`
             merged with map metrics). Nested dicts become ``outer.inner`` columns; lists are left
             out. Floats are written with 4 significant digits.
+        columns: The columns, in order (others are left out); default every key, the usual
+            ones first.
+        first: Heading of the first column (the row names).
 
     Returns:
         ``(markdown, html)``.
     """
     rows = {name: _flatten(m) for name, m in metrics.items()}
     keys = {k for r in rows.values() for k in r}
-    columns = [k for k in _PREFERRED_COLUMNS if k in keys] + sorted(keys - set(_PREFERRED_COLUMNS))
-    header = ["model", *columns]
+    if columns is None:
+        columns = [k for k in _PREFERRED_COLUMNS if k in keys] + sorted(keys - set(_PREFERRED_COLUMNS))
+    else:
+        columns = [c for c in columns if c in keys]
+    header = [first, *columns]
     body = [[name, *(_fmt(r.get(c)) for c in columns)] for name, r in rows.items()]
 
     def md_cell(s: str) -> str:
@@ -129,6 +150,7 @@ def write_report(
     figures: Sequence[Path | str] | None = None,
     extra: Mapping[str, Any] | None = None,
     notes: str | None = None,
+    tables: Sequence[ReportTable] = (),
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``summary.md`` and ``summary.html`` into ``folder``.
 
@@ -141,6 +163,7 @@ def write_report(
         extra: More JSON-able content stored in ``metrics.json`` next to ``models`` (e.g. the
             paired bootstrap, the PLS CV curve, the config hash).
         notes: Markdown paragraph placed under the heading of ``summary.md`` (escaped in HTML).
+        tables: More tables, each under its own heading, after the models' table.
 
     Returns:
         ``{"json": ..., "markdown": ..., "html": ...}`` paths. ``metrics.json`` is
@@ -165,6 +188,9 @@ def write_report(
     if notes:
         md += [notes, ""]
     md += [md_table]
+    for t in tables:
+        t_md, _ = summary_table(t.rows, t.columns, first=t.first)
+        md += [f"## {t.heading}", "", *([t.text, ""] if t.text else []), t_md]
     md += [f"![{Path(r).stem}]({r})\n" for r in rel]
     paths["markdown"] = write_bytes_atomic(out / "summary.md", "\n".join(md).encode())
 
@@ -180,7 +206,68 @@ def write_report(
     if notes:
         page.append(f"<p>{html.escape(notes)}</p>")
     page.append(html_table)
+    for t in tables:
+        _, t_html = summary_table(t.rows, t.columns, first=t.first)
+        page += [f"<h2>{html.escape(t.heading)}</h2>", *([f"<p>{html.escape(t.text)}</p>"] if t.text else [])]
+        page.append(t_html)
     page += [f'<figure><img src="{html.escape(r)}" alt="{html.escape(Path(r).stem)}"></figure>' for r in rel]
     page.append("</body></html>")
     paths["html"] = write_bytes_atomic(out / "summary.html", ("\n".join(page) + "\n").encode())
     return paths
+
+
+def _cell(v: Any, digits: int = 2, percent: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, str):
+        return v
+    return f"{100 * v:.{digits}f} %" if percent else f"{v:.{digits}f}"
+
+
+def results_markdown(metrics: Mapping[str, Any]) -> str:
+    """The README's results tables from one evaluation's ``metrics.json`` (first target).
+
+    Two tables: the mean of each sample (every model against the lab value and against the
+    true surface mean), and every map method against the true maps, with its role and the
+    setting the protocol chose.
+    """
+    models, maps = metrics["models"], metrics["maps"]
+    target = next(iter(models.values()))
+    if "rmse" not in target:  # several targets: the first
+        first = next(iter(target))
+        models = {k: v[first] for k, v in models.items()}
+        maps = maps[first]
+    boot, rel = metrics["bootstrap_rmse_unet_minus_pls"], metrics["relative_rmse_change"]
+    lines = [
+        f"Mean of each test sample ({metrics['n_test']} samples):",
+        "",
+        "| model | RMSE vs lab | RMSE vs true surface mean | R² | bias |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, m in models.items():
+        truth = maps.get(name, {}).get("mean_rmse_truth")
+        cells = [_cell(m["rmse"], 3), _cell(truth, 3), _cell(m["r2"], 3), _cell(m["bias"], 3)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"U-Net vs PLS: {_cell(rel, percent=True)} in RMSE; paired bootstrap of the difference "
+        f"{boot['estimate']:+.3f}, 95 % CI [{boot['ci_low']:+.3f}, {boot['ci_high']:+.3f}]. "
+        f"RMSECV (a selection criterion: the same folds chose each model's stopping epoch or "
+        f"component count): U-Net {metrics['rmsecv']['unet']:.3f}, PLS {metrics['rmsecv']['pls']:.3f}.",
+        "",
+        "Maps against the true maps of the test split (per-pixel RMSE pooled over all test pixels; "
+        "settings chosen out of fold on the training splits, docs/evaluation.md):",
+        "",
+        "| map | role | setting | px RMSE | out-of-fold px RMSE | bias in fat / lean | "
+        "spatial share, own grid / full grid | outside 0-100 % |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in maps.items():
+        lines.append(
+            f"| {name} | {r['role']} | {r.get('setting', '')} | {_cell(r.get('pixel_rmse'))} | "
+            f"{_cell(r.get('oof_pixel_rmse'))} | {_cell(r.get('bias_fat_tissue'), 1)} / "
+            f"{_cell(r.get('bias_lean_tissue'), 1)} | {_cell(r['spatial_correlated_share'], percent=True)} / "
+            f"{_cell(r['spatial_correlated_share_full'], percent=True)} | "
+            f"{_cell(r['out_of_range_fraction'], percent=True)} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,15 +1,19 @@
-"""The evaluation stage: the fold ensemble against the paper's PLS baseline on the test split.
+"""The evaluation stage: the fold ensemble against PLS and strong map baselines on the test split.
 
-Both models see the same preprocessed data, read through :class:`chemmap.preprocess.store.Dataset`
-only: PLS is fitted on the mean spectra of the training samples (splits 1-5, components by CV
-over those folds) and applied pixel by pixel, as the paper does; the U-Net ensemble is exactly
-what the registry will hold (:mod:`chemmap.inference.ensemble`) and sees the stored cube through
-:meth:`Dataset.model_input`. Maps are compared with the true maps the dataset carries
-(synthetic data). The report (metrics.json, summary tables, maps, scatter, residuals) goes
-into the stage folder and into the training run in MLflow.
+Every method sees the same preprocessed data, read through :class:`chemmap.preprocess.store.Dataset`
+only. PLS is fitted on the mean spectra of the training samples (splits 1-5, components by CV
+over those folds) and applied pixel by pixel, as the paper does; from its map come the map
+baselines (clipped, smoothed, binned) and, as headroom, maps that use the label or the test
+truth (:mod:`chemmap.evaluate.baselines`). The U-Net ensemble is exactly what the registry will
+hold (:mod:`chemmap.inference.ensemble`); each of its fold models is scored too.
 
-The steps, in order: :func:`mean_spectra`, :func:`fit_pls`, :func:`score_test_split` (one
-test sample at a time: :func:`score_sample`), :func:`aggregate_metrics`, the paired
+Every setting is chosen by one protocol (docs/evaluation.md, :mod:`chemmap.evaluate.protocol`):
+on out-of-fold maps of the training splits against their true maps; the test split is then
+scored once (:mod:`chemmap.evaluate.scoring`). The report (metrics.json, summary tables,
+maps, scatter, residuals) goes into the stage folder and into the training run in MLflow.
+
+The steps, in order: :func:`mean_spectra`, :func:`fit_pls`, :func:`choose_settings`,
+:func:`score_test_split`, :func:`aggregate_metrics` and :func:`map_summaries`, the paired
 bootstrap, :func:`write_evaluation_report`, :func:`log_to_mlflow`.
 """
 
@@ -17,74 +21,75 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.progress import track
 
 from chemmap import tracking
 from chemmap.config import ChemmapConfig, dump_config
 from chemmap.errors import InputError
-from chemmap.evaluate.metrics import map_metrics, paired_bootstrap, regression_metrics
+from chemmap.evaluate.baselines import SIGMAS, setting_key
+from chemmap.evaluate.metrics import TISSUE_FAT_THRESHOLD, paired_bootstrap, regression_metrics
 from chemmap.evaluate.pls import PLSBaseline
-from chemmap.evaluate.report import write_report
-from chemmap.figures import plot_maps, plot_residuals, plot_scatter
+from chemmap.evaluate.protocol import Choices, choose, fold_pls_models, out_of_fold, training_splits
+from chemmap.evaluate.report import ReportTable, write_report
+from chemmap.evaluate.scoring import (
+    EvaluatedModels,
+    TestScores,
+    lab_values,
+    method_roles,
+    score_test_split,
+    target_index,
+)
+from chemmap.figures import plot_residuals, plot_scatter
 from chemmap.files import write_bytes_atomic, write_json_atomic
-from chemmap.inference.ensemble import MapEnsemble, load_ensemble, predict_map
-from chemmap.models.tiling import Geometry, model_geometry
+from chemmap.inference.ensemble import load_ensemble
+from chemmap.models.tiling import model_geometry
 from chemmap.preprocess.store import Dataset
 from chemmap.stages import StageDir, stage_dir
 
 __all__ = [
-    "EvaluatedModels",
     "Evaluation",
-    "SampleScore",
-    "ScanMaps",
-    "StoredInput",
-    "TestScores",
     "aggregate_metrics",
     "bootstrap_first_target",
+    "choose_settings",
     "evaluate_ensemble",
     "fit_pls",
     "flat_metrics",
-    "lab_values",
     "load_models",
     "log_to_mlflow",
+    "map_summaries",
     "mean_spectra",
-    "score_sample",
-    "score_scan",
-    "score_test_split",
     "write_evaluation_report",
 ]
 
-N_MAP_FIGURES = 4  # test samples drawn as map figures
 N_BOOT = 10000
-MODELS = ("unet", "pls")  # names in metrics.json, in this order
+MODELS = ("unet", "pls")  # mean-fat predictions in metrics.json, in this order
 MODEL_LABELS = {"unet": "U-Net", "pls": "PLS"}  # names in figures
-MAP_KEYS = ("spatial_correlated_share", "out_of_range_fraction", "pixel_rmse")  # averaged over maps
+# Columns of the maps table, in this order.
+MAP_COLUMNS = (
+    "role",
+    "setting",
+    "pixel_rmse",
+    "pixel_rmse_per_map",
+    "oof_pixel_rmse",
+    "pixel_bias",
+    "bias_fat_tissue",
+    "bias_lean_tissue",
+    "mean_rmse_lab",
+    "mean_rmse_truth",
+    "spatial_correlated_share",
+    "spatial_correlated_share_full",
+    "out_of_range_fraction",
+)
+PROTOCOL_VERSION = 1  # in the stage key: a change of the protocol makes a new evaluation
 
 Log = Callable[[str], None]
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-class StoredInput:
-    """Model input of a stored scan, ``(C, H, W)``: :meth:`Dataset.model_input` of what is read.
-
-    Reads like an array (``shape``, ``x[...]``, ``x[:, y0:y1, x0:x1]``), so a large scan is
-    scored tile by tile without ever being read whole.
-    """
-
-    def __init__(self, data: Dataset, scan_id: str) -> None:
-        self.data = data
-        self.cube = data.cube(scan_id)
-        self.shape = tuple(self.cube.shape)
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        return self.data.model_input(np.asarray(self.cube[key]))
 
 
 def mean_spectra(data: Dataset) -> dict[str, np.ndarray]:
@@ -104,208 +109,153 @@ def mean_spectra(data: Dataset) -> dict[str, np.ndarray]:
     return spectra
 
 
-def _target_index(data: Dataset, targets: Sequence[str]) -> list[int]:
-    """Positions of ``targets`` among the dataset's targets (lab values and model outputs)."""
-    missing = [t for t in targets if t not in data.targets]
-    if missing:
-        raise InputError(f"{data.path}: targets {missing} are not in the dataset (it has {data.targets})")
-    return [data.targets.index(t) for t in targets]
+def fit_pls(
+    data: Dataset,
+    spectra: dict[str, np.ndarray],
+    targets: Sequence[str],
+    sample_ids: Sequence[str] | None = None,
+) -> PLSBaseline:
+    """The paper's baseline on mean spectra, components by CV over the samples' folds.
 
-
-def lab_values(data: Dataset, sample_ids: Sequence[str], targets: Sequence[str]) -> np.ndarray:
-    """Lab values ``(n_samples, T)`` float64 of ``targets``, in the order of ``sample_ids``."""
-    index = _target_index(data, targets)
-    return np.array([[data.samples[s].targets[i] for i in index] for s in sample_ids])
-
-
-def fit_pls(data: Dataset, spectra: dict[str, np.ndarray], targets: Sequence[str]) -> PLSBaseline:
-    """The paper's baseline on the training samples' mean spectra (every split but 0, the test)."""
-    train_ids = data.ids([s for s in data.splits if s != 0])
-    X = np.stack([spectra[s] for s in train_ids])
-    Y = lab_values(data, train_ids, targets)
-    folds = np.array([data.samples[s].split for s in train_ids])
+    Args:
+        sample_ids: the samples to fit on; default every training sample (every split but 0,
+            the test split). Out-of-fold models pass the training samples of the other folds.
+    """
+    ids = data.ids(training_splits(data)) if sample_ids is None else list(sample_ids)
+    X = np.stack([spectra[s] for s in ids])
+    Y = lab_values(data, ids, targets)
+    folds = np.array([data.samples[s].split for s in ids])
     return PLSBaseline(max_components=min(20, X.shape[1])).fit(X, Y, folds, target_names=list(targets))
 
 
-# ----------------------------------------------------------------------------- scoring
+def load_models(
+    data: Dataset, training: StageDir, pls: PLSBaseline, targets: Sequence[str]
+) -> tuple[EvaluatedModels, dict[int, Any]]:
+    """The training's fold ensemble (as it will be registered) beside the fitted PLS.
 
-
-@dataclass(frozen=True)
-class EvaluatedModels:
-    """The two models compared, ready to score scans.
-
-    Attributes:
-        unet: the fold ensemble; ``channels`` are its outputs for the evaluated targets.
-        geometry: its tiling geometry (for scans scored in tiles).
-        pls: the fitted baseline, outputs in the evaluated targets' order.
+    Returns:
+        ``(models, fold -> member)``; the models' ``choices`` are still empty.
     """
-
-    unet: MapEnsemble
-    channels: list[int]
-    geometry: Geometry
-    pls: PLSBaseline
-
-
-@dataclass(frozen=True)
-class ScanMaps:
-    """The maps of one test scan.
-
-    Attributes:
-        maps: model name -> ``(T, H, W)`` float32 maps of the evaluated targets, NaN outside
-            the mask.
-        mask: ``(H, W)`` bool sample pixels.
-        truth: the dataset's true maps ``{target: (H, W)}``, or None (not synthetic data).
-    """
-
-    scan_id: str
-    maps: dict[str, np.ndarray]
-    mask: np.ndarray
-    truth: dict[str, np.ndarray] | None
-
-
-@dataclass
-class SampleScore:
-    """One test sample: the U-Net's mean over its scans' sample pixels and its maps' metrics."""
-
-    unet_mean: np.ndarray  # (T,)
-    per_map: dict[str, list[dict[str, Any]]]  # model -> one row per (scan, target)
-    figures: list[Path] = field(default_factory=list)
-
-
-@dataclass
-class TestScores:
-    """The test split as both models see it.
-
-    Attributes:
-        sample_ids: test samples, sorted.
-        reference: ``(n, T)`` lab values.
-        predictions: model name -> ``(n, T)`` predicted sample means (U-Net: mean of its map
-            over the sample pixels; PLS: applied to the mean spectrum).
-        per_map: model name -> :func:`map_metrics` rows of every (scan, target), with ``target``.
-        figures: map figures drawn so far.
-    """
-
-    sample_ids: list[str]
-    reference: np.ndarray
-    predictions: dict[str, np.ndarray]
-    per_map: dict[str, list[dict[str, Any]]]
-    figures: list[Path]
-
-
-def score_scan(data: Dataset, scan_id: str, models: EvaluatedModels) -> ScanMaps:
-    """Both models' maps of one scan, with its mask and true maps."""
-    mask = data.mask(scan_id)
-    umap = predict_map(models.unet, StoredInput(data, scan_id), models.geometry).numpy()[models.channels]
-    pmap = models.pls.predict_cube(data.cube(scan_id), mask)  # (T, H, W)
-    umap = np.where(mask[None], umap, np.nan).astype(np.float32)  # (T, H, W)
-    return ScanMaps(scan_id, {"unet": umap, "pls": pmap}, mask, data.truth(scan_id))
-
-
-def _scan_map_metrics(scan: ScanMaps, targets: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-    """:func:`map_metrics` of every map of a scan (against its true map where there is one)."""
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for name, maps in scan.maps.items():
-        rows[name] = []
-        for j, t in enumerate(targets):
-            truth = scan.truth.get(t) if scan.truth else None
-            r = map_metrics(maps[j], scan.mask, truth, name=f"{name} map of {scan.scan_id}")
-            rows[name].append({"target": t, **r})
-    return rows
-
-
-def _draw_scan(scan: ScanMaps, target: str, lab: float, folder: Path) -> Path:
-    """``map_<scan>.png``: both models' maps of the first target beside the true map."""
-    maps = {MODEL_LABELS[name]: m[0] for name, m in scan.maps.items()}
-    if scan.truth and target in scan.truth:
-        maps["truth"] = scan.truth[target]
-    return plot_maps(
-        maps, folder / f"map_{scan.scan_id}.png", title=f"{scan.scan_id}: {target} (lab {lab:.1f} %)"
+    unet, card = load_ensemble(training.path)
+    folds = [int(k) for k in card.get("folds", range(1, len(unet.members) + 1))]
+    if len(folds) != len(unet.members):
+        raise InputError(
+            f"{training.path / 'model.json'}: {len(folds)} folds for {len(unet.members)} weights"
+        )
+    models = EvaluatedModels(
+        unet, target_index(data, targets), folds, model_geometry(unet.members[0]), pls, choices={}
     )
+    return models, dict(zip(folds, unet.members, strict=True))
 
 
-def score_sample(
-    data: Dataset,
-    sample_id: str,
-    models: EvaluatedModels,
-    targets: Sequence[str],
-    *,
-    draw: tuple[Path, float] | None = None,
-) -> SampleScore:
-    """One test sample's scans: maps, their metrics, and the U-Net's sample mean.
-
-    Args:
-        draw: ``(folder, lab value of the first target)`` to draw the scans' maps there.
-    """
-    score = SampleScore(np.zeros(len(targets)), {name: [] for name in MODELS})
-    count = 0
-    for scan_id in data.samples[sample_id].scans:
-        scan = score_scan(data, scan_id, models)
-        score.unet_mean += np.nansum(scan.maps["unet"], axis=(1, 2))
-        count += int(scan.mask.sum())
-        for name, rows in _scan_map_metrics(scan, targets).items():
-            score.per_map[name] += rows
-        if draw is not None:
-            score.figures.append(_draw_scan(scan, targets[0], draw[1], draw[0]))
-    score.unet_mean = score.unet_mean / max(count, 1)
-    return score
-
-
-def score_test_split(
+def choose_settings(
     data: Dataset,
     spectra: dict[str, np.ndarray],
     models: EvaluatedModels,
+    members: dict[int, Any],
     targets: Sequence[str],
-    folder: Path,
     *,
     progress: bool = True,
-) -> TestScores:
-    """Both models on every test sample (split 0); the first :data:`N_MAP_FIGURES` are drawn."""
-    test_ids = data.ids([0])
-    if len(test_ids) < 2:
-        raise InputError(f"{data.path}: the test split (0) has {len(test_ids)} samples; need at least 2")
-    reference = lab_values(data, test_ids, targets)
-    scores = TestScores(
-        sample_ids=test_ids,
-        reference=reference,
-        predictions={
-            "unet": np.zeros_like(reference),
-            "pls": models.pls.predict(np.stack([spectra[s] for s in test_ids])),
-        },
-        per_map={name: [] for name in MODELS},
-        figures=[],
+) -> tuple[dict[str, Choices], float]:
+    """The protocol: out-of-fold maps of the training splits, and the settings they choose.
+
+    Returns:
+        ``(target -> choices, the U-Net's pooled RMSECV of the first target)``.
+    """
+    pls_by_fold = fold_pls_models(data, spectra, targets, fit_pls)
+    oof = out_of_fold(
+        data, targets, pls_by_fold, members, models.geometry, channels=models.channels, progress=progress
     )
-    for k, sid in enumerate(track(test_ids, description="evaluate", disable=not progress)):
-        draw = (folder, float(reference[k, 0])) if k < N_MAP_FIGURES else None
-        sample = score_sample(data, sid, models, targets, draw=draw)
-        scores.predictions["unet"][k] = sample.unet_mean
-        for name in MODELS:
-            scores.per_map[name] += sample.per_map[name]
-        scores.figures += sample.figures
-    return scores
+    return {t: choose(oof[t]) for t in targets}, oof[targets[0]].unet_rmsecv()
 
 
 # ----------------------------------------------------------------------------- numbers
 
 
-def aggregate_metrics(scores: TestScores, targets: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per model: :func:`regression_metrics` of the sample means plus the maps' mean metrics.
+def _per_target(per_target: dict[str, Any], targets: Sequence[str]) -> Any:
+    """One target's value as it is; several as ``{target: value}``."""
+    return per_target if len(targets) > 1 else per_target[targets[0]]
+
+
+def aggregate_metrics(scores: TestScores, targets: Sequence[str], folds: Sequence[int]) -> dict[str, Any]:
+    """Mean-fat metrics per model: :func:`regression_metrics` of its sample means on the test split.
+
+    The U-Net's sample mean is its map's mean over the sample's pixels (each fold model's as
+    well); PLS predicts from the mean spectrum, as the paper does.
 
     Returns:
-        ``{model: metrics}`` for one target, ``{model: {target: metrics}}`` for several.
+        ``{model: metrics}`` for one target, ``{model: {target: metrics}}`` for several; models
+        ``unet``, ``pls``, then ``unet_fold<k>``.
     """
-    metrics: dict[str, dict[str, Any]] = {}
-    for name, pred in scores.predictions.items():
-        per_target: dict[str, Any] = {}
-        for j, t in enumerate(targets):
-            reg: dict[str, Any] = regression_metrics(scores.reference[:, j], pred[:, j])
-            rows = [r for r in scores.per_map[name] if r["target"] == t]
-            for key in MAP_KEYS:
-                vals = [r[key] for r in rows if key in r and r[key] is not None]
-                if vals:
-                    reg[key] = float(np.mean(vals))
-            per_target[t] = reg
-        metrics[name] = per_target if len(targets) > 1 else per_target[targets[0]]
-    return metrics
+    preds = {name: scores.predictions[name] for name in MODELS}
+    for k in folds:
+        preds[f"unet_fold{k}"] = np.array(
+            [
+                [scores.tallies[t][f"unet_fold{k}"].sample_means()[sid] for t in targets]
+                for sid in scores.sample_ids
+            ]
+        )
+    return {
+        name: _per_target(
+            {t: regression_metrics(scores.reference[:, j], pred[:, j]) for j, t in enumerate(targets)},
+            targets,
+        )
+        for name, pred in preds.items()
+    }
+
+
+def _setting(method: str, choices: Choices, oracle_sigma: float | None) -> str:
+    """What a method's setting was, in words (empty for methods with none)."""
+    if method == "pls_gauss_oracle":
+        return f"sigma {oracle_sigma:g} px (best on the test truth)"
+    if method == "pls_gauss" and choices.gauss_sigma is not None:
+        return f"sigma {choices.gauss_sigma:g} px"
+    if method == "pls_median" and choices.median_size is not None:
+        return f"{choices.median_size} px window"
+    if method == "brightness_lab" and choices.brightness_sigma is not None:
+        return f"sigma {choices.brightness_sigma:g} px, slope {choices.brightness_slope:.4g}"
+    return ""
+
+
+def _oracle(tallies: dict[str, Any]) -> tuple[str | None, float | None]:
+    """The smoothing width best on the test split's truth (an oracle, reported as headroom)."""
+    keys = [setting_key("pls_gauss", s) for s in SIGMAS if setting_key("pls_gauss", s) in tallies]
+    if not keys or not tallies[keys[0]].has_truth:
+        return None, None
+    best = min(keys, key=lambda k: tallies[k].pixel_rmse)
+    return best, float(best.split("@")[1])
+
+
+def map_summaries(
+    scores: TestScores, choices: dict[str, Choices], targets: Sequence[str], folds: Sequence[int]
+) -> Any:
+    """Every map method's numbers on the test split, with its role, setting and out-of-fold score.
+
+    Returns:
+        ``{method: row}`` for one target (``{target: {method: row}}`` for several), in
+        :func:`~chemmap.evaluate.scoring.method_roles` order; a row is
+        :meth:`~chemmap.evaluate.metrics.MapTally.summary` plus ``role``, ``setting`` and
+        ``oof_pixel_rmse`` (the training splits' out-of-fold score the protocol chose on).
+    """
+    out = {}
+    for j, t in enumerate(targets):
+        tallies, ch = scores.tallies[t], choices[t]
+        labs = dict(zip(scores.sample_ids, scores.reference[:, j].tolist(), strict=True))
+        oracle_key, oracle_sigma = _oracle(tallies)
+        rows = {}
+        for method, role in method_roles(folds).items():
+            key = oracle_key if method == "pls_gauss_oracle" else method
+            if key not in tallies:
+                continue
+            oof = ch.oof_rmse.get(ch.setting(method)) if not method.startswith("unet_fold") else None
+            rows[method] = {
+                "role": role,
+                "setting": _setting(method, ch, oracle_sigma),
+                "oof_pixel_rmse": None if method == "pls_gauss_oracle" else oof,
+                **tallies[key].summary(labs),
+            }
+        out[t] = rows
+    return _per_target(out, targets)
 
 
 def _first_target(metrics: dict[str, dict[str, Any]], targets: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -329,15 +279,24 @@ def bootstrap_first_target(scores: TestScores, seed: int) -> dict[str, float]:
 
 
 def flat_metrics(
-    metrics: dict[str, dict[str, Any]], boot: dict[str, float], targets: Sequence[str]
+    metrics: dict[str, Any], maps: Any, boot: dict[str, float], targets: Sequence[str]
 ) -> dict[str, float]:
-    """The finite numbers of the first target as MLflow metrics: ``test_<model>_<metric>``."""
-    flat = {
-        f"test_{name}_{k}": v
-        for name, m in _first_target(metrics, targets).items()
-        for k, v in m.items()
-        if isinstance(v, (int, float)) and math.isfinite(v)
-    }
+    """The finite numbers of the first target as MLflow metrics.
+
+    ``test_<model>_<metric>`` for the mean-fat metrics, ``test_map_<method>_<metric>`` for the
+    maps, and the bootstrap interval.
+    """
+
+    def finite(rows: dict[str, dict[str, Any]], prefix: str) -> dict[str, float]:
+        return {
+            f"{prefix}{name}_{k}": float(v)
+            for name, m in rows.items()
+            for k, v in m.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
+
+    first_maps = maps if len(targets) == 1 else maps[targets[0]]
+    flat = finite(_first_target(metrics, targets), "test_") | finite(first_maps, "test_map_")
     flat["test_rmse_diff_ci_low"] = boot["ci_low"]
     flat["test_rmse_diff_ci_high"] = boot["ci_high"]
     return flat
@@ -351,11 +310,14 @@ class Evaluation:
     """Everything the report shows."""
 
     scores: TestScores
-    metrics: dict[str, dict[str, Any]]
+    metrics: dict[str, Any]  # mean-fat metrics per model (aggregate_metrics)
+    maps: Any  # map metrics per method (map_summaries)
+    choices: dict[str, Choices]
     pls: PLSBaseline
     bootstrap: dict[str, float]
-    rmsecv_unet: float
-    n_members: int
+    rmsecv_unet: float  # pooled, from out-of-fold predictions
+    rmsecv_unet_training: float  # what the training stage reported
+    folds: list[int]
     keys: dict[str, str]  # dataset_key, training_key
 
 
@@ -363,11 +325,20 @@ def _report_extra(ev: Evaluation, targets: Sequence[str]) -> dict[str, Any]:
     """What ``metrics.json`` holds beside the models' metrics."""
     s = ev.scores
     return {
+        "maps": ev.maps,
+        "protocol": _per_target({t: c.to_dict() for t, c in ev.choices.items()}, targets),
         "n_test": len(s.sample_ids),
         "rmsecv": {"unet": ev.rmsecv_unet, "pls": float(ev.pls.cv[0]["rmsecv_at_chosen"])},
+        "rmsecv_note": (
+            "U-Net: pooled over its fold models' out-of-fold sample means; those folds also chose "
+            "each model's early-stopping epoch, so it is a selection criterion, not evidence for "
+            "the U-Net over PLS."
+        ),
+        "rmsecv_unet_training": ev.rmsecv_unet_training,
         "pls_components": ev.pls.n_components,
         "bootstrap_rmse_unet_minus_pls": ev.bootstrap,
         "relative_rmse_change": _relative_rmse_change(ev.metrics, targets),
+        "tissue_fat_threshold": TISSUE_FAT_THRESHOLD,
         **ev.keys,
         "test_predictions": {
             "sample_id": s.sample_ids,
@@ -378,13 +349,28 @@ def _report_extra(ev: Evaluation, targets: Sequence[str]) -> dict[str, Any]:
 
 
 def _report_notes(ev: Evaluation, targets: Sequence[str]) -> str:
-    boot = ev.bootstrap
+    boot, rel = ev.bootstrap, _relative_rmse_change(ev.metrics, targets)
+    best = ev.choices[targets[0]].best_label_free
     return (
         f"Test split: {len(ev.scores.sample_ids)} samples, target {targets[0]}. U-Net = mean of "
-        f"{ev.n_members} fold models; PLS = {ev.pls.n_components[0]} components on mean spectra, "
-        f"applied per pixel. Paired bootstrap of RMSE(U-Net) - RMSE(PLS): {boot['estimate']:.3f} "
-        f"[{boot['ci_low']:.3f}, {boot['ci_high']:.3f}] (95 %)."
+        f"{len(ev.folds)} fold models; PLS = {ev.pls.n_components[0]} components on mean spectra. "
+        f"Mean {targets[0]}: RMSE(U-Net) / RMSE(PLS) - 1 = {100 * rel:+.1f} %, paired bootstrap of "
+        f"RMSE(U-Net) - RMSE(PLS) {boot['estimate']:+.3f} [{boot['ci_low']:+.3f}, {boot['ci_high']:+.3f}] "
+        f"(95 %). Map figures: truth, U-Net and the best label-free baseline ({best}, chosen out of "
+        "fold on the training splits) on one colour scale."
     )
+
+
+_MAPS_TEXT = (
+    "Per-pixel error against the true maps of the test split, pooled over all its mask pixels "
+    "(pixel_rmse, the headline) and per map. Settings were chosen by the protocol of "
+    "docs/evaluation.md on out-of-fold maps of the training splits (oof_pixel_rmse); the test "
+    "truth chose nothing, except for the oracle. Headroom rows use the lab value or the test "
+    "truth and are not competitors. Tissue: true fat >= {thr:g} % is fat. spatial_correlated_share "
+    "is computed on each map's own grid (the U-Net's half-resolution output, a binned map's bins): "
+    "a smoothness property, not accuracy; _full is on the scan's grid, where up-sampling alone "
+    "makes white noise look correlated."
+)
 
 
 def write_evaluation_report(
@@ -398,13 +384,24 @@ def write_evaluation_report(
         plot_scatter(s.reference[:, 0], preds, folder / "scatter.png"),
         plot_residuals(s.reference[:, 0], preds, folder / "residuals.png"),
     ]
+    maps = ev.maps if len(targets) == 1 else ev.maps[targets[0]]
+    oof = ev.choices[targets[0]].oof_rmse
+    tables = [
+        ReportTable(f"Maps of {targets[0]}", maps, MAP_COLUMNS, _MAPS_TEXT.format(thr=TISSUE_FAT_THRESHOLD)),
+        ReportTable(
+            "Protocol: out-of-fold pixel RMSE of every setting tried (training splits)",
+            {k: {"oof_pixel_rmse": v} for k, v in oof.items()},
+            first="setting",
+        ),
+    ]
     paths = write_report(
         folder,
-        ev.metrics,
+        _first_target(ev.metrics, targets),
         title=title,
         figures=figures,
         extra=_report_extra(ev, targets),
         notes=_report_notes(ev, targets),
+        tables=tables,
     )
     if learning_curve is not None and learning_curve.is_file():
         write_bytes_atomic(folder / "learning_curve.png", learning_curve.read_bytes())
@@ -430,12 +427,31 @@ def log_to_mlflow(training: dict[str, Any], folder: Path, flat: dict[str, float]
 # ----------------------------------------------------------------------------- the stage
 
 
-def load_models(
-    data: Dataset, training: StageDir, pls: PLSBaseline, targets: Sequence[str]
-) -> EvaluatedModels:
-    """The training's fold ensemble (as it will be registered) beside the fitted PLS."""
-    unet, _ = load_ensemble(training.path)
-    return EvaluatedModels(unet, _target_index(data, targets), model_geometry(unet.members[0]), pls)
+def _evaluate(
+    cfg: ChemmapConfig, data: Dataset, training_stage: StageDir, out: Path, *, progress: bool, log: Log
+) -> Evaluation:
+    """PLS, the protocol's choices, the test split scored once, and the numbers of all of it."""
+    targets = list(cfg.targets)
+    spectra = mean_spectra(data)
+    pls = fit_pls(data, spectra, targets)
+    write_json_atomic(out / "pls.json", pls.to_dict(include_cv_predictions=False))
+    models, members = load_models(data, training_stage, pls, targets)
+    log(f"evaluate: {len(members)} fold models vs PLS ({pls.n_components[0]} components) and map baselines")
+    choices, rmsecv_unet = choose_settings(data, spectra, models, members, targets, progress=progress)
+    models = replace(models, choices=choices)
+    scores = score_test_split(data, spectra, models, targets, out, progress=progress)
+    return Evaluation(
+        scores=scores,
+        metrics=aggregate_metrics(scores, targets, models.folds),
+        maps=map_summaries(scores, choices, targets, models.folds),
+        choices=choices,
+        pls=pls,
+        bootstrap=bootstrap_first_target(scores, cfg.seed),
+        rmsecv_unet=rmsecv_unet,
+        rmsecv_unet_training=float(training_stage.summary().get("rmsecv", math.nan)),
+        folds=models.folds,
+        keys={"dataset_key": "", "training_key": training_stage.key},
+    )
 
 
 def evaluate_ensemble(
@@ -446,14 +462,14 @@ def evaluate_ensemble(
     progress: bool = True,
     log: Log = print,
 ) -> StageDir:
-    """Score the test split with the U-Net ensemble and with PLS; write and log the report.
+    """Score the test split with the U-Net ensemble, PLS and the map baselines; write and log the report.
 
     Args:
         cfg: the pipeline's config (``targets``, ``seed``, ``workdir``, ``name``).
         dataset_stage: the preprocessing stage (``dataset.zarr`` inside).
         training_stage: the finished training stage (``model.json``, ``fold<k>/best.pt``, and a
             summary with ``rmsecv``, ``mlflow_run_id``, ``tracking_uri``).
-        progress: show a progress bar over the test samples.
+        progress: show progress bars over the training and test samples.
         log: where the stage says what it does.
 
     Returns:
@@ -462,32 +478,15 @@ def evaluate_ensemble(
     if not training_stage.complete:
         raise InputError(f"no finished training at {training_stage.path}; run `chemmap train` first")
     targets = list(cfg.targets)
-    section = {"n_boot": N_BOOT, "seed": cfg.seed, "targets": targets}
+    section = {"n_boot": N_BOOT, "seed": cfg.seed, "targets": targets, "protocol": PROTOCOL_VERSION}
     stage = stage_dir(cfg.workdir_path, "evaluate", section, [dataset_stage.key, training_stage.key])
     if stage.complete:
         log(f"evaluate: done already ({stage.path})")
         return stage
     out = stage.begin()
     data = Dataset(dataset_stage.path / "dataset.zarr")
-    spectra = mean_spectra(data)
-    pls = fit_pls(data, spectra, targets)
-    write_json_atomic(out / "pls.json", pls.to_dict(include_cv_predictions=False))
-    models = load_models(data, training_stage, pls, targets)
-    log(f"evaluate: {len(models.unet.members)} fold models vs PLS ({pls.n_components[0]} components)")
-    scores = score_test_split(data, spectra, models, targets, out, progress=progress)
-
-    metrics = aggregate_metrics(scores, targets)
-    boot = bootstrap_first_target(scores, cfg.seed)
-    trained = training_stage.summary()
-    ev = Evaluation(
-        scores=scores,
-        metrics=metrics,
-        pls=pls,
-        bootstrap=boot,
-        rmsecv_unet=trained["rmsecv"],
-        n_members=len(models.unet.members),
-        keys={"dataset_key": dataset_stage.key, "training_key": training_stage.key},
-    )
+    ev = _evaluate(cfg, data, training_stage, out, progress=progress, log=log)
+    ev = replace(ev, keys={"dataset_key": dataset_stage.key, "training_key": training_stage.key})
     paths = write_evaluation_report(
         out,
         ev,
@@ -495,18 +494,33 @@ def evaluate_ensemble(
         title=f"chemmap evaluation: {cfg.name}",
         learning_curve=training_stage.path / "learning_curve.png",
     )
-    flat = flat_metrics(metrics, boot, targets)
+    flat = flat_metrics(ev.metrics, ev.maps, ev.bootstrap, targets)
     summary = {
         "metrics": str(paths["json"]),
         "report": str(paths["html"]),
         "rmse_unet": flat.get("test_unet_rmse"),
         "rmse_pls": flat.get("test_pls_rmse"),
-        "bootstrap": boot,
-        "mlflow_run_id": log_to_mlflow(trained, out, flat),
+        "pixel_rmse_unet": flat.get("test_map_unet_pixel_rmse"),
+        "best_label_free": ev.choices[targets[0]].best_label_free,
+        "bootstrap": ev.bootstrap,
+        "mlflow_run_id": log_to_mlflow(training_stage.summary(), out, flat),
     }
     stage.finish(summary, dump_config(cfg))
+    _say_result(summary, ev, targets, log)
+    return stage
+
+
+def _say_result(summary: dict[str, Any], ev: Evaluation, targets: Sequence[str], log: Log) -> None:
+    boot = ev.bootstrap
     log(
         f"evaluate: test RMSE U-Net {summary['rmse_unet']:.3f} vs PLS {summary['rmse_pls']:.3f} "
         f"(diff {boot['estimate']:+.3f}, 95 % CI [{boot['ci_low']:+.3f}, {boot['ci_high']:+.3f}])"
     )
-    return stage
+    maps = ev.maps if len(targets) == 1 else ev.maps[targets[0]]
+    best = summary["best_label_free"]
+    if best and "pixel_rmse" in maps.get("unet", {}):
+        log(
+            f"evaluate: per-pixel RMSE U-Net {maps['unet']['pixel_rmse']:.2f} vs best label-free baseline "
+            f"{best} {maps[best]['pixel_rmse']:.2f} (flat map at the lab value: "
+            f"{maps['flat_lab']['pixel_rmse']:.2f})"
+        )

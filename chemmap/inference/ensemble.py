@@ -6,7 +6,11 @@ Weights are plain state dicts loaded with ``weights_only=True``; nothing is unpi
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,15 @@ from chemmap.errors import InputError
 from chemmap.models.tiling import Geometry, predict_full, predict_tiled
 from chemmap.models.unet import UNet, UNetConfig
 
-__all__ = ["MapEnsemble", "load_ensemble", "load_weights", "predict_map"]
+__all__ = [
+    "MapEnsemble",
+    "MemberMaps",
+    "load_ensemble",
+    "load_weights",
+    "member_maps",
+    "output_step",
+    "predict_map",
+]
 
 # Above this many pixels a scan is scored in tiles (exact: halo = the model's radius).
 TILE_ABOVE_PIXELS = 1024 * 1024
@@ -152,3 +164,76 @@ def predict_map(model: nn.Module, x: Any, geometry: Geometry | None = None) -> t
             xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x[...]))
             return predict_full(model, xt).float()
         return predict_tiled(model, x, core=TILE_CORE, geometry=geometry).float()
+
+
+def output_step(model: nn.Module) -> int:
+    """Scan pixels per pixel of the grid a U-Net makes its map on: 2 with the front-end, else 1.
+
+    With the paper's front-end the map is made at half resolution and up-sampled x2
+    (bilinear) to the scan's grid; an up-sampled map looks smoother than what the model made.
+    """
+    net = model.members[0] if isinstance(model, MapEnsemble) else model
+    return 2 if getattr(net, "front_end", None) is not None else 1
+
+
+@contextmanager
+def _native_output(net: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects what the U-Net's head puts out: its map before the front-end's up-sampling."""
+    seen: list[torch.Tensor] = []
+    handle = net.head.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@dataclass(frozen=True)
+class MemberMaps:
+    """Every fold model's map of one scan, on the scan's grid and on the models' own grid.
+
+    Attributes:
+        full: ``(M, T, H, W)`` float32, one map per member; their mean is the ensemble's map.
+        native: ``(M, T, ceil(H / step), ceil(W / step))`` the maps as the members made them
+            (before up-sampling), or None for a scan scored in tiles.
+        step: scan pixels per native pixel (:func:`output_step`).
+    """
+
+    full: np.ndarray
+    native: np.ndarray | None
+    step: int
+
+    def ensemble(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The ensemble's maps ``(T, H, W)`` and ``(T, h, w)``: members summed in order, then / M,
+        as :meth:`MapEnsemble.forward` does (so the same float32 bits)."""
+
+        def mean(maps: np.ndarray) -> np.ndarray:
+            out = torch.from_numpy(maps[0].copy())
+            for m in maps[1:]:
+                out = out + torch.from_numpy(m)
+            return (out / len(maps)).numpy()
+
+        return mean(self.full), None if self.native is None else mean(self.native)
+
+
+def member_maps(model: MapEnsemble, x: Any, geometry: Geometry | None = None) -> MemberMaps:
+    """Each member's map of a ``(C, H, W)`` input, as :func:`predict_map` scores it.
+
+    Scans up to :data:`TILE_ABOVE_PIXELS` are scored whole and also give the native maps;
+    larger scans are scored in tiles (exact) and give none.
+    """
+    h, w = x.shape[-2:]
+    step = output_step(model)
+    whole = h * w <= TILE_ABOVE_PIXELS
+    if whole:
+        x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x[...]))
+    fulls, natives = [], []
+    with torch.no_grad():
+        for net in model.members:
+            if not whole:
+                fulls.append(predict_tiled(net, x, core=TILE_CORE, geometry=geometry).float().numpy())
+                continue
+            with _native_output(net) as seen:
+                fulls.append(predict_full(net, x).float().numpy())
+            native = seen[-1][0] if step > 1 else torch.from_numpy(fulls[-1])
+            natives.append(native[:, : math.ceil(h / step), : math.ceil(w / step)].float().numpy())
+    return MemberMaps(np.stack(fulls), np.stack(natives) if natives else None, step)

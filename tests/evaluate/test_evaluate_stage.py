@@ -91,6 +91,18 @@ def evaluated(tiny_dataset, tmp_path_factory):
     return cfg, dataset, training, ev, metrics
 
 
+def _members(training: StageDir) -> list[UNet]:
+    """The fold models, one by one, as the fake training saved them."""
+    _, card = load_ensemble(training.path)
+    config = UNetConfig(**card["unet"])
+    nets = []
+    for rel in card["weights"]:
+        net = UNet(config)
+        net.load_state_dict(torch.load(training.path / rel, weights_only=True))
+        nets.append(net.eval())
+    return nets
+
+
 def _test_maps(dataset: StageDir, training: StageDir, ev: StageDir) -> list[dict]:
     """Every test scan's maps of the first target, recomputed from the weights and ``pls.json``."""
     data = Dataset(dataset.path / "dataset.zarr")
@@ -130,7 +142,9 @@ def test_report_files_and_mlflow_artifacts(evaluated):
     assert {"evaluation/metrics.json", "evaluation/summary.html", "evaluation/scatter.png"} <= names
     logged = client.get_run(summary["mlflow_run_id"]).data.metrics
     assert logged["test_unet_rmse"] == m["models"]["unet"]["rmse"]
-    assert logged["test_pls_pixel_rmse"] == m["models"]["pls"]["pixel_rmse"]
+    assert logged["test_map_pls_pixel_rmse"] == m["maps"]["pls"]["pixel_rmse"]
+    share = m["maps"]["unet_fold2"]["spatial_correlated_share"]
+    assert logged["test_map_unet_fold2_spatial_correlated_share"] == share
     assert ev.summary()["rmse_pls"] == m["models"]["pls"]["rmse"]
 
 
@@ -155,13 +169,21 @@ def test_metrics_are_those_of_the_stored_predictions(evaluated):
     assert m["relative_rmse_change"] == pytest.approx(rmse["unet"] / rmse["pls"] - 1, rel=1e-12)
 
 
-def test_rmsecv_and_pls_come_from_the_training_and_the_fit(evaluated):
-    _, dataset, _, ev, m = evaluated
+def test_rmsecv_and_pls_come_from_the_out_of_fold_models_and_the_fit(evaluated):
+    _, dataset, training, ev, m = evaluated
     pls_record = json.loads((ev.path / "pls.json").read_text())
-    assert m["rmsecv"] == {"unet": RMSECV, "pls": pls_record["cv"][0]["rmsecv_at_chosen"]}
+    data = Dataset(dataset.path / "dataset.zarr")
+    # The U-Net's RMSECV: each fold model on the samples of its own fold, pooled.
+    _, card = load_ensemble(training.path)
+    errors = []
+    for fold, net in zip(card["folds"], _members(training), strict=True):
+        for sid in data.ids([fold]):
+            errors.append(_sample_mean(data, sid, net) - data.samples[sid].targets[0])
+    assert m["rmsecv"]["unet"] == pytest.approx(np.sqrt(np.mean(np.square(errors))), rel=1e-6)
+    assert m["rmsecv"]["pls"] == pls_record["cv"][0]["rmsecv_at_chosen"]
+    assert m["rmsecv_unet_training"] == RMSECV and "selection criterion" in m["rmsecv_note"]
     assert m["pls_components"] == pls_record["n_components"]
     # PLS predicts a test sample from its mean spectrum (stored units, sample pixels of its scans).
-    data = Dataset(dataset.path / "dataset.zarr")
     pls = PLSBaseline.from_dict(pls_record)
     for sid, p in zip(m["test_predictions"]["sample_id"], m["test_predictions"]["pls"], strict=True):
         pixels = [data.cube(s)[...][:, data.mask(s)] for s in data.samples[sid].scans]
@@ -173,22 +195,81 @@ def test_rmsecv_and_pls_come_from_the_training_and_the_fit(evaluated):
         )
 
 
+def _sample_mean(data: Dataset, sid: str, net: UNet) -> float:
+    """One model's map of a sample, averaged over the mask pixels of all its scans."""
+    pixels = []
+    for scan in data.samples[sid].scans:
+        x = torch.from_numpy(data.model_input(data.cube(scan)[...]))
+        pixels.append(predict_map(net, x).numpy()[0][data.mask(scan)].astype(np.float64))
+    return float(np.concatenate(pixels).mean())
+
+
+def _pooled(maps: list[dict], name: str) -> tuple[float, float]:
+    """(pooled over all pixels, mean over maps) RMSE of a method's maps against the flat truth."""
+    inside = [t[name][t["mask"]].astype(np.float64) for t in maps]
+    pooled = np.sqrt(np.mean((np.concatenate(inside) - TRUTH) ** 2))
+    return float(pooled), float(np.mean([np.sqrt(np.mean((v - TRUTH) ** 2)) for v in inside]))
+
+
 def test_map_metrics_come_from_the_dataset_truth_and_the_registered_ensemble(evaluated):
     _, dataset, training, ev, m = evaluated
     maps = _test_maps(dataset, training, ev)
     for name in ("unet", "pls"):
-        inside = [t[name][t["mask"]].astype(np.float64) for t in maps]
-        shares = [spatial_correlated_share(np.where(t["mask"], t[name], np.nan), t["mask"]) for t in maps]
-        r = m["models"][name]
-        assert r["pixel_rmse"] == pytest.approx(np.mean([np.sqrt(np.mean((v - TRUTH) ** 2)) for v in inside]))
-        assert r["out_of_range_fraction"] == pytest.approx(
-            np.mean([np.mean((v < 0) | (v > 100)) for v in inside])
-        )
-        assert r["spatial_correlated_share"] == pytest.approx(np.mean(shares))
+        r = m["maps"][name]
+        pooled, per_map = _pooled(maps, name)
+        assert r["pixel_rmse"] == pytest.approx(pooled, rel=1e-6)
+        assert r["pixel_rmse_per_map"] == pytest.approx(per_map, rel=1e-6)
+        inside = np.concatenate([t[name][t["mask"]] for t in maps])
+        assert r["out_of_range_fraction"] == pytest.approx(np.mean((inside < 0) | (inside > 100)))
+        full_shares = [
+            spatial_correlated_share(np.where(t["mask"], t[name], np.nan), t["mask"]) for t in maps
+        ]
+        assert r["spatial_correlated_share_full"] == pytest.approx(np.mean(full_shares))
+    # PLS makes its map pixel by pixel: its own grid is the scan's. The U-Net's is half of it.
+    assert m["maps"]["pls"]["spatial_correlated_share"] == m["maps"]["pls"]["spatial_correlated_share_full"]
+    assert m["maps"]["unet"]["spatial_correlated_share"] != m["maps"]["unet"]["spatial_correlated_share_full"]
     # The U-Net's sample prediction is the mean of its map over the sample's pixels.
     for sid, p in zip(m["test_predictions"]["sample_id"], m["test_predictions"]["unet"], strict=True):
         inside = np.concatenate([t["unet"][t["mask"]] for t in maps if t["sample"] == sid])
         assert p == pytest.approx(inside.astype(np.float64).mean(), rel=1e-6)
+
+
+def test_every_baseline_is_reported_with_its_role_and_the_headroom_says_so(evaluated):
+    _, dataset, _, _, m = evaluated
+    rows = m["maps"]
+    expected = ["unet", "unet_fold1", "unet_fold2", "pls", "pls_clip", "pls_gauss", "pls_median"]
+    expected += ["pls_bin2", "pls_bin4", "flat_lab", "brightness_lab", "pls_gauss_oracle"]
+    assert list(rows) == expected
+    for name in ("flat_lab", "brightness_lab", "pls_gauss_oracle"):
+        assert rows[name]["role"].startswith("headroom"), name
+    assert "test truth" in rows["pls_gauss_oracle"]["role"]
+    protocol = m["protocol"]
+    assert rows["pls_gauss"]["setting"] == f"sigma {protocol['gauss_sigma']:g} px"
+    assert protocol["best_label_free"] in expected[3:9]
+    # The oracle is the best width on the test truth: the chosen width cannot beat it there.
+    assert rows["pls_gauss_oracle"]["pixel_rmse"] <= rows["pls_gauss"]["pixel_rmse"]
+    # A flat map at the lab value against a flat truth: its error is the lab value's distance.
+    data = Dataset(dataset.path / "dataset.zarr")
+    sq, n = 0.0, 0
+    for sid in data.ids([0]):
+        for scan in data.samples[sid].scans:
+            px = int(data.mask(scan).sum())
+            sq, n = sq + px * (data.samples[sid].targets[0] - TRUTH) ** 2, n + px
+    # Maps are float32: the lab value as float32 is within 6e-8 of itself (relative).
+    assert rows["flat_lab"]["pixel_rmse"] == pytest.approx(np.sqrt(sq / n), rel=1e-6)
+    assert rows["flat_lab"]["mean_rmse_lab"] == pytest.approx(0.0, abs=1e-5)
+    assert rows["brightness_lab"]["mean_rmse_lab"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_each_fold_model_is_scored_on_the_test_split(evaluated):
+    _, dataset, training, _, m = evaluated
+    data = Dataset(dataset.path / "dataset.zarr")
+    ref = np.array(m["test_predictions"]["reference"])
+    for fold, net in zip((1, 2), _members(training), strict=True):
+        preds = np.array([_sample_mean(data, sid, net) for sid in data.ids([0])])
+        expected = np.sqrt(np.mean((preds - ref) ** 2))
+        assert m["models"][f"unet_fold{fold}"]["rmse"] == pytest.approx(expected, rel=1e-6)
+        assert m["maps"][f"unet_fold{fold}"]["mean_rmse_lab"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_finished_evaluation_is_not_redone(evaluated):
@@ -203,3 +284,57 @@ def test_unfinished_training_is_refused(evaluated, tmp_path):
     unfinished = stage_dir(tmp_path, "train", {"never": 1}, [dataset.key])
     with pytest.raises(InputError, match="no finished training"):
         evaluate_ensemble(cfg, dataset, unfinished, progress=False, log=lambda s: None)
+
+
+def test_without_true_maps_nothing_is_chosen_and_the_rest_is_reported(tiny_dataset, tmp_path):
+    """A real scanner's dataset has no true maps: no tuned baseline, no pixel error, no crash."""
+    import zarr
+
+    _, pre = tiny_dataset
+    cfg = load_config(ROOT / "configs" / "ci.yaml", [f"workdir={tmp_path}"])
+    stage = stage_dir(tmp_path, "preprocess", {"no_truth_copy_of": pre.key})
+    stage.begin()
+    shutil.copytree(pre.path / "dataset.zarr", stage.path / "dataset.zarr")
+    root = zarr.open_group(str(stage.path / "dataset.zarr"), mode="r+")
+    for scan in Dataset(stage.path / "dataset.zarr").scan_ids:
+        del root[f"scans/{scan}/truth"]
+    zarr.consolidate_metadata(str(stage.path / "dataset.zarr"))
+    stage.finish({})
+    training = _random_training(tmp_path, stage, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ev = evaluate_ensemble(cfg, stage, training, progress=False, log=lambda s: None)
+    m = json.loads((ev.path / "metrics.json").read_text())
+    assert m["protocol"]["training_scans_with_truth"] == 0 and m["protocol"]["best_label_free"] is None
+    assert list(m["maps"]) == [
+        "unet",
+        "unet_fold1",
+        "unet_fold2",
+        "pls",
+        "pls_clip",
+        "pls_bin2",
+        "pls_bin4",
+        "flat_lab",
+    ]
+    assert all("pixel_rmse" not in row for row in m["maps"].values())
+    assert np.isfinite(m["rmsecv"]["unet"]) and m["maps"]["pls"]["mean_rmse_lab"] > 0
+
+
+def test_the_readme_tables_are_regenerated_from_the_metrics(evaluated, tmp_path):
+    import subprocess
+    import sys
+
+    _, _, _, ev, m = evaluated
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- results:begin -->\nstale\n<!-- results:end -->\nafter\n")
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "readme_results.py"),
+        "--metrics",
+        str(ev.path / "metrics.json"),
+    ]
+    subprocess.run([*cmd, "--write", str(readme)], check=True, capture_output=True)
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert set(m["maps"]) <= set(rows) and {"unet", "pls", "unet_fold1"} <= set(rows)
+    assert f"| {m['maps']['unet']['pixel_rmse']:.2f} |" in rows["unet"]
+    assert f"{m['models']['pls']['rmse']:.3f}" in text

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 import chemmap.inference.ensemble as ensemble_module
-from chemmap.inference.ensemble import MapEnsemble, load_ensemble, load_weights, predict_map
+from chemmap.inference.ensemble import (
+    MapEnsemble,
+    load_ensemble,
+    load_weights,
+    member_maps,
+    output_step,
+    predict_map,
+)
 from chemmap.models.unet import UNet, UNetConfig
 
 # The paper's layout in small: a stride-2 spectral front-end, two targets.
@@ -82,3 +89,30 @@ def test_large_scans_are_scored_in_exact_tiles_from_windows(model_dir, monkeypat
     tiled = predict_map(ensemble, tiled_reader).numpy()
     assert tiled_reader.pixels_read > H * W  # windows with halos, not one read of the whole scan
     np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_member_maps_give_the_ensemble_bit_for_bit_and_the_maps_before_upsampling(model_dir):
+    import torch.nn.functional as F
+
+    ensemble, _ = load_ensemble(model_dir)
+    x = _scan()
+    maps = member_maps(ensemble, x)
+    assert maps.step == output_step(ensemble) == 2
+    assert maps.full.shape == (3, 2, H, W)
+    assert maps.native.shape == (3, 2, (H + 1) // 2, (W + 1) // 2)
+    full, native = maps.ensemble()
+    assert np.array_equal(full, predict_map(ensemble, x).numpy())  # what is evaluated is the ensemble
+    for m, net in enumerate(_members(model_dir)):
+        assert np.array_equal(maps.full[m], predict_map(net, x).numpy())
+        # The native map is what the member made: its x2 bilinear up-sampling is the member's map.
+        up = F.interpolate(torch.from_numpy(maps.native[m])[None], scale_factor=2, mode="bilinear")[0]
+        np.testing.assert_allclose(up[:, :H, :W].numpy()[:, :-1, :-1], maps.full[m][:, :-1, :-1], atol=1e-5)
+    np.testing.assert_allclose(native, maps.native.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_member_maps_without_a_front_end_are_native_already(tmp_path):
+    config = UNetConfig(in_channels=9, out_channels=1, depth=3, features=4)
+    torch.manual_seed(0)
+    ensemble = MapEnsemble([UNet(config).eval()])
+    maps = member_maps(ensemble, _scan())
+    assert maps.step == 1 and np.array_equal(maps.native, maps.full)

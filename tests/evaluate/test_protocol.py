@@ -1,0 +1,101 @@
+"""The protocol: settings chosen out of fold on the training splits, never on the test split."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from chemmap.evaluate.baselines import BRIGHTNESS_SIGMAS, SIGMAS, setting_key
+from chemmap.evaluate.protocol import BrightnessFit, OutOfFold, choose, fold_pls_models, out_of_fold
+from chemmap.evaluate.stage import fit_pls, mean_spectra
+from chemmap.preprocess.store import Dataset
+
+
+def test_brightness_slope_is_scored_on_the_fold_it_was_not_fitted_on():
+    rng = np.random.default_rng(0)
+    fit, scans = BrightnessFit(), []
+    for fold in (1, 2, 3):
+        for _ in range(4):
+            b = rng.normal(0.4, 0.05, 50)
+            t = 30 + 300 * (b - 0.4) + rng.normal(0, 5, 50)
+            lab = t.mean() + rng.normal(0, 1)
+            fit.add(fold, 2.0, b, t, lab)
+            scans.append((fold, b, t, lab))
+    sse, n = 0.0, 0
+    for fold in (1, 2, 3):
+        rest = [(b - b.mean(), t - t.mean()) for f, b, t, _ in scans if f != fold]
+        x = np.concatenate([r[0] for r in rest])
+        y = np.concatenate([r[1] for r in rest])
+        slope = (x @ y) / (x @ x)
+        for f, b, t, lab in scans:
+            if f == fold:
+                pred = lab + slope * (b - b.mean())
+                sse += np.sum((pred - t) ** 2)
+                n += t.size
+    assert fit.oof_rmse(2.0) == pytest.approx(np.sqrt(sse / n), rel=1e-10)
+    assert fit.slope(2.0) == pytest.approx(300, rel=0.1)
+
+
+def test_choose_takes_the_lowest_out_of_fold_score_and_the_first_of_equals():
+    oof = OutOfFold(scans=3)
+    for s in SIGMAS:
+        oof.sse[setting_key("pls_gauss", s)] = [abs(s - 3.0) + 1.0, 1]
+    for k in (3, 5, 7, 9, 11):
+        oof.sse[setting_key("pls_median", k)] = [2.0, 1]  # all equal: the first wins
+    for key, v in {"pls": 50.0, "pls_clip": 40.0, "pls_bin2": 30.0, "pls_bin4": 0.5}.items():
+        oof.sse[key] = [v, 1]
+    for s in BRIGHTNESS_SIGMAS:
+        oof.brightness.add(1, s, np.array([0.0, 1.0]), np.array([0.0, 1.0]), 0.5)
+        oof.brightness.add(2, s, np.array([0.0, 1.0]), np.array([0.0, 2.0]), 1.0)
+    c = choose(oof)
+    assert c.gauss_sigma == 3.0 and c.median_size == 3
+    assert c.best_label_free == "pls_bin4"  # sqrt(0.5) beats sqrt(1) of pls_gauss@3
+    assert c.setting("pls_gauss") == "pls_gauss@3" and c.setting("pls_bin4") == "pls_bin4"
+
+
+def _copy(pre, tmp_path, name: str) -> Dataset:
+    shutil.copytree(pre.path / "dataset.zarr", tmp_path / name)
+    return Dataset(tmp_path / name)
+
+
+def _noise_truth(data: Dataset, splits: list[int], seed: int) -> None:
+    import zarr
+
+    root = zarr.open_group(str(data.path), mode="r+")
+    rng = np.random.default_rng(seed)
+    for sid in data.ids(splits):
+        for scan in data.samples[sid].scans:
+            arr = root[f"scans/{scan}/truth/fat"]
+            arr[...] = rng.uniform(0, 100, arr.shape).astype(arr.dtype)
+
+
+def _choices(data: Dataset):
+    spectra = mean_spectra(data)
+    by_fold = fold_pls_models(data, spectra, ["fat"], fit_pls)
+    oof = out_of_fold(data, ["fat"], by_fold, {}, progress=False)["fat"]
+    return choose(oof), oof
+
+
+@pytest.mark.slow
+def test_the_test_truth_chooses_nothing(tiny_dataset, tmp_path):
+    _, pre = tiny_dataset
+    original = _copy(pre, tmp_path, "original.zarr")
+    noisy_test = _copy(pre, tmp_path, "noisy_test.zarr")
+    _noise_truth(noisy_test, [0], seed=1)
+    assert not np.array_equal(
+        original.truth(original.samples[original.ids([0])[0]].scans[0])["fat"],
+        noisy_test.truth(noisy_test.samples[noisy_test.ids([0])[0]].scans[0])["fat"],
+    )
+    c0, oof0 = _choices(original)
+    c1, oof1 = _choices(noisy_test)
+    assert c0.scans == len(original.ids([1, 2, 3, 4, 5])) > 0
+    assert c1 == c0  # every setting and every out-of-fold score
+    assert oof1.sse == oof0.sse
+
+    # The same noise in the training splits' truth moves every score: the choices do read them.
+    noisy_train = _copy(pre, tmp_path, "noisy_train.zarr")
+    _noise_truth(noisy_train, [1, 2, 3, 4, 5], seed=1)
+    c2, _ = _choices(noisy_train)
+    assert all(c2.oof_rmse[k] != c0.oof_rmse[k] for k in c0.oof_rmse)
