@@ -30,9 +30,10 @@ ALLOWED: dict[str, set[str]] = {
     "synth": {"io"},
     "preprocess": {"io"},
     "models": set(),
-    "inference": {"preprocess", "models"},
+    "inference": {"io", "preprocess", "models"},
     "train": {"preprocess", "models", "stages", "tracking"},
     "evaluate": {"preprocess", "models", "inference", "stages", "tracking"},
+    "registry": {"preprocess", "models", "inference", "evaluate", "stages", "tracking"},
 }
 STAGE_PACKAGES = {
     "io",
@@ -42,6 +43,7 @@ STAGE_PACKAGES = {
     "train",
     "evaluate",
     "inference",
+    "registry",
     "stages",
     "tracking",
 }

@@ -226,6 +226,11 @@ def _store_cube(scan: Scan, white, dark, recipe: Recipe, arr, unit: tuple[int, .
     return flags
 
 
+def _finite_or_none(v: float) -> float | None:
+    """JSON has no infinity: an unbounded saturation level is stored as None."""
+    return float(v) if np.isfinite(v) else None
+
+
 def _write_mask_and_wavelengths(group, mask: np.ndarray, recipe: Recipe) -> None:
     group.create_array(
         "mask", shape=mask.shape, dtype="bool", chunks=mask.shape, dimension_names=("y", "x"), overwrite=True
@@ -381,6 +386,7 @@ class DatasetBuilder:
             "samples": samples,
             "mask_pixels": int(sm.mask.sum()),
             "bad_pixels_in_mask": sm.bad_removed,
+            "saturation": _finite_or_none(recipe.saturation_level(scan.header, scan.dtype)),
             "stats": _training_stats(arr, sm.mask) if train else {},
             "complete": True,
         }
