@@ -79,6 +79,78 @@ def evaluate(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) ->
 
 
 @app.command()
+def register(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Log the evaluated ensemble to MLflow and register it (champion / challenger)."""
+    from chemmap.pipeline import register_stage
+
+    stage = register_stage(_load(config, set_))
+    s = stage.summary()
+    typer.echo(f"models:/{s['name']}/{s['version']} ({s['alias']})")
+
+
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, or --config's)."),
+]
+PipelineOpt = Annotated[
+    Path | None, typer.Option("--config", help="A pipeline YAML: its tracking URI and scanner layout.")
+]
+
+
+@app.command()
+def score(
+    input_dir: Annotated[Path, typer.Argument(help="A scanner's output folder (ENVI scans and references).")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="models:/NAME@champion, models:/NAME/3, or a model folder.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the maps and summary.csv go.")],
+    tracking_uri: TrackingOpt = None,
+    config: PipelineOpt = None,
+    set_: SetOpt = None,
+    samples: Annotated[
+        Path | None, typer.Option(help="CSV scan_id,sample_id: also write samples.csv.")
+    ] = None,
+    wavelength_tolerance: Annotated[
+        float, typer.Option(help="nm a scan's bands may drift (resampled).")
+    ] = 1.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score every scan in a folder with a registered model: maps, PNGs, summary.csv."""
+    from chemmap.pipeline import score_scans
+
+    cfg = _load(config, set_) if config is not None else None
+    result = score_scans(
+        model,
+        input_dir,
+        output,
+        tracking_uri=tracking_uri,
+        cfg=cfg,
+        samples=samples,
+        wavelength_tolerance_nm=wavelength_tolerance,
+        progress=not quiet,
+    )
+    if result.errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Model version to move the alias to.")],
+    alias: Annotated[str, typer.Option(help="The alias to move.")] = "champion",
+    tracking_uri: TrackingOpt = None,
+    config: PipelineOpt = None,
+) -> None:
+    """Move an alias (champion by default) to a model version by hand."""
+    from chemmap.pipeline import promote_version
+
+    promote_version(
+        name, version, alias, tracking_uri=tracking_uri, cfg=_load(config, None) if config else None
+    )
+    typer.echo(f"models:/{name}@{alias} -> version {version}")
+
+
+@app.command()
 def run(
     config: ConfigArg,
     set_: SetOpt = None,

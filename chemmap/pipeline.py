@@ -1,7 +1,8 @@
 """The pipeline's stages, each a function of the resolved config, chained through stage keys.
 
 ``synth`` (when the data source is the built-in scanner) -> ``preprocess`` -> ``train`` ->
-``evaluate``. Each stage computes its key from its own config section and its inputs'
+``evaluate`` -> ``register``; then ``score`` turns a scanner's folder into maps with a
+registered model. Each stage computes its key from its own config section and its inputs'
 keys, returns at once when that folder is complete, and otherwise builds it and writes
 its completion marker last.
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chemmap import tracking
 from chemmap.config import ChemmapConfig, dump_config
 from chemmap.errors import InputError
 from chemmap.files import write_json_atomic
@@ -34,7 +36,7 @@ from chemmap.preprocess.dataset import (
 from chemmap.stages import StageDir, file_entries, stable_hash, stage_dir
 
 Log = Callable[[str], None]
-STAGES = ("synth", "preprocess", "train", "evaluate")
+STAGES = ("synth", "preprocess", "train", "evaluate", "register")
 INDEX_FILE = "index.json"  # under workdir/preprocess/
 
 
@@ -254,8 +256,14 @@ def _consolidate(store: Path) -> None:
         zarr.consolidate_metadata(store)
 
 
-def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = print) -> StageDir:
-    """Raw scans -> ``dataset.zarr`` (chunk-parallel with Dask), with its patch index."""
+def preprocess_stage(
+    cfg: ChemmapConfig, *, progress: bool = True, log: Log = print, runs: tracking.PipelineRuns | None = None
+) -> StageDir:
+    """Raw scans -> ``dataset.zarr`` (chunk-parallel with Dask), with its patch index.
+
+    Under ``chemmap run`` (``runs``), a dataset built now gets a run nested under the
+    pipeline's run with its size; a cached one is linked to the run that built it.
+    """
     geometry = patch_geometry(cfg)  # a bad model: section fails here, before any scan is read
     src = data_source(cfg, progress=progress, log=log)
     stage = stage_dir(cfg.workdir_path, "preprocess", _dataset_config(cfg, geometry), [src.key])
@@ -263,6 +271,8 @@ def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = pr
     if stage.complete:
         _record_dataset(cfg, stage, src)
         log(f"preprocess: done already ({store})")
+        if runs is not None:
+            runs.cached("preprocess", stage.summary().get("mlflow_run_id"))
         return stage
     resumed = stage.path.exists()
     stage.begin()
@@ -281,6 +291,8 @@ def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = pr
     summary["skipped"] = src.skipped + summary["skipped"]
     _consolidate(store)
     summary["store"] = str(store)
+    if runs is not None:
+        summary["mlflow_run_id"] = _log_dataset_run(runs, stage, summary)
     stage.finish(summary, dump_config(cfg))
     _record_dataset(cfg, stage, src)
     log(
@@ -288,6 +300,17 @@ def preprocess_stage(cfg: ChemmapConfig, *, progress: bool = True, log: Log = pr
         f"{summary['mask_pixels']} sample pixels"
     )
     return stage
+
+
+def _log_dataset_run(runs: tracking.PipelineRuns, stage: StageDir, summary: dict[str, Any]) -> str:
+    """The preprocess stage's run: what the dataset holds, nested under the pipeline run."""
+    rid = runs.stage("preprocess", stage.key)
+    numbers = {k: summary[k] for k in ("n_samples", "n_channels", "mask_pixels") if k in summary}
+    c = tracking.client(runs.uri)
+    tracking.log_metrics(c, rid, {k: float(v) for k, v in numbers.items()}, step=0)
+    c.set_tag(rid, "chemmap.dataset", summary["store"])
+    c.set_terminated(rid)
+    return rid
 
 
 def train_stage(
@@ -316,17 +339,50 @@ def evaluate_stage(
     *,
     progress: bool = True,
     log: Log = print,
+    runs: tracking.PipelineRuns | None = None,
 ) -> StageDir:
-    """The fold ensemble against PLS on the test split (see :mod:`chemmap.evaluate.stage`)."""
+    """The fold ensemble against PLS and map baselines on the test split (:mod:`chemmap.evaluate.stage`)."""
     from chemmap.evaluate.stage import evaluate_ensemble
 
     dataset = dataset or find_dataset(cfg, log=log)
     training = training or find_training(cfg, dataset, log=log)
-    return evaluate_ensemble(cfg, dataset, training, progress=progress, log=log)
+    return evaluate_ensemble(cfg, dataset, training, progress=progress, log=log, runs=runs)
+
+
+def find_evaluation(cfg: ChemmapConfig, dataset: StageDir, training: StageDir) -> StageDir:
+    """The finished evaluation of this training; an error naming where it looked if none."""
+    from chemmap.evaluate.stage import evaluation_dir
+
+    stage = evaluation_dir(cfg, dataset, training)
+    if not stage.complete:
+        raise InputError(f"no finished evaluation at {stage.path}; run `chemmap evaluate` first")
+    return stage
+
+
+def register_stage(
+    cfg: ChemmapConfig,
+    dataset: StageDir | None = None,
+    training: StageDir | None = None,
+    evaluation: StageDir | None = None,
+    *,
+    log: Log = print,
+    runs: tracking.PipelineRuns | None = None,
+) -> StageDir:
+    """The evaluated ensemble into the MLflow registry, with its alias (:mod:`chemmap.registry.stage`)."""
+    from chemmap.registry.stage import register_model
+
+    dataset = dataset or find_dataset(cfg, log=log)
+    training = training or find_training(cfg, dataset, log=log)
+    evaluation = evaluation or find_evaluation(cfg, dataset, training)
+    return register_model(cfg, dataset, training, evaluation, runs=runs, log=log)
 
 
 def run(cfg: ChemmapConfig, *, until: str = STAGES[-1], progress: bool = True, log: Log = print) -> dict:
-    """Run the pipeline's stages in order up to ``until``; returns each stage's folder."""
+    """Run the pipeline's stages in order up to ``until``; returns each stage's folder.
+
+    One MLflow run stands for this invocation; every stage that does work logs a run nested
+    under it, and a cached stage is linked to the run that made it (``chemmap.cached.<stage>``).
+    """
     if until not in STAGES:
         raise InputError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
     out: dict[str, Path] = {}
@@ -334,13 +390,122 @@ def run(cfg: ChemmapConfig, *, until: str = STAGES[-1], progress: bool = True, l
         if cfg.data.source == "synthetic":
             out["synth"] = synth_stage(cfg, progress=progress, log=log).path
         return out
-    pre = preprocess_stage(cfg, progress=progress, log=log)
+    tracking.check_tracking_uri(cfg.tracking_uri)
+    runs = tracking.PipelineRuns.start(
+        cfg.tracking_uri, cfg.mlflow.experiment or cfg.name, cfg.name, dump_config(cfg)
+    )
+    try:
+        _run_stages(cfg, until, out, runs, progress=progress, log=log)
+    except BaseException:
+        runs.finish("FAILED")
+        raise
+    runs.finish()
+    out["mlflow_run_id"] = runs.parent
+    return out
+
+
+def _run_stages(
+    cfg: ChemmapConfig, until: str, out: dict, runs: tracking.PipelineRuns, *, progress: bool, log: Log
+) -> None:
+    pre = preprocess_stage(cfg, progress=progress, log=log, runs=runs)
     out["preprocess"] = pre.path
     if until == "preprocess":
-        return out
-    tr = train_stage(cfg, pre, progress=progress, log=log)
+        return
+    tr = train_stage(cfg, pre, progress=progress, log=log, runs=runs)
     out["train"] = tr.path
     if until == "train":
-        return out
-    out["evaluate"] = evaluate_stage(cfg, pre, tr, progress=progress, log=log).path
-    return out
+        return
+    ev = evaluate_stage(cfg, pre, tr, progress=progress, log=log, runs=runs)
+    out["evaluate"] = ev.path
+    if until == "evaluate":
+        return
+    out["register"] = register_stage(cfg, pre, tr, ev, log=log, runs=runs).path
+
+
+# ----------------------------------------------------------------------------- after the pipeline
+
+
+def resolve_tracking_uri(tracking_uri: str | None, cfg: ChemmapConfig | None) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the pipeline config's; checked once."""
+    import os
+
+    uri = (
+        tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or (cfg.tracking_uri if cfg is not None else None)
+    )
+    if not uri:
+        raise InputError(
+            "no MLflow tracking URI: pass --tracking-uri, set MLFLOW_TRACKING_URI, or give --config"
+        )
+    tracking.check_tracking_uri(uri)
+    return uri
+
+
+def _model_cache(cfg: ChemmapConfig | None) -> Path:
+    if cfg is not None:
+        return cfg.workdir_path / "models"
+    return Path.home() / ".cache" / "chemmap" / "models"
+
+
+def score_scans(
+    model: str,
+    input_dir: Path,
+    output: Path,
+    *,
+    tracking_uri: str | None = None,
+    cfg: ChemmapConfig | None = None,
+    samples: Path | None = None,
+    wavelength_tolerance_nm: float = 1.0,
+    progress: bool = True,
+    log: Log = print,
+):
+    """Every scan of a scanner's folder -> maps, with a registered model (or a model folder).
+
+    ``models:/NAME@alias`` is resolved once and its files downloaded (and checked: nothing
+    stored with the model is run); the version used is recorded with every map. With
+    ``cfg``, its ``data:`` patterns describe the folder's layout.
+    """
+    from chemmap.inference.bundle import read_bundle
+    from chemmap.inference.score import score_folder
+
+    if model.startswith("models:/"):
+        from chemmap.registry.registry import fetch_bundle
+
+        uri = resolve_tracking_uri(tracking_uri, cfg)
+        bundle, name, version = fetch_bundle(uri, model, _model_cache(cfg))
+    else:
+        bundle = read_bundle(Path(model))
+        name, version = (
+            bundle.path.name,
+            f"local-{bundle.manifest['sha256'][bundle.manifest['weights'][0]][:12]}",
+        )
+    data = cfg.data if cfg is not None and cfg.data.source == "folder" else None
+    return score_folder(
+        bundle,
+        input_dir,
+        output,
+        model_name=name,
+        model_version=version,
+        raw_pattern=data.raw_pattern if data else None,
+        white_pattern=data.white_pattern if data else None,
+        dark_pattern=data.dark_pattern if data else None,
+        samples_csv=samples,
+        wavelength_tolerance_nm=wavelength_tolerance_nm,
+        progress=progress,
+        log=log,
+    )
+
+
+def promote_version(
+    name: str,
+    version: str,
+    alias: str = "champion",
+    *,
+    tracking_uri: str | None = None,
+    cfg: ChemmapConfig | None = None,
+) -> None:
+    """Move ``alias`` to ``version`` of ``name`` by hand (the old champion becomes ``previous``)."""
+    from chemmap.registry.registry import promote
+
+    promote(resolve_tracking_uri(tracking_uri, cfg), name, version, alias)

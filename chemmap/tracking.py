@@ -1,12 +1,14 @@
-"""MLflow tracking: one run per training (a nested run per fold), resumed after a restart.
+"""MLflow tracking: a run per ``chemmap run``, a nested run per stage, resumed after a restart.
 
-Run ids are kept in a small JSON file in the stage folder, so that a training restarted
-after a failure logs into the same runs instead of starting new ones.
+The training's run (with a nested run per fold) keeps its ids in a small JSON file in the
+stage folder, so that a training restarted after a failure logs into the same runs instead
+of starting new ones.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +44,22 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store's file.
+
+    MLflow's default for a SQLite store is ``./mlruns`` in whatever folder the process runs
+    in; chemmap keeps a run's artifacts next to its database (``<db folder>/mlartifacts``).
+    A server (``http://``) decides for itself: None.
+    """
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
 def experiment_id(c, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=artifact_location(c.tracking_uri, name))
     if exp.lifecycle_stage == "deleted":
         c.restore_experiment(exp.experiment_id)
     return exp.experiment_id
@@ -118,3 +132,65 @@ def log_params(c, run_id: str, params: dict[str, Any]) -> None:
     todo = [Param(k, v) for k, v in flat.items() if k not in have]
     for i in range(0, len(todo), 100):
         c.log_batch(run_id, params=todo[i : i + 100])
+
+
+STAGE_TAG = "chemmap.stage"
+
+
+@dataclass(frozen=True)
+class PipelineRuns:
+    """The MLflow runs of one ``chemmap run``: one pipeline run, a nested run per stage that works.
+
+    A stage that was cached did its work in an earlier invocation, under that invocation's
+    pipeline run; a run has one parent and is never re-parented, so the pipeline run only
+    links it with a tag, ``chemmap.cached.<stage>`` = its run id.
+
+    Attributes:
+        uri: the tracking URI.
+        experiment: the experiment's name.
+        parent: the pipeline run's id.
+    """
+
+    uri: str
+    experiment: str
+    parent: str
+
+    @classmethod
+    def start(cls, uri: str, experiment: str, name: str, config_text: str) -> PipelineRuns:
+        """A new pipeline run with the resolved config as ``config.yaml``."""
+        c = client(uri)
+        tags = {"mlflow.runName": f"{name}-pipeline", STAGE_TAG: "pipeline"}
+        rid = c.create_run(experiment_id(c, experiment), tags=tags, run_name=f"{name}-pipeline").info.run_id
+        c.log_text(rid, config_text, "config.yaml")
+        return cls(uri, experiment, rid)
+
+    def stage(self, stage: str, key: str, tags: dict[str, Any] | None = None) -> str:
+        """A new run nested under the pipeline run for a stage that does work now."""
+        return stage_run(self.uri, self.experiment, stage, key, parent=self.parent, tags=tags)
+
+    def cached(self, stage: str, run_id: str | None) -> None:
+        """Link a cached stage's run (made by an earlier invocation) to this pipeline run."""
+        if run_id:
+            client(self.uri).set_tag(self.parent, f"chemmap.cached.{stage}", run_id)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        client(self.uri).set_terminated(self.parent, status=status)
+
+
+def stage_run(
+    uri: str,
+    experiment: str,
+    stage: str,
+    key: str,
+    *,
+    parent: str | None = None,
+    tags: dict[str, Any] | None = None,
+) -> str:
+    """A new run for one stage's work (nested under ``parent`` when given)."""
+    c = client(uri)
+    name = f"{stage}-{key[:8]}"
+    all_tags = {"mlflow.runName": name, STAGE_TAG: stage, "chemmap.stage_key": key}
+    all_tags |= {k: str(v) for k, v in (tags or {}).items()}
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    return c.create_run(experiment_id(c, experiment), tags=all_tags, run_name=name).info.run_id

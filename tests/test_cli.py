@@ -67,3 +67,19 @@ def test_synth_then_run_until_preprocess(tmp_path):
         marker.stat().st_mtime_ns
         == next((tmp_path / "runs" / "preprocess").glob("*/_COMPLETE.json")).stat().st_mtime_ns
     )
+
+
+def test_score_with_an_unreachable_tracking_server_is_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "scans").mkdir()
+    res = _chemmap(
+        "score",
+        str(tmp_path / "scans"),
+        "--model",
+        "models:/pork_belly@champion",
+        "--tracking-uri",
+        "http://127.0.0.1:9",
+        "--output",
+        str(tmp_path / "maps"),
+    )
+    assert res.returncode == 2 and "cannot reach MLflow server" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "maps").exists()

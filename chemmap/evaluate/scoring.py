@@ -5,7 +5,8 @@ bit for bit what :class:`~chemmap.inference.ensemble.MapEnsemble` gives); the fu
 model maps it pixel by pixel, and every baseline is made from that map at the settings the
 protocol chose on the training splits (:mod:`chemmap.evaluate.protocol`). Each map goes
 into a :class:`~chemmap.evaluate.metrics.MapTally` of its method; the maps themselves are
-dropped, except those drawn as figures.
+dropped, except those drawn as figures and the ensemble's maps, written as ``chemmap score``
+writes its maps (``maps/<scan>.zarr``), so a scan scored later can be compared with them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from chemmap.evaluate.pls import PLSBaseline
 from chemmap.evaluate.protocol import LABEL_FREE, Choices
 from chemmap.figures import plot_maps
 from chemmap.inference.ensemble import MapEnsemble, member_maps
+from chemmap.inference.score_output import write_map_zarr
 from chemmap.models.tiling import Geometry
 from chemmap.preprocess.store import Dataset
 from chemmap.spatial import coarse_mask
@@ -227,6 +229,22 @@ def _draw(
     return plot_maps(shown, folder / f"map_{scan_id}.png", title=title)
 
 
+def _write_test_map(
+    folder: Path, data: Dataset, scan_id: str, maps: dict[str, dict[str, BaselineMap]], targets: Sequence[str]
+) -> Path:
+    """``maps/<scan>.zarr``: the ensemble's test map in ``chemmap score``'s format, to compare with."""
+    stack = np.stack([maps[t]["unet"].full for t in targets])  # (T, H, W)
+    attrs = {
+        "scan_id": scan_id,
+        "model_name": "evaluate",
+        "model_version": "",
+        "recipe": data.recipe.to_dict(),
+    }
+    return write_map_zarr(
+        folder / "maps" / f"{scan_id}.zarr", stack, data.mask(scan_id), targets=targets, attrs=attrs
+    )
+
+
 def score_test_split(
     data: Dataset,
     spectra: dict[str, np.ndarray],
@@ -251,6 +269,7 @@ def score_test_split(
     for k, sid in enumerate(track(test_ids, description="evaluate", disable=not progress)):
         for scan_id in data.samples[sid].scans:
             maps = _score_scan(data, sid, scan_id, models, targets, scores, k)
+            _write_test_map(folder, data, scan_id, maps, targets)
             if k < N_MAP_FIGURES:
                 truth = (data.truth(scan_id) or {}).get(targets[0])
                 title = f"{scan_id}: {targets[0]} (lab {reference[k, 0]:.1f} %)"

@@ -56,6 +56,7 @@ __all__ = [
     "bootstrap_first_target",
     "choose_settings",
     "evaluate_ensemble",
+    "evaluation_dir",
     "fit_pls",
     "flat_metrics",
     "load_models",
@@ -408,19 +409,36 @@ def write_evaluation_report(
     return paths
 
 
-def log_to_mlflow(training: dict[str, Any], folder: Path, flat: dict[str, float]) -> str:
-    """Metrics and the whole report folder (as ``evaluation/``) into the training's MLflow run.
+def log_to_mlflow(
+    cfg: ChemmapConfig,
+    stage: StageDir,
+    training: dict[str, Any],
+    folder: Path,
+    flat: dict[str, float],
+    runs: tracking.PipelineRuns | None = None,
+) -> str:
+    """The evaluation's own MLflow run: metrics, and the report folder as ``evaluation/``.
+
+    The run is nested under the pipeline's run (``chemmap run``), and tagged with the
+    training run it evaluated.
 
     Args:
-        training: the training stage's summary (``mlflow_run_id``, ``tracking_uri``).
+        training: the training stage's summary (``mlflow_run_id``).
 
     Returns:
         The run id.
     """
-    run_id = training["mlflow_run_id"]
-    client = tracking.client(training["tracking_uri"])
+    tags = {"chemmap.training_run": training.get("mlflow_run_id", "")}
+    if runs is not None:
+        run_id = runs.stage("evaluate", stage.key, tags=tags)
+    else:
+        run_id = tracking.stage_run(
+            cfg.tracking_uri, cfg.mlflow.experiment or cfg.name, "evaluate", stage.key, tags=tags
+        )
+    client = tracking.client(cfg.tracking_uri)
     tracking.log_metrics(client, run_id, flat, step=0)
     client.log_artifacts(run_id, str(folder), artifact_path="evaluation")
+    client.set_terminated(run_id)
     return run_id
 
 
@@ -454,6 +472,12 @@ def _evaluate(
     )
 
 
+def evaluation_dir(cfg: ChemmapConfig, dataset_stage: StageDir, training_stage: StageDir) -> StageDir:
+    """The evaluation's stage folder: keyed by its settings and the dataset's and training's keys."""
+    section = {"n_boot": N_BOOT, "seed": cfg.seed, "targets": list(cfg.targets), "protocol": PROTOCOL_VERSION}
+    return stage_dir(cfg.workdir_path, "evaluate", section, [dataset_stage.key, training_stage.key])
+
+
 def evaluate_ensemble(
     cfg: ChemmapConfig,
     dataset_stage: StageDir,
@@ -461,6 +485,7 @@ def evaluate_ensemble(
     *,
     progress: bool = True,
     log: Log = print,
+    runs: tracking.PipelineRuns | None = None,
 ) -> StageDir:
     """Score the test split with the U-Net ensemble, PLS and the map baselines; write and log the report.
 
@@ -471,6 +496,7 @@ def evaluate_ensemble(
             summary with ``rmsecv``, ``mlflow_run_id``, ``tracking_uri``).
         progress: show progress bars over the training and test samples.
         log: where the stage says what it does.
+        runs: the pipeline's MLflow runs (``chemmap run``): the evaluation's run nests under it.
 
     Returns:
         The finished evaluation stage (``metrics.json``, ``summary.md|html``, figures).
@@ -478,11 +504,13 @@ def evaluate_ensemble(
     if not training_stage.complete:
         raise InputError(f"no finished training at {training_stage.path}; run `chemmap train` first")
     targets = list(cfg.targets)
-    section = {"n_boot": N_BOOT, "seed": cfg.seed, "targets": targets, "protocol": PROTOCOL_VERSION}
-    stage = stage_dir(cfg.workdir_path, "evaluate", section, [dataset_stage.key, training_stage.key])
+    stage = evaluation_dir(cfg, dataset_stage, training_stage)
     if stage.complete:
         log(f"evaluate: done already ({stage.path})")
+        if runs is not None:
+            runs.cached("evaluate", stage.summary().get("mlflow_run_id"))
         return stage
+    tracking.check_tracking_uri(cfg.tracking_uri)
     out = stage.begin()
     data = Dataset(dataset_stage.path / "dataset.zarr")
     ev = _evaluate(cfg, data, training_stage, out, progress=progress, log=log)
@@ -503,7 +531,8 @@ def evaluate_ensemble(
         "pixel_rmse_unet": flat.get("test_map_unet_pixel_rmse"),
         "best_label_free": ev.choices[targets[0]].best_label_free,
         "bootstrap": ev.bootstrap,
-        "mlflow_run_id": log_to_mlflow(training_stage.summary(), out, flat),
+        "mlflow_run_id": log_to_mlflow(cfg, stage, training_stage.summary(), out, flat, runs),
+        "tracking_uri": cfg.tracking_uri,
     }
     stage.finish(summary, dump_config(cfg))
     _say_result(summary, ev, targets, log)

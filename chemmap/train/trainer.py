@@ -200,15 +200,25 @@ class _Run:
     log: Log
 
 
-def _open_runs(cfg: ChemmapConfig, plan: TrainingPlan, dataset: StageDir) -> tuple[tracking.RunBook, str]:
-    """The MLflow parent run of the training (the same one when a run resumes), with its params."""
+def _open_runs(
+    cfg: ChemmapConfig, plan: TrainingPlan, dataset: StageDir, pipeline_run: str | None
+) -> tuple[tracking.RunBook, str]:
+    """The MLflow run of the training (the same one when a run resumes), with its params.
+
+    A new run is nested under ``pipeline_run``; a resumed one keeps the parent it has.
+    """
     book = tracking.RunBook(
         plan.stage.path / "mlflow_runs.json", cfg.tracking_uri, cfg.mlflow.experiment or cfg.name
     )
     parent = book.run(
         "training",
         f"train-{plan.stage.key[:8]}",
-        tags={"chemmap.stage_key": plan.stage.key, "chemmap.dataset_key": dataset.key},
+        parent=pipeline_run,
+        tags={
+            tracking.STAGE_TAG: "train",
+            "chemmap.stage_key": plan.stage.key,
+            "chemmap.dataset_key": dataset.key,
+        },
     )
     params = {
         "model": asdict(plan.unet),
@@ -352,6 +362,7 @@ def train_ensemble(
     progress: bool = True,
     log: Log = print,
     debug: dict[str, Any] | None = None,
+    runs: tracking.PipelineRuns | None = None,
 ) -> StageDir:
     """Train the fold ensemble on a finished dataset stage; returns the training stage.
 
@@ -361,15 +372,18 @@ def train_ensemble(
         progress: accepted for the pipeline's stage signature (workers print one line per epoch).
         log: where the stage's lines go.
         debug: fault-injection hooks for the workers (tests only; see ``loop._debug_hooks``).
+        runs: the pipeline's MLflow runs (``chemmap run``): the training's run nests under it.
     """
     plan = plan_training(cfg, dataset)
     if plan.stage.complete:
         log(f"train: done already ({plan.stage.path})")
+        if runs is not None:
+            runs.cached("train", plan.stage.summary().get("mlflow_run_id"))
         return plan.stage
     geometry = check_patch_index(Dataset(plan.store), plan.unet) if cfg.train.mode == "patches" else None
     _check_services(cfg)
     plan.stage.begin()
-    book, parent = _open_runs(cfg, plan, dataset)
+    book, parent = _open_runs(cfg, plan, dataset, runs.parent if runs is not None else None)
     run = _Run(cfg, plan, dataset.key, book, parent, geometry, debug or {}, log)
     t_start = time.perf_counter()
     results = {fold: train_one_fold(run, fold) for fold in plan.folds}

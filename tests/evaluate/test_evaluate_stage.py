@@ -136,11 +136,14 @@ def test_report_files_and_mlflow_artifacts(evaluated):
         assert (ev.path / f).stat().st_size > 500, f
     drawn = [scan for sid in test_ids[:4] for scan in data.samples[sid].scans]
     assert sorted(p.name for p in ev.path.glob("map_*.png")) == sorted(f"map_{s}.png" for s in drawn)
-    summary = training.summary()
+    summary = ev.summary()
     client = MlflowClient(summary["tracking_uri"])
     names = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/summary.html", "evaluation/scatter.png"} <= names
-    logged = client.get_run(summary["mlflow_run_id"]).data.metrics
+    run = client.get_run(summary["mlflow_run_id"])  # the evaluation's own run, tied to the training's
+    assert run.data.tags["chemmap.training_run"] == training.summary()["mlflow_run_id"]
+    assert run.data.tags["chemmap.stage"] == "evaluate" and run.info.status == "FINISHED"
+    logged = run.data.metrics
     assert logged["test_unet_rmse"] == m["models"]["unet"]["rmse"]
     assert logged["test_map_pls_pixel_rmse"] == m["maps"]["pls"]["pixel_rmse"]
     share = m["maps"]["unet_fold2"]["spatial_correlated_share"]
@@ -338,3 +341,17 @@ def test_the_readme_tables_are_regenerated_from_the_metrics(evaluated, tmp_path)
     assert set(m["maps"]) <= set(rows) and {"unet", "pls", "unet_fold1"} <= set(rows)
     assert f"| {m['maps']['unet']['pixel_rmse']:.2f} |" in rows["unet"]
     assert f"{m['models']['pls']['rmse']:.3f}" in text
+
+
+def test_test_maps_are_written_as_chemmap_score_writes_them(evaluated):
+    from chemmap.inference.score_output import read_map_zarr
+
+    _, dataset, training, ev, _ = evaluated
+    data = Dataset(dataset.path / "dataset.zarr")
+    recomputed = {(t["sample"], i): t for i, t in enumerate(_test_maps(dataset, training, ev))}
+    scans = [scan for sid in data.ids([0]) for scan in data.samples[sid].scans]
+    assert sorted(p.name for p in (ev.path / "maps").glob("*.zarr")) == sorted(f"{s}.zarr" for s in scans)
+    for (_, i), t in recomputed.items():
+        maps, mask, attrs = read_map_zarr(ev.path / "maps" / f"{scans[i]}.zarr")
+        assert np.array_equal(mask, t["mask"]) and attrs["scan_id"] == scans[i]
+        np.testing.assert_array_equal(maps[0], np.where(t["mask"], t["unet"], np.nan).astype(np.float32))

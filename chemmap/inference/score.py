@@ -1,0 +1,691 @@
+"""A scanner's folder scored with a trained model: a map, a picture and a table row per scan.
+
+Every scan goes through :func:`chemmap.inference.mapping.map_arrays`, the path the evaluate
+stage's maps came from, read as the scanner wrote it (raw, white and dark references, and a
+mask image when the recipe's mask method is ``files``). What lands in ``output_dir``::
+
+    <scan_id>.zarr   the maps (target, y, x) in %, NaN outside the mask, and the mask
+                     (:mod:`chemmap.inference.score_output`); attributes: model name and
+                     version, the recipe, the scan id, the input files' sizes and times,
+                     per-target means and sums, the summary row, ``complete: true`` last
+    <scan_id>.png    the maps with a colour bar and the scan's mean in the title
+    summary.csv      a row per scan of the input folder (columns: :func:`summary_columns`),
+                     rewritten atomically as the run goes, so an interrupted run keeps what
+                     it did
+    samples.csv      with a scan -> sample table: each sample's pixel-weighted mean
+
+A run resumes: a scan whose map is complete, was made by the same model name and version
+and whose input files have the sizes and modification times recorded with it is skipped
+(its row is the earlier one, status ``ok``). A scan whose band centres drifted by more than
+0.05 nm but at most ``wavelength_tolerance_nm`` is resampled to the model's bands, with a
+note in its row. A bad scan gives an error row and one line in the log; the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chemmap.errors import InputError
+from chemmap.figures import plot_maps
+from chemmap.inference.bundle import ModelBundle
+from chemmap.inference.mapping import ScanMap, map_arrays
+from chemmap.inference.score_output import (
+    read_map_attrs,
+    read_map_zarr,
+    remove_leftovers,
+    staged_dir,
+    write_csv_atomic,
+    write_map_group,
+    write_map_zarr,
+)
+from chemmap.io import ScanFiles, check_references, discover_scans, open_scan
+from chemmap.io.envi import find_data_file
+from chemmap.preprocess.recipe import Recipe
+
+__all__ = [
+    "EXACT_NM",
+    "SAMPLES_CSV",
+    "SUMMARY_CSV",
+    "ScoreSummary",
+    "check_scan_id",
+    "input_files_key",
+    "read_map_zarr",
+    "read_sample_table",
+    "resample_bands",
+    "resample_flags",
+    "sample_columns",
+    "score_folder",
+    "summary_columns",
+    "wavelength_drift",
+    "write_map_zarr",
+]
+
+Log = Callable[[str], None]
+
+SUMMARY_CSV = "summary.csv"
+SAMPLES_CSV = "samples.csv"
+# Band centres this close to the model's (nm) are the same bands (Recipe.check_wavelengths).
+EXACT_NM = 0.05
+# Skipped scans rewrite the summary at most this often (s): a resumed run over thousands of
+# done scans would otherwise rewrite a growing table thousands of times in a few seconds.
+SKIPPED_WRITE_EVERY_S = 2.0
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """What a scoring run did.
+
+    Attributes:
+        ok: scans scored by this run.
+        skipped: scans done by an earlier run with this model and unchanged input files.
+        errors: scans that failed (their rows in ``summary.csv`` say why).
+        seconds: wall time of the run.
+        scans_per_second, megapixels_per_second: throughput of the scans scored by this run.
+        output_dir: where maps, pictures and tables are.
+        summary_csv: the per-scan table.
+        samples_csv: the per-sample table, None without a scan -> sample table.
+        failed: ids of the scans that failed.
+    """
+
+    ok: int
+    skipped: int
+    errors: int
+    seconds: float
+    scans_per_second: float
+    megapixels_per_second: float
+    output_dir: Path
+    summary_csv: Path
+    samples_csv: Path | None = None
+    failed: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One scan's result: its summary row, and what the sample table and throughput need."""
+
+    status: str  # "ok", "skipped" or "error"
+    row: dict[str, Any]
+    pixels: int = 0  # lines x samples scored by this run
+    sums: dict[str, float] | None = None  # target -> sum of the map over the mask
+    count: int = 0  # mask pixels
+
+
+def summary_columns(targets: Sequence[str]) -> list[str]:
+    """The columns of ``summary.csv`` for a model with these targets.
+
+    ``scan_id``; ``status``: ``ok`` or ``error`` (a scan skipped because an earlier run did
+    it keeps that run's row, ``ok``); ``mean_<target>``: the map's mean over the mask, %;
+    ``mask_pixels``; ``out_of_range_pct``: share of the mask's map values (all targets)
+    outside 0-100 %; ``saturated_pct``: share of all the scan's pixels flagged bad
+    (saturated, or a dead detector element); ``lines``, ``samples``: the scan's size;
+    ``model_name``, ``model_version``; ``seconds``: reading, mapping and drawing the scan;
+    ``scored_at``: when its map was made (UTC); ``note``: warnings (resampled wavelengths);
+    ``error``: why the scan failed.
+    """
+    return [
+        "scan_id",
+        "status",
+        *(f"mean_{t}" for t in targets),
+        "mask_pixels",
+        "out_of_range_pct",
+        "saturated_pct",
+        "lines",
+        "samples",
+        "model_name",
+        "model_version",
+        "seconds",
+        "scored_at",
+        "note",
+        "error",
+    ]
+
+
+def sample_columns(targets: Sequence[str]) -> list[str]:
+    """The columns of ``samples.csv`` for a model with these targets.
+
+    ``sample_id``; ``mean_<target>``: the pixel-weighted mean over the sample's scored scans
+    (the sum of their maps over their masks / their mask pixels, as training takes a
+    sample's mean), %; ``mask_pixels``; ``scans``: how many were scored; ``scan_ids``: those
+    scans, ``;``-separated; ``missing``: the table's scans of the sample without a map (failed,
+    or not in the folder).
+    """
+    return ["sample_id", *(f"mean_{t}" for t in targets), "mask_pixels", "scans", "scan_ids", "missing"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks on a scan's name, bands and files
+# ---------------------------------------------------------------------------------------------
+
+
+def check_scan_id(scan_id: str, output_dir: Path) -> None:
+    """A scan id must name a file inside ``output_dir``.
+
+    Raises:
+        InputError: the id is empty, contains ``/``, ``\\`` or ``..``, starts with ``.``
+            (hidden, or chemmap's temporary names), or ``<id>.zarr`` resolves outside
+            ``output_dir`` (e.g. through a symbolic link).
+    """
+    unsafe = (
+        not scan_id
+        or scan_id.startswith(".")
+        or any(c in scan_id for c in ("/", "\\", "\0"))
+        or ".." in scan_id
+        or (Path(output_dir) / f"{scan_id}.zarr").resolve().parent != Path(output_dir).resolve()
+    )
+    if unsafe:
+        raise InputError(
+            f"scan id {scan_id!r} is not a safe file name in {output_dir} (an id must not be empty, "
+            "contain '/', '\\' or '..', or start with '.'); refusing to score it"
+        )
+
+
+def wavelength_drift(
+    wavelengths: np.ndarray | None, expected: Sequence[float], tolerance_nm: float, source: str
+) -> float:
+    """How far (nm) a scan's band centres are from the model's, at most ``tolerance_nm``.
+
+    Args:
+        wavelengths: the scan's band centres (nm), None when its header has none.
+        expected: the raw band centres the model's recipe was made for (nm).
+        tolerance_nm: the largest difference that is resampled rather than refused.
+        source: the scan's header, for messages.
+
+    Returns:
+        The largest absolute difference, nm (<= :data:`EXACT_NM`: the same bands).
+
+    Raises:
+        InputError: no band centres, another number of bands, or a larger difference.
+    """
+    ref = np.asarray(expected, dtype=np.float64)
+    if wavelengths is None:
+        raise InputError(f"{source}: header has no 'wavelength' list; the model needs band centres")
+    wl = np.asarray(wavelengths, dtype=np.float64)
+    if wl.shape != ref.shape:
+        raise InputError(
+            f"{source}: {wl.size} bands {wl[0]:.2f}-{wl[-1]:.2f} nm, the model expects "
+            f"{ref.size} bands {ref[0]:.2f}-{ref[-1]:.2f} nm"
+        )
+    diff = np.abs(wl - ref)
+    i = int(np.argmax(diff))
+    if not diff[i] <= tolerance_nm:
+        raise InputError(
+            f"{source}: wavelengths differ from the model's by up to {diff[i]:.2f} nm (band {i + 1}: "
+            f"{wl[i]:.2f} nm, expected {ref[i]:.2f} nm); the tolerance is {tolerance_nm:g} nm"
+        )
+    return float(diff[i])
+
+
+def _neighbours(wavelengths: Sequence[float], target: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """For each target band, the lower of the two source bands around it and the weight of the upper.
+
+    Target bands outside the source range take the nearest source band (weight 0 or 1).
+    """
+    src = np.asarray(wavelengths, dtype=np.float64)
+    dst = np.asarray(target, dtype=np.float64)
+    if src.size == 1:
+        return np.zeros(dst.size, np.int64), np.zeros(dst.size)
+    pos = np.interp(dst, src, np.arange(src.size, dtype=np.float64))  # fractional band index
+    lower = np.minimum(np.floor(pos).astype(np.int64), src.size - 2)
+    return lower, pos - lower
+
+
+def resample_bands(
+    x: np.ndarray, wavelengths: Sequence[float], target: Sequence[float], *, dtype: Any = np.float32
+) -> np.ndarray:
+    """Linear interpolation along the band axis from one set of band centres to another.
+
+    Args:
+        x: ``(bands, ...)`` values at ``wavelengths``.
+        wavelengths: ``(bands,)`` strictly increasing band centres of ``x``, nm.
+        target: ``(bands_out,)`` band centres wanted, nm. Those outside ``wavelengths``
+            take the nearest band's values.
+        dtype: the result's dtype.
+
+    Returns:
+        ``(bands_out, ...)`` array.
+    """
+    lower, frac = _neighbours(wavelengths, target)
+    out = np.empty((lower.size, *x.shape[1:]), dtype=dtype)
+    for j, (i, f) in enumerate(zip(lower, frac, strict=True)):
+        a = x[i].astype(np.float64)
+        out[j] = a if f == 0.0 else a + f * (x[i + 1].astype(np.float64) - a)
+    return out
+
+
+def resample_flags(flags: np.ndarray, wavelengths: Sequence[float], target: Sequence[float]) -> np.ndarray:
+    """Flags ``(bands, ...)`` carried to the target bands: set where an interpolated value draws
+    on a flagged source value (what :func:`resample_bands` mixes in with a weight above 0)."""
+    lower, frac = _neighbours(wavelengths, target)
+    out = np.empty((lower.size, *flags.shape[1:]), dtype=bool)
+    for j, (i, f) in enumerate(zip(lower, frac, strict=True)):
+        out[j] = (flags[i] & (f < 1.0)) | (flags[i + 1] & (f > 0.0)) if f > 0.0 else flags[i]
+    return out
+
+
+def _resample_scan(
+    raw: np.ndarray, white: Any, dark: Any, wavelengths: np.ndarray, recipe: Recipe, saturation: float
+) -> tuple[np.ndarray, Any, Any]:
+    """Raw counts and references moved to the recipe's raw bands, bad pixels kept bad.
+
+    A value interpolated from a saturated count stays at or above ``saturation``; a detector
+    element interpolated from a dead one (white - dark below ``min_white_signal``, the
+    recipe's rule) stays dead: its white is set to its dark. References come back averaged
+    over their lines, ``(bands, 1, samples)``, which :func:`map_arrays` averages again unchanged.
+    """
+    target = recipe.raw_wavelengths
+    raw_out = resample_bands(raw, wavelengths, target)
+    saturated = resample_flags(raw >= saturation, wavelengths, target)
+    raw_out = np.where(saturated, np.maximum(raw_out, np.float32(saturation)), raw_out)
+    if white is None or dark is None:
+        return raw_out, None, None
+    w = np.asarray(white, np.float64).mean(axis=1, keepdims=True)  # (bands, 1, samples)
+    d = np.asarray(dark, np.float64).mean(axis=1, keepdims=True)
+    dead = resample_flags(
+        ~((w - d).astype(np.float32) >= recipe.config.min_white_signal), wavelengths, target
+    )
+    w_out = resample_bands(w, wavelengths, target, dtype=np.float64)
+    d_out = resample_bands(d, wavelengths, target, dtype=np.float64)
+    return raw_out, np.where(dead, d_out, w_out), d_out
+
+
+def input_files_key(files: ScanFiles, input_dir: Path, mask_file: Path | None = None) -> dict[str, list[int]]:
+    """``{path relative to input_dir: [bytes, mtime ns]}`` of the files a scan's map is made from.
+
+    Raw, white and dark headers and their data files, and the mask image if there is one.
+
+    Raises:
+        InputError: a header's data file is missing.
+    """
+    headers = [p for p in (files.raw, files.white, files.dark) if p is not None]
+    paths = [*headers, *(find_data_file(h) for h in headers)]
+    if mask_file is not None and mask_file.is_file():
+        paths.append(mask_file)
+    key = {}
+    for p in paths:
+        st = p.stat()
+        key[Path(os.path.relpath(p, input_dir)).as_posix()] = [int(st.st_size), int(st.st_mtime_ns)]
+    return key
+
+
+def read_sample_table(path: str | os.PathLike) -> dict[str, str]:
+    """A CSV with ``scan_id`` and ``sample_id`` columns (others ignored) -> ``{scan_id: sample_id}``.
+
+    Raises:
+        InputError: no such file, a missing column, an empty id, no rows, or a scan in two samples.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: scan -> sample table not found")
+    out: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("scan_id", "sample_id") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path}: no {' or '.join(missing)} column (it has {reader.fieldnames})")
+            for line, row in enumerate(reader, start=2):
+                scan, sample = (row["scan_id"] or "").strip(), (row["sample_id"] or "").strip()
+                if not scan or not sample:
+                    raise InputError(f"{path}, line {line}: empty scan_id or sample_id")
+                if out.setdefault(scan, sample) != sample:
+                    raise InputError(
+                        f"{path}, line {line}: scan {scan!r} is in samples {out[scan]!r} and {sample!r}"
+                    )
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not a UTF-8 CSV ({err})") from None
+    if not out:
+        raise InputError(f"{path}: no rows")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One scan
+# ---------------------------------------------------------------------------------------------
+
+
+def _finite(v: float, digits: int) -> float | None:
+    return round(float(v), digits) if math.isfinite(v) else None
+
+
+def _map_stats(scan_map: ScanMap, targets: Sequence[str]) -> dict[str, Any]:
+    """Mask pixels, per-target sums and means over the mask, out-of-range and saturated shares (%)."""
+    n = int(scan_map.mask.sum())
+    vals = scan_map.maps[:, scan_map.mask].astype(np.float64)  # (T, n)
+    sums = vals.sum(axis=1)
+    outside = ((vals < 0.0) | (vals > 100.0)).mean() if vals.size else 0.0
+    return {
+        "mask_pixels": n,
+        "sums": {t: _finite(s, 9) for t, s in zip(targets, sums, strict=True)},
+        "means": {t: _finite(s / n, 6) if n else None for t, s in zip(targets, sums, strict=True)},
+        "out_of_range_pct": round(100.0 * float(outside), 4),
+        "saturated_pct": round(100.0 * float(scan_map.saturated.mean()), 4),
+    }
+
+
+class _Scorer:
+    """Scores scans one by one with one model; the ensemble is built at the first scan it scores."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        input_dir: Path,
+        output_dir: Path,
+        model_name: str,
+        model_version: str,
+        tolerance_nm: float,
+    ) -> None:
+        self.bundle, self.recipe, self.targets = bundle, bundle.recipe, list(bundle.targets)
+        self.input_dir, self.output_dir = input_dir, output_dir
+        self.model_name, self.model_version = model_name, model_version
+        self.tolerance_nm = tolerance_nm
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self.bundle.ensemble()
+        return self._model
+
+    def _mask_file(self, scan_id: str) -> Path | None:
+        mask = self.recipe.config.mask
+        if mask.method != "files" or not mask.pattern:
+            return None
+        return self.input_dir / mask.pattern.replace("{scan_id}", scan_id)
+
+    def _row(self, scan_id: str, status: str, seconds: float, **fields: Any) -> dict[str, Any]:
+        return {
+            "scan_id": scan_id,
+            "status": status,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "seconds": round(seconds, 3),
+            "scored_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "note": "",
+            "error": "",
+            **fields,
+        }
+
+    def score(self, files: ScanFiles) -> _Outcome:
+        """Score one scan, or skip it when its map is up to date; bad input gives an error row."""
+        t0 = time.perf_counter()
+        try:
+            check_scan_id(files.scan_id, self.output_dir)
+            mask_file = self._mask_file(files.scan_id)
+            key = input_files_key(files, self.input_dir, mask_file)
+            done = self._up_to_date(files.scan_id, key)
+            if done is not None:
+                row = dict(done["summary_row"])
+                return _Outcome("skipped", row, sums=done["sums"], count=int(done["mask_pixels"]))
+            return self._score_new(files, mask_file, key, t0)
+        except (InputError, ValueError, OSError) as err:
+            message = " ".join(str(err).split()) or type(err).__name__
+            row = self._row(files.scan_id, "error", time.perf_counter() - t0, error=message)
+            return _Outcome("error", row)
+
+    def _up_to_date(self, scan_id: str, key: dict[str, list[int]]) -> dict[str, Any] | None:
+        """The attributes of a complete map of this scan by this model from these files, else None."""
+        attrs = read_map_attrs(self.output_dir / f"{scan_id}.zarr")
+        if (
+            attrs is None
+            or attrs.get("model_name") != self.model_name
+            or attrs.get("model_version") != self.model_version
+            or attrs.get("input_files") != key
+            or not isinstance(attrs.get("summary_row"), dict)
+            or not isinstance(attrs.get("sums"), dict)
+            or not isinstance(attrs.get("mask_pixels"), int)
+            or not (self.output_dir / f"{scan_id}.png").is_file()
+        ):
+            return None
+        return attrs
+
+    def _read(self, files: ScanFiles) -> tuple[np.ndarray, Any, Any, float, str]:
+        """Raw, white and dark counts in memory on the model's bands, the saturation level and a note."""
+        source = str(files.raw)
+        scan = open_scan(files.raw)
+        drift = wavelength_drift(scan.wavelengths, self.recipe.raw_wavelengths, self.tolerance_nm, source)
+        calibrated = self.recipe.config.calibration == "white_dark"
+        white = open_scan(files.white) if files.white else None
+        dark = open_scan(files.dark) if files.dark else None
+        check_references(scan, white, dark, files, required=calibrated)
+        saturation = self.recipe.saturation_level(scan.header, scan.dtype)
+        raw = np.asarray(scan.data.compute())  # (bands, lines, samples)
+        w = np.asarray(white.data.compute()) if calibrated and white else None  # (bands, lines_ref, samples)
+        d = np.asarray(dark.data.compute()) if calibrated and dark else None
+        if drift <= EXACT_NM:
+            return raw, w, d, saturation, ""
+        raw, w, d = _resample_scan(raw, w, d, scan.wavelengths, self.recipe, saturation)
+        note = (
+            f"wavelengths differ from the model's by up to {drift:.2f} nm; raw, white and dark "
+            "resampled to the model's bands (linear)"
+        )
+        return raw, w, d, saturation, note
+
+    def _score_new(self, files: ScanFiles, mask_file: Path | None, key: dict, t0: float) -> _Outcome:
+        sid = files.scan_id
+        with staged_dir(self.output_dir / f"{sid}.zarr") as tmp:
+            raw, white, dark, saturation, note = self._read(files)
+            scan_map = map_arrays(
+                self.model,
+                self.recipe,
+                raw,
+                white,
+                dark,
+                saturation=saturation,
+                mask_file=mask_file,
+                source=str(files.raw),
+            )
+            del raw, white, dark
+            stats = _map_stats(scan_map, self.targets)
+            self._plot(sid, scan_map.maps, stats["means"])
+            _, lines, samples = scan_map.maps.shape
+            row = self._row(
+                sid,
+                "ok",
+                time.perf_counter() - t0,
+                **{f"mean_{t}": stats["means"][t] for t in self.targets},
+                mask_pixels=stats["mask_pixels"],
+                out_of_range_pct=stats["out_of_range_pct"],
+                saturated_pct=stats["saturated_pct"],
+                lines=lines,
+                samples=samples,
+                note=note,
+            )
+            attrs = {
+                "scan_id": sid,
+                "model_name": self.model_name,
+                "model_version": self.model_version,
+                "weights_sha256": self.bundle.manifest.get("sha256", {}),
+                "recipe": self.recipe.to_dict(),
+                "raw": Path(os.path.relpath(files.raw, self.input_dir)).as_posix(),
+                "input_files": key,
+                **stats,
+                "summary_row": row,
+            }
+            write_map_group(tmp, scan_map.maps, scan_map.mask, targets=self.targets, attrs=attrs)
+        return _Outcome("ok", row, pixels=lines * samples, sums=stats["sums"], count=stats["mask_pixels"])
+
+    def _plot(self, scan_id: str, maps: np.ndarray, means: Mapping[str, float | None]) -> None:
+        shown = ", ".join(f"{t} {m:.1f} %" if m is not None else f"{t} -" for t, m in means.items())
+        plot_maps(
+            {t: maps[i] for i, t in enumerate(self.targets)},
+            self.output_dir / f"{scan_id}.png",
+            title=f"{scan_id}: mean {shown}\nmodel {self.model_name}, version {self.model_version}",
+            units=f"% {self.targets[0]}" if len(self.targets) == 1 else "%",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("score"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    return Progress(*columns, disable=not enabled, transient=False)
+
+
+def _score_all(scorer: _Scorer, scans: Sequence[ScanFiles], progress: bool, log: Log) -> list[_Outcome]:
+    """Every scan in turn; the summary table is rewritten as the run goes."""
+    columns = summary_columns(scorer.targets)
+    summary = scorer.output_dir / SUMMARY_CSV
+    outcomes: list[_Outcome] = []
+    last_write = -math.inf
+    with _progress_bar(progress) as bar:
+        task = bar.add_task("", total=len(scans))
+        for i, files in enumerate(scans):
+            bar.update(task, description=files.scan_id)
+            outcome = scorer.score(files)
+            outcomes.append(outcome)
+            if outcome.status == "error":
+                log(f"score: {files.scan_id} failed: {outcome.row['error']}")
+            now = time.perf_counter()
+            if (
+                outcome.status != "skipped"
+                or now - last_write >= SKIPPED_WRITE_EVERY_S
+                or i == len(scans) - 1
+            ):
+                write_csv_atomic(summary, columns, [o.row for o in outcomes])
+                last_write = now
+            bar.advance(task)
+    return outcomes
+
+
+def _write_sample_means(
+    path: Path, sample_of: Mapping[str, str], outcomes: Sequence[_Outcome], targets: Sequence[str], log: Log
+) -> Path:
+    """Each sample's pixel-weighted mean over its scored scans (sum over their masks / their pixels)."""
+    scored = {o.row["scan_id"]: o for o in outcomes if o.sums is not None}
+    scans_of: dict[str, list[str]] = {}
+    for scan, sample in sample_of.items():
+        scans_of.setdefault(sample, []).append(scan)
+    rows = []
+    for sample, scans in scans_of.items():
+        done = [s for s in scans if s in scored]
+        count = sum(scored[s].count for s in done)
+        row: dict[str, Any] = {"sample_id": sample, "mask_pixels": count, "scans": len(done)}
+        row |= {"scan_ids": ";".join(done), "missing": ";".join(s for s in scans if s not in scored)}
+        for t in targets:
+            sums = [scored[s].sums.get(t) for s in done]  # type: ignore[union-attr]
+            ok = count > 0 and all(v is not None for v in sums)
+            row[f"mean_{t}"] = round(sum(sums) / count, 6) if ok else None  # type: ignore[arg-type]
+        rows.append(row)
+    unlisted = sorted({o.row["scan_id"] for o in outcomes} - set(sample_of))
+    if unlisted:
+        log(
+            f"score: {len(unlisted)} scans are in no sample of the scan -> sample table "
+            f"(e.g. {unlisted[0]}); {path.name} leaves them out"
+        )
+    return write_csv_atomic(path, sample_columns(targets), rows)
+
+
+def _summary(
+    outcomes: Sequence[_Outcome], seconds: float, output_dir: Path, samples: Path | None
+) -> ScoreSummary:
+    ok = [o for o in outcomes if o.status == "ok"]
+    failed = tuple(o.row["scan_id"] for o in outcomes if o.status == "error")
+    per_s = 1.0 / seconds if seconds > 0 else 0.0
+    return ScoreSummary(
+        ok=len(ok),
+        skipped=sum(o.status == "skipped" for o in outcomes),
+        errors=len(failed),
+        seconds=seconds,
+        scans_per_second=len(ok) * per_s,
+        megapixels_per_second=sum(o.pixels for o in ok) / 1e6 * per_s,
+        output_dir=output_dir,
+        summary_csv=output_dir / SUMMARY_CSV,
+        samples_csv=samples,
+        failed=failed,
+    )
+
+
+def _closing_line(s: ScoreSummary) -> str:
+    n = s.ok + s.skipped + s.errors
+    line = (
+        f"score: {n} scans: {s.ok} scored, {s.skipped} skipped (done before), {s.errors} failed in "
+        f"{s.seconds:.1f} s ({s.scans_per_second:.2f} scans/s, {s.megapixels_per_second:.3g} Mpx/s); "
+        f"summary: {s.summary_csv}"
+    )
+    if s.failed:
+        more = f" and {len(s.failed) - 5} more" if len(s.failed) > 5 else ""
+        line += f"; failed: {', '.join(s.failed[:5])}{more}"
+    return line
+
+
+def score_folder(
+    bundle: ModelBundle,
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    model_name: str,
+    model_version: str,
+    raw_pattern: str | None = None,
+    white_pattern: str | None = None,
+    dark_pattern: str | None = None,
+    samples_csv: str | os.PathLike | None = None,
+    wavelength_tolerance_nm: float = 1.0,
+    progress: bool = True,
+    log: Log = print,
+) -> ScoreSummary:
+    """Score every scan in a scanner's folder with a model (see the module's docstring).
+
+    Args:
+        bundle: the model (:func:`chemmap.inference.bundle.read_bundle`).
+        input_dir: the scanner's output folder, as the scanner wrote it.
+        output_dir: where maps, pictures and tables go (created; a run into it resumes).
+        model_name, model_version: the registered model's name and version, recorded with
+            every map; a map by another name or version is made again.
+        raw_pattern, white_pattern, dark_pattern: the folder's layout, globs relative to
+            ``input_dir`` (:func:`chemmap.io.discover_scans`); None: Specim's recorder layout.
+        samples_csv: a CSV with ``scan_id`` and ``sample_id`` columns; with it,
+            ``samples.csv`` holds each sample's pixel-weighted mean over its scans.
+        wavelength_tolerance_nm: scans whose band centres differ from the model's by more than
+            0.05 nm and at most this are resampled to the model's bands; more is an error.
+        progress: show a progress bar over scans.
+        log: where the error lines and the closing line go.
+
+    Returns:
+        Counts, throughput and where the tables are.
+
+    Raises:
+        InputError: the input folder is missing or holds no scan, the tolerance is negative,
+            or the scan -> sample table is unreadable. A bad scan is an error row instead.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not wavelength_tolerance_nm >= 0:
+        raise InputError(f"wavelength_tolerance_nm must be >= 0 nm, got {wavelength_tolerance_nm}")
+    sample_of = read_sample_table(samples_csv) if samples_csv is not None else None
+    if not input_dir.is_dir():
+        raise InputError(f"{input_dir}: input folder not found")
+    scans = discover_scans(input_dir, raw_pattern, white_pattern, dark_pattern)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if removed := remove_leftovers(output_dir):
+        log(f"score: removed {len(removed)} unfinished files of an interrupted run from {output_dir}")
+    scorer = _Scorer(
+        bundle, input_dir, output_dir, str(model_name), str(model_version), wavelength_tolerance_nm
+    )
+    t0 = time.perf_counter()
+    outcomes = _score_all(scorer, scans, progress, log)
+    samples = None
+    if sample_of is not None:
+        samples = _write_sample_means(output_dir / SAMPLES_CSV, sample_of, outcomes, scorer.targets, log)
+    summary = _summary(outcomes, time.perf_counter() - t0, output_dir, samples)
+    log(_closing_line(summary))
+    return summary
