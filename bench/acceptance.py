@@ -88,22 +88,23 @@ COLUMNS = [
 ]
 
 
-def _t_interval(x: list[float]) -> str:
+def _t_interval(x: list[float], unit: str = "") -> str:
     """Mean and 95 % t-interval across runs (not across pixels or samples)."""
     from scipy import stats
 
     a = np.asarray(x, dtype=float)
     if a.size < 2:
-        return f"{a.mean():+.3f} (one run: no interval)"
+        return f"{a.mean():+.2f}{unit} (one run: no interval)"
     half = stats.t.ppf(0.975, a.size - 1) * a.std(ddof=1) / np.sqrt(a.size)
-    return f"{a.mean():+.3f} [{a.mean() - half:+.3f}, {a.mean() + half:+.3f}]"
+    return f"{a.mean():+.2f}{unit} [{a.mean() - half:+.2f}, {a.mean() + half:+.2f}]{unit}"
 
 
 def table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_row(r)) + " |" for r in results]
     rel = [
-        r["metrics"]["models"]["unet"]["rmse"] / r["metrics"]["models"]["pls"]["rmse"] - 1 for r in results
+        100 * (r["metrics"]["models"]["unet"]["rmse"] / r["metrics"]["models"]["pls"]["rmse"] - 1)
+        for r in results
     ]
     px = [
         r["metrics"]["maps"]["unet"]["pixel_rmse"]
@@ -113,7 +114,7 @@ def table(results: list[dict]) -> str:
     ]
     wins = sum(d < 0 for d in px)
     lines.append(
-        f"\nOver {len(results)} runs: mean-fat RMSE(U-Net)/RMSE(PLS) - 1 = {_t_interval(rel)}; "
+        f"\nOver {len(results)} runs: mean-fat RMSE(U-Net)/RMSE(PLS) - 1 = {_t_interval(rel, ' %')}; "
         f"per-pixel RMSE(U-Net) - RMSE(best label-free baseline) = {_t_interval(px) if px else 'n/a'} "
         f"(U-Net better in {wins} of {len(px)}); 95 % t-intervals across runs. "
         f"Paper (VNIR, real bellies, no true maps): {PAPER}."
