@@ -4,7 +4,8 @@
 
     chemmap.json     the manifest: format, U-Net config, targets, folds, the preprocessing
                      recipe (with the raw wavelengths it expects and the mask settings), the
-                     tiling settings, where the model came from and how it scored
+                     tiling settings, where the model came from and how it scored, and
+                     the training data's spectral model (outlier limits for scoring)
     fold<k>.pt       each fold model's state dict (tensors only), with its SHA-256 in the manifest
 
 This is what the register stage logs to MLflow (beside the pyfunc wrapper) and what
@@ -27,6 +28,7 @@ import torch
 from chemmap.errors import InputError
 from chemmap.files import atomic_path, write_json_atomic
 from chemmap.inference.ensemble import TILE_ABOVE_PIXELS, TILE_CORE, MapEnsemble, load_weights
+from chemmap.inference.flags import SpectralModel
 from chemmap.models.unet import UNet, UNetConfig
 from chemmap.preprocess.recipe import Recipe
 
@@ -79,6 +81,12 @@ class ModelBundle:
         """Stage keys, training run, test sample ids and test metrics."""
         return dict(self.manifest.get("provenance", {}))
 
+    @property
+    def spectral_model(self) -> SpectralModel | None:
+        """The training data's spectral model (outlier limits), if the bundle has one."""
+        d = self.manifest.get("spectral_model")
+        return None if d is None else SpectralModel.from_dict(d)
+
     def ensemble(self) -> MapEnsemble:
         """The fold ensemble, every member's weights loaded with ``weights_only=True``."""
         members = []
@@ -95,6 +103,7 @@ def write_bundle(
     recipe: Recipe,
     *,
     provenance: Mapping[str, Any] | None = None,
+    spectral_model: SpectralModel | None = None,
 ) -> Path:
     """Copy a finished training's fold weights into a bundle folder with its manifest.
 
@@ -104,6 +113,8 @@ def write_bundle(
         recipe: the dataset's recipe, with its normalisation statistics.
         provenance: JSON-able facts about the model (stage keys, the training run, test
             sample ids and metrics), stored as they are.
+        spectral_model: the PCA of the training data's mean spectra and its limits, which
+            flag scans unlike the training data (:mod:`chemmap.inference.flags`).
 
     Returns:
         ``dest``.
@@ -129,6 +140,7 @@ def write_bundle(
         "recipe": recipe.to_dict(),
         "tiling": {"tile_above_pixels": TILE_ABOVE_PIXELS, "tile_core": TILE_CORE},
         "provenance": dict(provenance or {}),
+        "spectral_model": None if spectral_model is None else spectral_model.to_dict(),
     }
     write_json_atomic(dest / MANIFEST, manifest)
     return dest

@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from chemmap.inference.ensemble import predict_map
+from chemmap.inference.flags import scan_mean_spectrum
 from chemmap.models.tiling import Geometry
 from chemmap.preprocess.recipe import Recipe
 from chemmap.preprocess.scan import check_finite, model_input, sample_mask, transform
@@ -32,12 +33,15 @@ class ScanMap:
         mask: ``(lines, samples)`` bool sample pixels.
         bad_removed: saturated or dead pixels taken out of the mask.
         saturated: ``(lines, samples)`` bool pixels flagged bad (saturated or dead element).
+        mean_spectrum: ``(channels,)`` float64 mean of the preprocessed cube over the mask
+            (what the spectral outlier flags look at).
     """
 
     maps: np.ndarray
     mask: np.ndarray
     bad_removed: int
     saturated: np.ndarray
+    mean_spectrum: np.ndarray
 
 
 def map_arrays(
@@ -80,4 +84,4 @@ def map_arrays(
     check_finite(~np.isfinite(cube).all(axis=0), sm.mask, source)
     pred = predict_map(model, model_input(cube, recipe), geometry).numpy()  # (targets, lines, samples)
     maps = np.where(sm.mask[None], pred, np.nan).astype(np.float32)
-    return ScanMap(maps, sm.mask, sm.bad_removed, np.asarray(t.bad))
+    return ScanMap(maps, sm.mask, sm.bad_removed, np.asarray(t.bad), scan_mean_spectrum(cube, sm.mask))

@@ -16,6 +16,7 @@ from chemmap import tracking
 from chemmap.config import ChemmapConfig, dump_config
 from chemmap.errors import InputError
 from chemmap.inference.bundle import BUNDLE_FORMAT, write_bundle
+from chemmap.inference.flags import fit_spectral_model
 from chemmap.preprocess.store import Dataset
 from chemmap.registry.registry import Registration, log_model, register
 from chemmap.stages import StageDir, stage_dir
@@ -105,8 +106,10 @@ def register_model(
         "training_run": training_stage.summary().get("mlflow_run_id", ""),
         "evaluate_run": evaluate_run,
     }
+    facts = provenance(data, keys, run_ids, metrics)
+    spectral = fit_spectral_model(data)  # the outlier limits scoring flags scans with
     bundle = write_bundle(
-        out / "bundle", training_stage.path, data.recipe, provenance=provenance(data, keys, run_ids, metrics)
+        out / "bundle", training_stage.path, data.recipe, provenance=facts, spectral_model=spectral
     )
     model_uri = log_model(cfg.tracking_uri, evaluate_run, bundle, bands=len(data.recipe.raw_wavelengths))
     reg = register(cfg.tracking_uri, name, model_uri, evaluation=metrics, tags={**keys, **run_ids})
