@@ -113,10 +113,22 @@ def score(
     wavelength_tolerance: Annotated[
         float, typer.Option(help="nm a scan's bands may drift (resampled).")
     ] = 1.0,
+    watch: Annotated[
+        bool, typer.Option(help="Keep scoring new scans as they arrive (stop: Ctrl-C).")
+    ] = False,
+    poll: Annotated[float, typer.Option(help="With --watch: seconds between looks at the folder.")] = 2.0,
+    settle: Annotated[
+        float, typer.Option(help="With --watch: seconds a scan's files must stay unchanged.")
+    ] = 5.0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Score on Ray actors at this address (or auto).")
+    ] = None,
+    actors: Annotated[int | None, typer.Option(help="Ray actors (default: one per CPU, or GPU).")] = None,
+    gpu: Annotated[bool, typer.Option(help="One GPU per Ray actor.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score every scan in a folder with a registered model: maps, PNGs, summary.csv."""
-    from chemmap.pipeline import score_scans
+    from chemmap.pipeline import ScoreOptions, score_scans
 
     cfg = _load(config, set_) if config is not None else None
     result = score_scans(
@@ -127,6 +139,7 @@ def score(
         cfg=cfg,
         samples=samples,
         wavelength_tolerance_nm=wavelength_tolerance,
+        options=ScoreOptions(watch, poll, settle, ray_address, actors, gpu),
         progress=not quiet,
     )
     if result.errors:

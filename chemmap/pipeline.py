@@ -448,6 +448,40 @@ def _model_cache(cfg: ChemmapConfig | None) -> Path:
     return Path.home() / ".cache" / "chemmap" / "models"
 
 
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How ``chemmap score`` runs: once or watching, locally or on Ray actors.
+
+    Attributes:
+        watch: keep scoring new scans as they arrive (until SIGINT/SIGTERM).
+        poll_seconds, settle_seconds: how often the folder is looked at, and how long a scan's
+            files must stay unchanged before it counts as written.
+        ray_address: score on Ray actors (``auto``, ``ray://head:10001``); None: here, or the
+            config's ``cluster.ray_address`` when one is set.
+        num_actors: actors on Ray (default: one per CPU, or per GPU with ``use_gpu``).
+        use_gpu: one GPU per actor.
+    """
+
+    watch: bool = False
+    poll_seconds: float = 2.0
+    settle_seconds: float = 5.0
+    ray_address: str | None = None
+    num_actors: int | None = None
+    use_gpu: bool = False
+
+
+def _score_model(model: str, tracking_uri: str | None, cfg: ChemmapConfig | None):
+    """``(bundle, name, version)`` of a ``models:/`` URI (downloaded, checked) or a model folder."""
+    from chemmap.inference.bundle import read_bundle
+
+    if model.startswith("models:/"):
+        from chemmap.registry.registry import fetch_bundle
+
+        return fetch_bundle(resolve_tracking_uri(tracking_uri, cfg), model, _model_cache(cfg))
+    bundle = read_bundle(Path(model))
+    return bundle, bundle.path.name, f"local-{bundle.manifest['sha256'][bundle.manifest['weights'][0]][:12]}"
+
+
 def score_scans(
     model: str,
     input_dir: Path,
@@ -457,6 +491,7 @@ def score_scans(
     cfg: ChemmapConfig | None = None,
     samples: Path | None = None,
     wavelength_tolerance_nm: float = 1.0,
+    options: ScoreOptions = ScoreOptions(),
     progress: bool = True,
     log: Log = print,
 ):
@@ -464,37 +499,37 @@ def score_scans(
 
     ``models:/NAME@alias`` is resolved once and its files downloaded (and checked: nothing
     stored with the model is run); the version used is recorded with every map. With
-    ``cfg``, its ``data:`` patterns describe the folder's layout.
+    ``cfg``, its ``data:`` patterns describe the folder's layout and its ``cluster:`` section
+    where to run. See :class:`ScoreOptions` for watching a folder and Ray actors.
     """
-    from chemmap.inference.bundle import read_bundle
     from chemmap.inference.score import score_folder
 
-    if model.startswith("models:/"):
-        from chemmap.registry.registry import fetch_bundle
-
-        uri = resolve_tracking_uri(tracking_uri, cfg)
-        bundle, name, version = fetch_bundle(uri, model, _model_cache(cfg))
-    else:
-        bundle = read_bundle(Path(model))
-        name, version = (
-            bundle.path.name,
-            f"local-{bundle.manifest['sha256'][bundle.manifest['weights'][0]][:12]}",
-        )
+    ray_address = options.ray_address or (cfg.cluster.ray_address if cfg is not None else None)
+    if options.watch and ray_address:
+        raise InputError("score: --watch runs here; it cannot be combined with a Ray address")
+    bundle, name, version = _score_model(model, tracking_uri, cfg)
     data = cfg.data if cfg is not None and cfg.data.source == "folder" else None
-    return score_folder(
-        bundle,
-        input_dir,
-        output,
-        model_name=name,
-        model_version=version,
-        raw_pattern=data.raw_pattern if data else None,
-        white_pattern=data.white_pattern if data else None,
-        dark_pattern=data.dark_pattern if data else None,
-        samples_csv=samples,
-        wavelength_tolerance_nm=wavelength_tolerance_nm,
-        progress=progress,
-        log=log,
-    )
+    common = {
+        "model_name": name,
+        "model_version": version,
+        "raw_pattern": data.raw_pattern if data else None,
+        "white_pattern": data.white_pattern if data else None,
+        "dark_pattern": data.dark_pattern if data else None,
+        "samples_csv": samples,
+        "wavelength_tolerance_nm": wavelength_tolerance_nm,
+        "log": log,
+    }
+    if options.watch:
+        from chemmap.inference.watch import watch_folder
+
+        poll = {"poll_seconds": options.poll_seconds, "settle_seconds": options.settle_seconds}
+        return watch_folder(bundle, input_dir, output, **poll, **common)
+    if ray_address:
+        from chemmap.inference.actors import score_on_ray
+
+        actors = {"ray_address": ray_address, "num_actors": options.num_actors, "use_gpu": options.use_gpu}
+        return score_on_ray(bundle.path, input_dir, output, **actors, progress=progress, **common)
+    return score_folder(bundle, input_dir, output, progress=progress, **common)
 
 
 def promote_version(

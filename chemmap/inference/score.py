@@ -13,12 +13,32 @@ mask image when the recipe's mask method is ``files``). What lands in ``output_d
                      rewritten atomically as the run goes, so an interrupted run keeps what
                      it did
     samples.csv      with a scan -> sample table: each sample's pixel-weighted mean
+    .locks/          while scorers run: one lock file per scan being scored
 
 A run resumes: a scan whose map is complete, was made by the same model name and version
 and whose input files have the sizes and modification times recorded with it is skipped
 (its row is the earlier one, status ``ok``). A scan whose band centres drifted by more than
 0.05 nm but at most ``wavelength_tolerance_nm`` is resampled to the model's bands, with a
 note in its row. A bad scan gives an error row and one line in the log; the others go on.
+
+Several scorers may share one output folder (two ``chemmap score`` processes, a
+``--watch`` beside a batch run, :func:`chemmap.inference.actors.score_on_ray`'s actors): a
+scan is scored by whoever takes its lock (:func:`chemmap.inference.score_output.acquire_lock`),
+and a scorer that finds a scan locked by a live holder leaves it (a ``busy`` line in its log).
+
+``summary.csv`` is a view, rebuilt at every write under the tables' lock and replaced
+atomically. Its rows are the scans this run found, sorted by id, each:
+
+1. this run's error row, if this run failed on the scan;
+2. else the ``summary_row`` stored in the scan's complete map (made or skipped by this run,
+   or made by another scorer for a scan that was ``busy`` here, when that map is of this
+   model and of the input files as this run saw them);
+3. else a ``busy`` row: another scorer still holds the scan (or made its map with another
+   model); that scorer's own writes of the table list the scan when it is done.
+
+So whichever scorer writes last writes a table that lists every map made so far; rows come
+from the maps themselves, never from another process's memory. ``samples.csv`` is rebuilt
+from the same view.
 """
 
 from __future__ import annotations
@@ -34,31 +54,48 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from chemmap.errors import InputError
 from chemmap.figures import plot_maps
 from chemmap.inference.bundle import ModelBundle
+from chemmap.inference.flags import flags_columns, saturated_share, scan_flags, white_reference_age_hours
 from chemmap.inference.mapping import ScanMap, map_arrays
 from chemmap.inference.score_output import (
+    DEFAULT_STALE_SECONDS,
+    TABLES_LOCK,
+    LockBusy,
+    acquire_lock,
     read_map_attrs,
     read_map_zarr,
     remove_leftovers,
+    remove_lock_dir,
     staged_dir,
+    wait_for_lock,
     write_csv_atomic,
     write_map_group,
     write_map_zarr,
 )
 from chemmap.io import ScanFiles, check_references, discover_scans, open_scan
 from chemmap.io.envi import find_data_file
+from chemmap.models.tiling import Geometry, model_geometry
 from chemmap.preprocess.recipe import Recipe
 
 __all__ = [
     "EXACT_NM",
     "SAMPLES_CSV",
     "SUMMARY_CSV",
+    "ScanOutcome",
+    "ScanScorer",
     "ScoreSummary",
+    "SummaryTable",
     "check_scan_id",
+    "check_score_inputs",
+    "finish_run",
     "input_files_key",
+    "prepare_output",
+    "progress_bar",
     "read_map_zarr",
     "read_sample_table",
     "resample_bands",
@@ -87,7 +124,8 @@ class ScoreSummary:
 
     Attributes:
         ok: scans scored by this run.
-        skipped: scans done by an earlier run with this model and unchanged input files.
+        skipped: scans done by an earlier run (or another scorer) with this model and unchanged
+            input files.
         errors: scans that failed (their rows in ``summary.csv`` say why).
         seconds: wall time of the run.
         scans_per_second, megapixels_per_second: throughput of the scans scored by this run.
@@ -95,6 +133,8 @@ class ScoreSummary:
         summary_csv: the per-scan table.
         samples_csv: the per-sample table, None without a scan -> sample table.
         failed: ids of the scans that failed.
+        busy: scans left to another scorer that held their lock.
+        scored: ids of the scans scored by this run (``ok``), in the order they were done.
     """
 
     ok: int
@@ -107,30 +147,37 @@ class ScoreSummary:
     summary_csv: Path
     samples_csv: Path | None = None
     failed: tuple[str, ...] = field(default=())
+    busy: int = 0
+    scored: tuple[str, ...] = field(default=())
 
 
 @dataclass(frozen=True)
-class _Outcome:
+class ScanOutcome:
     """One scan's result: its summary row, and what the sample table and throughput need."""
 
-    status: str  # "ok", "skipped" or "error"
+    status: str  # "ok", "skipped", "error" or "busy" (locked by another scorer)
     row: dict[str, Any]
     pixels: int = 0  # lines x samples scored by this run
     sums: dict[str, float] | None = None  # target -> sum of the map over the mask
     count: int = 0  # mask pixels
+    inputs: dict[str, list[int]] | None = None  # a busy scan's input files as this run saw them
 
 
 def summary_columns(targets: Sequence[str]) -> list[str]:
     """The columns of ``summary.csv`` for a model with these targets.
 
-    ``scan_id``; ``status``: ``ok`` or ``error`` (a scan skipped because an earlier run did
-    it keeps that run's row, ``ok``); ``mean_<target>``: the map's mean over the mask, %;
+    ``scan_id``; ``status``: ``ok``, ``error`` or ``busy`` (another scorer holds the scan; see
+    the module's docstring) (a scan skipped because an earlier run did it keeps that run's
+    row, ``ok``); ``mean_<target>``: the map's mean over the mask, %;
     ``mask_pixels``; ``out_of_range_pct``: share of the mask's map values (all targets)
     outside 0-100 %; ``saturated_pct``: share of all the scan's pixels flagged bad
     (saturated, or a dead detector element); ``lines``, ``samples``: the scan's size;
     ``model_name``, ``model_version``; ``seconds``: reading, mapping and drawing the scan;
-    ``scored_at``: when its map was made (UTC); ``note``: warnings (resampled wavelengths);
-    ``error``: why the scan failed.
+    ``scored_at``: when its map was made (UTC); ``t2``, ``q``: Hotelling T² and Q residual of
+    the scan's mean spectrum against the training data, ``saturated_share`` (of the sample's
+    pixels), ``white_age_h``, and ``flags``: each limit the scan exceeded, ``;``-separated
+    (:mod:`chemmap.inference.flags`; empty for a model registered without a spectral model);
+    ``note``: warnings (resampled wavelengths); ``error``: why the scan failed.
     """
     return [
         "scan_id",
@@ -145,6 +192,7 @@ def summary_columns(targets: Sequence[str]) -> list[str]:
         "model_version",
         "seconds",
         "scored_at",
+        *flags_columns(),
         "note",
         "error",
     ]
@@ -372,8 +420,36 @@ def _map_stats(scan_map: ScanMap, targets: Sequence[str]) -> dict[str, Any]:
     }
 
 
-class _Scorer:
-    """Scores scans one by one with one model; the ensemble is built at the first scan it scores."""
+class _OutputOnCpu(nn.Module):
+    """A map model on an accelerator whose maps come back to the CPU (what :func:`map_arrays` reads).
+
+    ``module`` is the name the tiling helpers look through for the model's geometry.
+    """
+
+    def __init__(self, module: nn.Module, device: str) -> None:
+        super().__init__()
+        self.module = module.to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x).cpu()
+
+
+class ScanScorer:
+    """Scores scans one by one with one model; the ensemble is built at the first scan it scores.
+
+    Local scoring, the watcher and every Ray actor score a scan through :meth:`score`, so a
+    scan's map, picture and row are the same whoever makes them.
+
+    Args:
+        bundle: the model (:func:`chemmap.inference.bundle.read_bundle`).
+        input_dir: the scanner's folder the scans' paths are relative to (for the records).
+        output_dir: where maps and pictures go.
+        model_name, model_version: recorded with every map.
+        tolerance_nm: the largest band drift that is resampled (:func:`wavelength_drift`).
+        stale_seconds: a lock held from another host is dead when its heartbeat is older (s).
+        device: where the model runs (``"cpu"``, ``"cuda"``...); maps come back to the CPU.
+        max_white_age_hours: flag a scan whose white reference is older than this (None: never).
+    """
 
     def __init__(
         self,
@@ -383,20 +459,33 @@ class _Scorer:
         model_name: str,
         model_version: str,
         tolerance_nm: float,
+        *,
+        stale_seconds: float = DEFAULT_STALE_SECONDS,
+        device: str = "cpu",
+        max_white_age_hours: float | None = None,
     ) -> None:
         self.bundle, self.recipe, self.targets = bundle, bundle.recipe, list(bundle.targets)
-        self.input_dir, self.output_dir = input_dir, output_dir
-        self.model_name, self.model_version = model_name, model_version
-        self.tolerance_nm = tolerance_nm
-        self._model = None
+        self.input_dir, self.output_dir = Path(input_dir), Path(output_dir)
+        self.model_name, self.model_version = str(model_name), str(model_version)
+        self.tolerance_nm, self.stale_seconds, self.device = tolerance_nm, stale_seconds, device
+        self._model: nn.Module | None = None
+        self._geometry: Geometry | None = None
+        self._headers: tuple[dict[str, Any], dict[str, Any] | None] = ({}, None)
+        self.max_white_age_hours = max_white_age_hours
 
     @property
-    def model(self):
+    def model(self) -> nn.Module:
         if self._model is None:
-            self._model = self.bundle.ensemble()
+            ensemble = self.bundle.ensemble()
+            if self.device == "cpu":
+                self._model = ensemble
+            else:  # measured on the CPU once: the measurement builds its probe there
+                self._geometry = model_geometry(ensemble)
+                self._model = _OutputOnCpu(ensemble, self.device).eval()
         return self._model
 
-    def _mask_file(self, scan_id: str) -> Path | None:
+    def mask_file(self, scan_id: str) -> Path | None:
+        """The scan's mask image (``mask.method: files``), None when the recipe draws its own mask."""
         mask = self.recipe.config.mask
         if mask.method != "files" or not mask.pattern:
             return None
@@ -415,24 +504,39 @@ class _Scorer:
             **fields,
         }
 
-    def score(self, files: ScanFiles) -> _Outcome:
-        """Score one scan, or skip it when its map is up to date; bad input gives an error row."""
+    def score(self, files: ScanFiles) -> ScanOutcome:
+        """Score one scan under its lock; bad input gives an error row, never an exception.
+
+        Status ``skipped``: its map is up to date (checked again once the lock is held, as
+        another scorer may have just made it); ``busy``: a live scorer holds its lock.
+        """
         t0 = time.perf_counter()
         try:
             check_scan_id(files.scan_id, self.output_dir)
-            mask_file = self._mask_file(files.scan_id)
+            mask_file = self.mask_file(files.scan_id)
             key = input_files_key(files, self.input_dir, mask_file)
-            done = self._up_to_date(files.scan_id, key)
+            done = self.up_to_date(files.scan_id, key)
             if done is not None:
-                row = dict(done["summary_row"])
-                return _Outcome("skipped", row, sums=done["sums"], count=int(done["mask_pixels"]))
-            return self._score_new(files, mask_file, key, t0)
+                return _from_map("skipped", done)
+            try:
+                lock = acquire_lock(self.output_dir, files.scan_id, stale_seconds=self.stale_seconds)
+            except LockBusy as busy:
+                holder = busy.holder.describe() if busy.holder else "another scorer"
+                row = self._row(files.scan_id, "busy", time.perf_counter() - t0, note=f"held by {holder}")
+                return ScanOutcome("busy", row, inputs=key)
+            with lock:
+                done = self.up_to_date(files.scan_id, key)  # another scorer may have just made it
+                if done is not None:
+                    return _from_map("skipped", done)
+                return self._score_new(files, mask_file, key, t0)
         except (InputError, ValueError, OSError) as err:
-            message = " ".join(str(err).split()) or type(err).__name__
-            row = self._row(files.scan_id, "error", time.perf_counter() - t0, error=message)
-            return _Outcome("error", row)
+            return self.error_outcome(files.scan_id, str(err) or type(err).__name__, time.perf_counter() - t0)
 
-    def _up_to_date(self, scan_id: str, key: dict[str, list[int]]) -> dict[str, Any] | None:
+    def error_outcome(self, scan_id: str, message: str, seconds: float = 0.0) -> ScanOutcome:
+        """An error row for a scan: ``message`` on one line."""
+        return ScanOutcome("error", self._row(scan_id, "error", seconds, error=" ".join(message.split())))
+
+    def up_to_date(self, scan_id: str, key: Mapping[str, Any]) -> dict[str, Any] | None:
         """The attributes of a complete map of this scan by this model from these files, else None."""
         attrs = read_map_attrs(self.output_dir / f"{scan_id}.zarr")
         if (
@@ -449,7 +553,10 @@ class _Scorer:
         return attrs
 
     def _read(self, files: ScanFiles) -> tuple[np.ndarray, Any, Any, float, str]:
-        """Raw, white and dark counts in memory on the model's bands, the saturation level and a note."""
+        """Raw, white and dark counts in memory on the model's bands, the saturation level and a note.
+
+        Also keeps the scan's and the white reference's headers (``self._headers``) for the flags.
+        """
         source = str(files.raw)
         scan = open_scan(files.raw)
         drift = wavelength_drift(scan.wavelengths, self.recipe.raw_wavelengths, self.tolerance_nm, source)
@@ -458,6 +565,7 @@ class _Scorer:
         dark = open_scan(files.dark) if files.dark else None
         check_references(scan, white, dark, files, required=calibrated)
         saturation = self.recipe.saturation_level(scan.header, scan.dtype)
+        self._headers = (scan.header, white.header if white else None)
         raw = np.asarray(scan.data.compute())  # (bands, lines, samples)
         w = np.asarray(white.data.compute()) if calibrated and white else None  # (bands, lines_ref, samples)
         d = np.asarray(dark.data.compute()) if calibrated and dark else None
@@ -470,7 +578,7 @@ class _Scorer:
         )
         return raw, w, d, saturation, note
 
-    def _score_new(self, files: ScanFiles, mask_file: Path | None, key: dict, t0: float) -> _Outcome:
+    def _score_new(self, files: ScanFiles, mask_file: Path | None, key: dict, t0: float) -> ScanOutcome:
         sid = files.scan_id
         with staged_dir(self.output_dir / f"{sid}.zarr") as tmp:
             raw, white, dark, saturation, note = self._read(files)
@@ -481,6 +589,7 @@ class _Scorer:
                 white,
                 dark,
                 saturation=saturation,
+                geometry=self._geometry,
                 mask_file=mask_file,
                 source=str(files.raw),
             )
@@ -499,6 +608,7 @@ class _Scorer:
                 lines=lines,
                 samples=samples,
                 note=note,
+                **self._flags(scan_map, stats["mask_pixels"]),
             )
             attrs = {
                 "scan_id": sid,
@@ -512,7 +622,23 @@ class _Scorer:
                 "summary_row": row,
             }
             write_map_group(tmp, scan_map.maps, scan_map.mask, targets=self.targets, attrs=attrs)
-        return _Outcome("ok", row, pixels=lines * samples, sums=stats["sums"], count=stats["mask_pixels"])
+        return ScanOutcome("ok", row, pixels=lines * samples, sums=stats["sums"], count=stats["mask_pixels"])
+
+    def _flags(self, scan_map: ScanMap, mask_pixels: int) -> dict[str, Any]:
+        """The scan against the training data (:mod:`chemmap.inference.flags`); {} without a model of it."""
+        model = self.bundle.spectral_model
+        if model is None:
+            return {}
+        scan_header, white_header = self._headers
+        age = white_reference_age_hours(scan_header, white_header) if white_header is not None else None
+        return scan_flags(
+            model,
+            mean_spectrum=scan_map.mean_spectrum,
+            mask_pixels=mask_pixels,
+            saturated_share=saturated_share(mask_pixels, scan_map.bad_removed),
+            white_age_hours=age,
+            max_white_age_hours=self.max_white_age_hours,
+        ).row()
 
     def _plot(self, scan_id: str, maps: np.ndarray, means: Mapping[str, float | None]) -> None:
         shown = ", ".join(f"{t} {m:.1f} %" if m is not None else f"{t} -" for t, m in means.items())
@@ -529,7 +655,8 @@ class _Scorer:
 # ---------------------------------------------------------------------------------------------
 
 
-def _progress_bar(enabled: bool):
+def progress_bar(enabled: bool):
+    """A rich progress bar over scans (shown when ``enabled``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (
@@ -542,39 +669,107 @@ def _progress_bar(enabled: bool):
     return Progress(*columns, disable=not enabled, transient=False)
 
 
-def _score_all(scorer: _Scorer, scans: Sequence[ScanFiles], progress: bool, log: Log) -> list[_Outcome]:
-    """Every scan in turn; the summary table is rewritten as the run goes."""
-    columns = summary_columns(scorer.targets)
-    summary = scorer.output_dir / SUMMARY_CSV
-    outcomes: list[_Outcome] = []
-    last_write = -math.inf
-    with _progress_bar(progress) as bar:
-        task = bar.add_task("", total=len(scans))
-        for i, files in enumerate(scans):
-            bar.update(task, description=files.scan_id)
-            outcome = scorer.score(files)
-            outcomes.append(outcome)
-            if outcome.status == "error":
-                log(f"score: {files.scan_id} failed: {outcome.row['error']}")
-            now = time.perf_counter()
-            if (
-                outcome.status != "skipped"
-                or now - last_write >= SKIPPED_WRITE_EVERY_S
-                or i == len(scans) - 1
-            ):
-                write_csv_atomic(summary, columns, [o.row for o in outcomes])
-                last_write = now
-            bar.advance(task)
-    return outcomes
+class SummaryTable:
+    """``summary.csv`` and ``samples.csv`` of an output folder: this run's outcomes and the maps.
+
+    The tables are a view rebuilt at every write (the rule is in the module's docstring),
+    written under the tables' lock and replaced atomically, so two scorers writing them
+    leave a table that is right for the maps on disk. A skipped scan rewrites them at most
+    every :data:`SKIPPED_WRITE_EVERY_S` seconds; other outcomes at once.
+
+    Args:
+        scorer: the run's scorer (for the model, the columns and the output folder).
+        sample_of: a scan -> sample table (``samples.csv`` is written with one), or None.
+        log: where the lines about failed and busy scans go.
+    """
+
+    def __init__(self, scorer: ScanScorer, sample_of: Mapping[str, str] | None, log: Log) -> None:
+        self.scorer, self.sample_of, self.log = scorer, sample_of, log
+        self.output_dir, self.targets = scorer.output_dir, scorer.targets
+        self.outcomes: dict[str, ScanOutcome] = {}  # this run's, by scan id, the latest of each
+        self.scored: list[str] = []  # ids this run scored, in order
+        self.pixels = 0  # lines x samples this run scored
+        self._last_write = -math.inf
+        self._dirty = False  # outcomes added since the last write
+
+    @property
+    def summary_csv(self) -> Path:
+        return self.output_dir / SUMMARY_CSV
+
+    @property
+    def samples_csv(self) -> Path | None:
+        return self.output_dir / SAMPLES_CSV if self.sample_of is not None else None
+
+    def add(self, outcome: ScanOutcome, *, write: bool = True) -> None:
+        """Record a scan's outcome, log a line if it failed or is busy, and write the tables."""
+        sid = outcome.row["scan_id"]
+        before = self.outcomes.get(sid)
+        self.outcomes[sid], self._dirty = outcome, True
+        if outcome.status == "ok":
+            self.scored.append(sid)
+            self.pixels += outcome.pixels
+        elif outcome.status == "error":
+            self.log(f"score: {sid} failed: {outcome.row['error']}")
+        elif outcome.status == "busy" and (before is None or before.status != "busy"):
+            self.log(f"score: {sid} busy: {outcome.row['note']}; left to that scorer")
+        now = time.perf_counter()
+        if write and (outcome.status != "skipped" or now - self._last_write >= SKIPPED_WRITE_EVERY_S):
+            self.write()
+
+    def flush(self) -> None:
+        """Write the tables if outcomes were added since the last write."""
+        if self._dirty:
+            self.write()
+
+    def view(self) -> list[ScanOutcome]:
+        """The tables' rows: this run's scans sorted by id, busy ones resolved from their maps."""
+        out = []
+        for sid in sorted(self.outcomes):
+            outcome = self.outcomes[sid]
+            if outcome.status == "busy" and outcome.inputs is not None:
+                done = self.scorer.up_to_date(sid, outcome.inputs)
+                outcome = _from_map("busy", done) if done is not None else outcome
+            out.append(outcome)
+        return out
+
+    def write(self) -> None:
+        """Write both tables from the current view (under the tables' lock)."""
+        with wait_for_lock(self.output_dir, TABLES_LOCK, stale_seconds=self.scorer.stale_seconds) as lock:
+            if lock is None:
+                self.log(f"score: {self.summary_csv} is locked for long; writing it without the lock")
+            view = self.view()
+            write_csv_atomic(self.summary_csv, summary_columns(self.targets), [o.row for o in view])
+            if self.sample_of is not None:
+                write_csv_atomic(
+                    self.output_dir / SAMPLES_CSV, sample_columns(self.targets), _sample_rows(self, view)
+                )
+        self._last_write, self._dirty = time.perf_counter(), False
+
+    def close(self) -> None:
+        """The last write; says which scans are in no sample of the scan -> sample table."""
+        if self.outcomes:
+            self.write()
+        if self.sample_of is not None:
+            unlisted = sorted(set(self.outcomes) - set(self.sample_of))
+            if unlisted:
+                self.log(
+                    f"score: {len(unlisted)} scans are in no sample of the scan -> sample table "
+                    f"(e.g. {unlisted[0]}); {SAMPLES_CSV} leaves them out"
+                )
 
 
-def _write_sample_means(
-    path: Path, sample_of: Mapping[str, str], outcomes: Sequence[_Outcome], targets: Sequence[str], log: Log
-) -> Path:
-    """Each sample's pixel-weighted mean over its scored scans (sum over their masks / their pixels)."""
-    scored = {o.row["scan_id"]: o for o in outcomes if o.sums is not None}
+def _from_map(status: str, attrs: Mapping[str, Any]) -> ScanOutcome:
+    """A scan's outcome from its complete map's attributes (its row, sums and mask pixels)."""
+    row = dict(attrs["summary_row"])
+    return ScanOutcome(status, row, sums=dict(attrs["sums"]), count=int(attrs["mask_pixels"]))
+
+
+def _sample_rows(table: SummaryTable, view: Sequence[ScanOutcome]) -> list[dict[str, Any]]:
+    """Each sample's pixel-weighted mean over its scans with a map (sum over their masks / their pixels)."""
+    assert table.sample_of is not None
+    scored = {o.row["scan_id"]: o for o in view if o.sums is not None and o.row.get("status") == "ok"}
     scans_of: dict[str, list[str]] = {}
-    for scan, sample in sample_of.items():
+    for scan, sample in table.sample_of.items():
         scans_of.setdefault(sample, []).append(scan)
     rows = []
     for sample, scans in scans_of.items():
@@ -582,44 +777,29 @@ def _write_sample_means(
         count = sum(scored[s].count for s in done)
         row: dict[str, Any] = {"sample_id": sample, "mask_pixels": count, "scans": len(done)}
         row |= {"scan_ids": ";".join(done), "missing": ";".join(s for s in scans if s not in scored)}
-        for t in targets:
+        for t in table.targets:
             sums = [scored[s].sums.get(t) for s in done]  # type: ignore[union-attr]
             ok = count > 0 and all(v is not None for v in sums)
             row[f"mean_{t}"] = round(sum(sums) / count, 6) if ok else None  # type: ignore[arg-type]
         rows.append(row)
-    unlisted = sorted({o.row["scan_id"] for o in outcomes} - set(sample_of))
-    if unlisted:
-        log(
-            f"score: {len(unlisted)} scans are in no sample of the scan -> sample table "
-            f"(e.g. {unlisted[0]}); {path.name} leaves them out"
-        )
-    return write_csv_atomic(path, sample_columns(targets), rows)
+    return rows
 
 
-def _summary(
-    outcomes: Sequence[_Outcome], seconds: float, output_dir: Path, samples: Path | None
-) -> ScoreSummary:
-    ok = [o for o in outcomes if o.status == "ok"]
-    failed = tuple(o.row["scan_id"] for o in outcomes if o.status == "error")
-    per_s = 1.0 / seconds if seconds > 0 else 0.0
-    return ScoreSummary(
-        ok=len(ok),
-        skipped=sum(o.status == "skipped" for o in outcomes),
-        errors=len(failed),
-        seconds=seconds,
-        scans_per_second=len(ok) * per_s,
-        megapixels_per_second=sum(o.pixels for o in ok) / 1e6 * per_s,
-        output_dir=output_dir,
-        summary_csv=output_dir / SUMMARY_CSV,
-        samples_csv=samples,
-        failed=failed,
-    )
+def _score_all(scorer: ScanScorer, table: SummaryTable, scans: Sequence[ScanFiles], progress: bool) -> None:
+    """Every scan in turn; the tables are rewritten as the run goes."""
+    with progress_bar(progress) as bar:
+        task = bar.add_task("", total=len(scans))
+        for i, files in enumerate(scans):
+            bar.update(task, description=files.scan_id)
+            table.add(scorer.score(files), write=i < len(scans) - 1)
+            bar.advance(task)
 
 
 def _closing_line(s: ScoreSummary) -> str:
-    n = s.ok + s.skipped + s.errors
+    n = s.ok + s.skipped + s.errors + s.busy
+    busy = f", {s.busy} busy (left to another scorer)" if s.busy else ""
     line = (
-        f"score: {n} scans: {s.ok} scored, {s.skipped} skipped (done before), {s.errors} failed in "
+        f"score: {n} scans: {s.ok} scored, {s.skipped} skipped (done before), {s.errors} failed{busy} in "
         f"{s.seconds:.1f} s ({s.scans_per_second:.2f} scans/s, {s.megapixels_per_second:.3g} Mpx/s); "
         f"summary: {s.summary_csv}"
     )
@@ -627,6 +807,61 @@ def _closing_line(s: ScoreSummary) -> str:
         more = f" and {len(s.failed) - 5} more" if len(s.failed) > 5 else ""
         line += f"; failed: {', '.join(s.failed[:5])}{more}"
     return line
+
+
+def check_score_inputs(
+    input_dir: str | os.PathLike,
+    *,
+    samples_csv: str | os.PathLike | None,
+    wavelength_tolerance_nm: float,
+    stale_seconds: float,
+) -> dict[str, str] | None:
+    """Check a scoring run's arguments before any work; returns the scan -> sample table (or None).
+
+    Raises:
+        InputError: a negative tolerance, a stale time <= 0, an unreadable scan -> sample
+            table, or no input folder.
+    """
+    if not wavelength_tolerance_nm >= 0:
+        raise InputError(f"wavelength_tolerance_nm must be >= 0 nm, got {wavelength_tolerance_nm}")
+    if not stale_seconds > 0:
+        raise InputError(f"stale_seconds must be > 0 s, got {stale_seconds}")
+    sample_of = read_sample_table(samples_csv) if samples_csv is not None else None
+    if not Path(input_dir).is_dir():
+        raise InputError(f"{input_dir}: input folder not found")
+    return sample_of
+
+
+def prepare_output(output_dir: Path, stale_seconds: float, log: Log) -> None:
+    """Create the output folder and remove what interrupted scorers left there (not live ones' files)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if removed := remove_leftovers(output_dir, stale_seconds=stale_seconds):
+        log(f"score: removed {len(removed)} unfinished files of an interrupted run from {output_dir}")
+
+
+def finish_run(table: SummaryTable, seconds: float, log: Log) -> ScoreSummary:
+    """The last write of the tables, the run's counts and its closing line."""
+    table.close()
+    remove_lock_dir(table.output_dir)
+    outcomes = list(table.outcomes.values())
+    failed = tuple(o.row["scan_id"] for o in outcomes if o.status == "error")
+    per_s = 1.0 / seconds if seconds > 0 else 0.0
+    summary = ScoreSummary(
+        ok=sum(o.status == "ok" for o in outcomes),
+        skipped=sum(o.status == "skipped" for o in outcomes),
+        errors=len(failed),
+        seconds=seconds,
+        scans_per_second=len(table.scored) * per_s,
+        megapixels_per_second=table.pixels / 1e6 * per_s,
+        output_dir=table.output_dir,
+        summary_csv=table.summary_csv,
+        samples_csv=table.samples_csv,
+        failed=failed,
+        busy=sum(o.status == "busy" for o in outcomes),
+        scored=tuple(table.scored),
+    )
+    log(_closing_line(summary))
+    return summary
 
 
 def score_folder(
@@ -641,10 +876,16 @@ def score_folder(
     dark_pattern: str | None = None,
     samples_csv: str | os.PathLike | None = None,
     wavelength_tolerance_nm: float = 1.0,
+    stale_seconds: float = DEFAULT_STALE_SECONDS,
     progress: bool = True,
     log: Log = print,
 ) -> ScoreSummary:
     """Score every scan in a scanner's folder with a model (see the module's docstring).
+
+    Other scorers may write into ``output_dir`` at the same time: each scan is scored by
+    one of them (:func:`chemmap.inference.score_output.acquire_lock`). To keep scoring
+    scans as they arrive, see :func:`chemmap.inference.watch.watch_folder`; to score on a
+    Ray cluster, :func:`chemmap.inference.actors.score_on_ray`.
 
     Args:
         bundle: the model (:func:`chemmap.inference.bundle.read_bundle`).
@@ -658,8 +899,10 @@ def score_folder(
             ``samples.csv`` holds each sample's pixel-weighted mean over its scans.
         wavelength_tolerance_nm: scans whose band centres differ from the model's by more than
             0.05 nm and at most this are resampled to the model's bands; more is an error.
+        stale_seconds: a scan's lock held by a scorer on another host whose heartbeat is
+            older than this (s) is taken over (on this host: when its process is gone).
         progress: show a progress bar over scans.
-        log: where the error lines and the closing line go.
+        log: where the error and busy lines and the closing line go.
 
     Returns:
         Counts, throughput and where the tables are.
@@ -669,23 +912,24 @@ def score_folder(
             or the scan -> sample table is unreadable. A bad scan is an error row instead.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if not wavelength_tolerance_nm >= 0:
-        raise InputError(f"wavelength_tolerance_nm must be >= 0 nm, got {wavelength_tolerance_nm}")
-    sample_of = read_sample_table(samples_csv) if samples_csv is not None else None
-    if not input_dir.is_dir():
-        raise InputError(f"{input_dir}: input folder not found")
-    scans = discover_scans(input_dir, raw_pattern, white_pattern, dark_pattern)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if removed := remove_leftovers(output_dir):
-        log(f"score: removed {len(removed)} unfinished files of an interrupted run from {output_dir}")
-    scorer = _Scorer(
-        bundle, input_dir, output_dir, str(model_name), str(model_version), wavelength_tolerance_nm
+    sample_of = check_score_inputs(
+        input_dir,
+        samples_csv=samples_csv,
+        wavelength_tolerance_nm=wavelength_tolerance_nm,
+        stale_seconds=stale_seconds,
     )
+    scans = discover_scans(input_dir, raw_pattern, white_pattern, dark_pattern)
+    prepare_output(output_dir, stale_seconds, log)
+    scorer = ScanScorer(
+        bundle,
+        input_dir,
+        output_dir,
+        str(model_name),
+        str(model_version),
+        wavelength_tolerance_nm,
+        stale_seconds=stale_seconds,
+    )
+    table = SummaryTable(scorer, sample_of, log)
     t0 = time.perf_counter()
-    outcomes = _score_all(scorer, scans, progress, log)
-    samples = None
-    if sample_of is not None:
-        samples = _write_sample_means(output_dir / SAMPLES_CSV, sample_of, outcomes, scorer.targets, log)
-    summary = _summary(outcomes, time.perf_counter() - t0, output_dir, samples)
-    log(_closing_line(summary))
-    return summary
+    _score_all(scorer, table, scans, progress)
+    return finish_run(table, time.perf_counter() - t0, log)

@@ -13,6 +13,28 @@ A group is written under a hidden temporary name beside its final one
 (``.<name>.zarr.<random>.tmp``) and renamed into place only when complete, so a map that is
 there is whole; :func:`remove_leftovers` clears what an interrupted run left behind. The
 evaluate stage writes its test maps with :func:`write_map_zarr` too.
+
+Several scorers may write into one output folder at once (two processes, a watcher and a
+batch run, Ray actors on several hosts over a shared file system). They agree through one
+lock file per scan, ``<output>/.locks/<scan_id>.lock`` (:func:`acquire_lock`):
+
+- it is created with ``O_CREAT | O_EXCL`` (one creator wins) and holds JSON: the host, the
+  process id and its start time (Linux), when the lock was taken (UTC) and a random token;
+- while it is held, a thread touches it every ``min(stale_seconds / 4, 60)`` s (a heartbeat);
+- its holder is dead, and the lock is broken and taken over, when the holder ran on this
+  host and its process is gone (or is a zombie, or the pid now names a younger process),
+  or ran on another host and the heartbeat is older than ``stale_seconds``. An unreadable
+  (just created) lock file counts as held for ``min(stale_seconds, 30)`` s after its mtime;
+- breaking is serialised by a second ``O_EXCL`` file (``<scan_id>.lock.break``): the breaker
+  reads the lock again and removes it only when it is still the dead holder's;
+- it is released (removed, if it still carries the holder's token) after the scan's
+  outputs are in place.
+
+The tables (``summary.csv``, ``samples.csv``) are written under the lock ``.tables`` (a name
+no scan id can have). A temporary ``.<scan_id>.zarr.*.tmp`` or ``.<scan_id>.png.*.tmp`` is
+removed by :func:`remove_leftovers` only when no live process holds that scan's lock, a
+temporary table only when no live process holds ``.tables``. The ``.locks`` folder is
+removed when a run ends and it is empty.
 """
 
 from __future__ import annotations
@@ -25,7 +47,12 @@ import os
 import re
 import secrets
 import shutil
+import socket
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +62,25 @@ from chemmap.errors import InputError
 from chemmap.files import write_text_atomic
 
 __all__ = [
+    "DEFAULT_STALE_SECONDS",
+    "LOCKS_DIR",
     "MAP_FORMAT",
     "MAP_FORMAT_VERSION",
+    "TABLES_LOCK",
+    "LockBusy",
+    "LockFile",
+    "LockInfo",
+    "ScanLock",
+    "acquire_lock",
+    "holder_alive",
+    "lock_path",
+    "read_lock",
     "read_map_attrs",
     "read_map_zarr",
     "remove_leftovers",
+    "remove_lock_dir",
     "staged_dir",
+    "wait_for_lock",
     "write_csv_atomic",
     "write_map_group",
     "write_map_zarr",
@@ -52,6 +92,18 @@ MAP_CHUNK = 1024  # px per chunk side of map and mask
 # Temporary names chemmap leaves beside a file or folder it writes: ``.<name>.<12 hex>.tmp``
 # (chemmap.files.atomic_path for files, staged_dir for map folders).
 _LEFTOVER = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+_LEFTOVER_OWNER = re.compile(r"^\.(?P<base>.+)\.[0-9a-f]{12}\.tmp$")
+# Locks: one file per scan in this folder of the output folder (see the module's docstring).
+LOCKS_DIR = ".locks"
+TABLES_LOCK = ".tables"  # the lock of summary.csv and samples.csv (a scan id never starts with ".")
+TABLES = ("summary.csv", "samples.csv")
+# A lock whose holder runs on another host is dead when its heartbeat is older than this (s).
+DEFAULT_STALE_SECONDS = 300.0
+# A lock file that cannot be read (created, content not yet written) is held this long (s).
+UNREADABLE_LOCK_GRACE_S = 30.0
+# A break file (a breaker that died while breaking a lock) older than this is removed (s).
+BREAK_GRACE_S = 30.0
+HOST = socket.gethostname()
 
 
 def _temp_name(path: Path) -> Path:
@@ -96,21 +148,324 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def remove_leftovers(folder: Path) -> list[Path]:
-    """Remove the temporary files and folders an interrupted run left in ``folder``.
+# ---------------------------------------------------------------------------------------------
+# Locks: one scorer per scan (see the module's docstring)
+# ---------------------------------------------------------------------------------------------
 
-    Only chemmap's own temporary names (``.<name>.<12 hex digits>.tmp``) are touched. Two
-    runs writing into one folder at the same time are not supported.
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """``(state, start time in clock ticks after boot)`` of a process from ``/proc``, None without it."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()  # after "pid (comm) ": state is field 3, start 22
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int, start: int | None) -> bool:
+    """Whether process ``pid`` of this host exists, is not a zombie and (if known) started at ``start``."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, started = stat
+    return state != "Z" and (start is None or started == start)
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """What a lock file holds.
+
+    Attributes:
+        host: the holder's host name.
+        pid: the holder's process id on that host.
+        started: when the lock was taken, UTC (ISO 8601).
+        token: random hex: which lock this is (a broken and retaken lock has another).
+        pid_start: the holder process's start time (clock ticks after boot, Linux), or None.
+    """
+
+    host: str
+    pid: int
+    started: str
+    token: str
+    pid_start: int | None = None
+
+    @classmethod
+    def mine(cls) -> LockInfo:
+        own = _proc_stat(os.getpid())
+        return cls(
+            host=HOST,
+            pid=os.getpid(),
+            started=datetime.now(UTC).isoformat(timespec="seconds"),
+            token=secrets.token_hex(8),
+            pid_start=own[1] if own else None,
+        )
+
+    def describe(self) -> str:
+        return f"{self.host} pid {self.pid} (since {self.started})"
+
+
+@dataclass(frozen=True)
+class LockFile:
+    """A lock file as read: its content (None when unreadable), mtime (s since the epoch) and inode."""
+
+    info: LockInfo | None
+    mtime: float
+    inode: int
+
+    def describe(self) -> str:
+        return self.info.describe() if self.info else "a scorer that is taking the lock"
+
+
+def lock_path(output_dir: str | os.PathLike, name: str) -> Path:
+    """``<output_dir>/.locks/<name>.lock``: the lock of scan ``name`` (or of :data:`TABLES_LOCK`)."""
+    return Path(output_dir) / LOCKS_DIR / f"{name}.lock"
+
+
+def read_lock(path: Path) -> LockFile | None:
+    """The lock file at ``path``, None when there is none."""
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            raw = fh.read(4096)
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw)
+        info = LockInfo(
+            host=str(data["host"]),
+            pid=int(data["pid"]),
+            started=str(data.get("started", "")),
+            token=str(data["token"]),
+            pid_start=None if data.get("pid_start") is None else int(data["pid_start"]),
+        )
+    except (ValueError, TypeError, KeyError):
+        info = None
+    return LockFile(info, st.st_mtime, st.st_ino)
+
+
+def holder_alive(lock: LockFile, stale_seconds: float = DEFAULT_STALE_SECONDS) -> bool:
+    """Whether a lock's holder may still be working (the rule in the module's docstring)."""
+    age = time.time() - lock.mtime
+    if lock.info is None:
+        return age < min(stale_seconds, UNREADABLE_LOCK_GRACE_S)
+    if lock.info.host == HOST:
+        return _pid_alive(lock.info.pid, lock.info.pid_start)
+    return age < stale_seconds
+
+
+class LockBusy(Exception):
+    """The lock is held by a live scorer (``holder``: its lock file as read)."""
+
+    def __init__(self, path: Path, holder: LockFile | None) -> None:
+        self.path, self.holder = path, holder
+        super().__init__(f"{path}: held by {holder.describe() if holder else 'another scorer'}")
+
+
+class ScanLock:
+    """A held lock: a heartbeat thread keeps its mtime fresh until :meth:`release`.
+
+    Attributes:
+        path: the lock file.
+        info: what it holds.
+        lost: the lock file went away while held (broken by a scorer that judged us dead).
+    """
+
+    def __init__(self, path: Path, info: LockInfo, heartbeat_seconds: float) -> None:
+        self.path, self.info, self.lost = path, info, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, args=(heartbeat_seconds,), name=f"lock {path.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                self.lost = True
+                return
+            except OSError:
+                continue
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock file if it is still this lock."""
+        self._stop.set()
+        self._thread.join()
+        now = read_lock(self.path)
+        if now is not None and now.info is not None and now.info.token == self.info.token:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ScanLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _remove_old_guard(guard: Path) -> None:
+    """Remove a break file whose breaker died while breaking (older than :data:`BREAK_GRACE_S`)."""
+    with contextlib.suppress(OSError):
+        if time.time() - guard.stat().st_mtime > BREAK_GRACE_S:
+            guard.unlink()
+
+
+def _break_lock(path: Path, seen: LockFile, stale_seconds: float) -> None:
+    """Remove a dead holder's lock, unless another scorer is breaking it or it changed meanwhile."""
+    guard = path.with_name(path.name + ".break")
+    try:
+        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        _remove_old_guard(guard)
+        return
+    except FileNotFoundError:  # the lock and its folder are gone already
+        return
+    try:
+        now = read_lock(path)
+        same = now is not None and now.inode == seen.inode and now.info == seen.info
+        if same and not holder_alive(now, stale_seconds):
+            path.unlink(missing_ok=True)
+    finally:
+        guard.unlink(missing_ok=True)
+
+
+def _create_lock(path: Path) -> LockInfo | None:
+    """Create the lock file with ``O_EXCL`` and write this process's info; None if it exists."""
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileNotFoundError:  # no .locks folder (yet, or a run ending removed it)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            return None
+    info = LockInfo.mine()
+    try:
+        os.write(fd, json.dumps(asdict(info)).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return info
+
+
+def acquire_lock(
+    output_dir: str | os.PathLike, name: str, *, stale_seconds: float = DEFAULT_STALE_SECONDS
+) -> ScanLock:
+    """Take the lock of scan ``name`` in ``output_dir``, breaking a dead holder's.
+
+    Args:
+        output_dir: the scoring output folder.
+        name: a scan id (checked by the caller) or :data:`TABLES_LOCK`.
+        stale_seconds: a holder on another host is dead when its heartbeat is older (s).
 
     Returns:
-        What was removed.
+        The held lock (a context manager that releases it).
+
+    Raises:
+        LockBusy: a live scorer holds it.
+    """
+    path = lock_path(output_dir, name)
+    for _ in range(200):
+        info = _create_lock(path)
+        if info is not None:
+            return ScanLock(path, info, min(stale_seconds / 4.0, 60.0))
+        seen = read_lock(path)
+        if seen is None:  # released meanwhile
+            continue
+        if holder_alive(seen, stale_seconds):
+            raise LockBusy(path, seen)
+        _break_lock(path, seen, stale_seconds)
+        time.sleep(0.005)
+    raise LockBusy(path, read_lock(path))
+
+
+@contextlib.contextmanager
+def wait_for_lock(
+    output_dir: Path, name: str, *, stale_seconds: float, timeout: float = 60.0
+) -> Iterator[ScanLock | None]:
+    """Hold a lock that is held only briefly (the tables'), waiting up to ``timeout`` seconds.
+
+    Yields None (the caller goes on without it) when a live holder keeps it longer.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            lock = acquire_lock(output_dir, name, stale_seconds=stale_seconds)
+            break
+        except LockBusy:
+            if time.monotonic() > deadline:
+                yield None
+                return
+            time.sleep(0.01)
+    with lock:
+        yield lock
+
+
+def _leftover_owner(name: str) -> str | None:
+    """The lock a temporary name belongs to: its scan's, the tables', or None (no lock)."""
+    m = _LEFTOVER_OWNER.match(name)
+    base = m.group("base") if m else ""
+    for suffix in (".zarr", ".png"):
+        if base.endswith(suffix) and len(base) > len(suffix):
+            return base[: -len(suffix)]
+    return TABLES_LOCK if base in TABLES else None
+
+
+def _lock_held(folder: Path, name: str | None, stale_seconds: float) -> bool:
+    if name is None:
+        return False
+    lock = read_lock(lock_path(folder, name))
+    return lock is not None and holder_alive(lock, stale_seconds)
+
+
+def remove_leftovers(folder: Path, *, stale_seconds: float = DEFAULT_STALE_SECONDS) -> list[Path]:
+    """Remove what interrupted scorers left in ``folder``: dead locks and their temporary files.
+
+    Only chemmap's own temporary names (``.<name>.<12 hex digits>.tmp``) are touched, and
+    only those whose lock (the scan's, or the tables' for ``summary.csv`` and ``samples.csv``)
+    is not held by a live process, so a scorer running beside this one keeps its files.
+
+    Returns:
+        The temporary files and folders removed.
     """
     if not folder.is_dir():
         return []
-    removed = [p for p in sorted(folder.iterdir()) if _LEFTOVER.match(p.name)]
-    for p in removed:
-        _remove(p)
+    locks = folder / LOCKS_DIR
+    for path in sorted(locks.glob("*.lock")) if locks.is_dir() else []:
+        seen = read_lock(path)
+        if seen is not None and not holder_alive(seen, stale_seconds):
+            _break_lock(path, seen, stale_seconds)
+    for guard in sorted(locks.glob("*.lock.break")) if locks.is_dir() else []:
+        _remove_old_guard(guard)
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if _LEFTOVER.match(p.name) and not _lock_held(folder, _leftover_owner(p.name), stale_seconds):
+            _remove(p)
+            removed.append(p)
     return removed
+
+
+def remove_lock_dir(folder: Path) -> None:
+    """Remove ``folder/.locks`` if it is empty (no scorer holds a lock there)."""
+    with contextlib.suppress(OSError):
+        (folder / LOCKS_DIR).rmdir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Maps
+# ---------------------------------------------------------------------------------------------
 
 
 def _check_map(maps: np.ndarray, mask: np.ndarray, targets: Sequence[str]) -> None:

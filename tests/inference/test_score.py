@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from chemmap.errors import InputError
 from chemmap.files import write_json_atomic
 from chemmap.inference.bundle import ModelBundle, read_bundle, write_bundle
 from chemmap.inference.ensemble import predict_map
+from chemmap.inference.flags import fit_spectral_model, scan_mean_spectrum
 from chemmap.inference.score import (
     check_scan_id,
     read_map_zarr,
@@ -35,7 +37,15 @@ from chemmap.inference.score import (
     wavelength_drift,
     write_map_zarr,
 )
-from chemmap.inference.score_output import read_map_attrs
+from chemmap.inference.score_output import (
+    HOST,
+    LockBusy,
+    acquire_lock,
+    holder_alive,
+    lock_path,
+    read_lock,
+    read_map_attrs,
+)
 from chemmap.io import open_scan
 from chemmap.io.envi import create_envi, find_data_file
 from chemmap.models.unet import UNet, UNetConfig
@@ -46,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SEED = 11
 MODEL = {"model_name": "pork-fat", "model_version": "3"}
 # Tests marked slow use the shared tiny dataset (synthesised and preprocessed once, ~8 s on
-# 2 cores); the whole file takes about 30 s.
+# 2 cores); the whole file takes about 35 s.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +79,15 @@ def _random_bundle(work: Path, data: Dataset) -> ModelBundle:
     card = {"unet": asdict(config), "targets": data.targets, "folds": [1, 2], "weights": weights}
     write_json_atomic(training / "model.json", card)
     saturation = {s["scan_id"]: s["saturation"] for s in data.scan_table}
+    spectral = fit_spectral_model(data)
     return read_bundle(
-        write_bundle(work / "bundle", training, data.recipe, provenance={"raw_saturation": saturation})
+        write_bundle(
+            work / "bundle",
+            training,
+            data.recipe,
+            provenance={"raw_saturation": saturation},
+            spectral_model=spectral,
+        )
     )
 
 
@@ -164,6 +181,23 @@ def test_summary_and_sample_tables_agree_with_the_maps(setup, scored):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_every_row_measures_the_scan_against_the_training_spectra(setup, scored):
+    """T² and Q of each scored scan are the spectral model's for its stored cube; flags follow the limits."""
+    data, bundle = setup[0], setup[1]
+    model = bundle.spectral_model
+    assert model is not None
+    rows = {r["scan_id"]: r for r in scored[3]}
+    for scan_id, row in rows.items():
+        t2, q = model.score(scan_mean_spectrum(data.cube(scan_id), data.mask(scan_id)))
+        assert float(row["t2"]) == pytest.approx(t2, rel=1e-4) and float(row["q"]) == pytest.approx(
+            q, rel=1e-4
+        )
+        named = row["flags"].split(";") if row["flags"] else []
+        assert any(f.startswith("t2>") for f in named) == (t2 > model.t2_limit)
+        assert any(f.startswith("q>") for f in named) == (q > model.q_limit)
+
+
 def test_xarray_opens_a_map(setup, scored):
     import xarray as xr
 
@@ -348,6 +382,160 @@ def test_a_killed_run_leaves_no_half_map_and_the_next_run_finishes_it(setup, tmp
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # leftovers removed
     assert _complete_maps(out) == ids
     assert [r["status"] for r in _read_csv(out / "summary.csv")] == ["ok"] * len(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several scorers on one output folder: a lock per scan
+# ---------------------------------------------------------------------------------------------
+
+_RACE_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+from chemmap.inference.bundle import read_bundle
+from chemmap.inference.score import score_folder
+bundle = read_bundle(sys.argv[1])
+bundle.ensemble()  # both ready to score before either starts
+Path(sys.argv[5]).touch()
+while not Path(sys.argv[4]).exists():
+    time.sleep(0.002)
+s = score_folder(bundle, sys.argv[2], sys.argv[3], model_name="m", model_version="1", progress=False,
+                 log=lambda line: print(line, file=sys.stderr))
+print(json.dumps({"scored": s.scored, "skipped": s.skipped, "busy": s.busy, "errors": s.errors}))
+"""
+
+
+@pytest.mark.slow
+def test_two_scoring_processes_score_each_scan_once_and_leave_a_complete_summary(setup, tmp_path):
+    data, bundle, scans_root, _ = setup
+    ids = sorted(data.scan_ids)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for sid in ids:
+        (folder / sid).symlink_to(scans_root / sid)
+    out, go = tmp_path / "out", tmp_path / "go"
+    args = [sys.executable, "-c", _RACE_SCRIPT, str(bundle.path), str(folder), str(out), str(go)]
+    procs = [
+        subprocess.Popen(
+            [*args, str(tmp_path / f"ready{i}")],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.01)
+        go.touch()
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    runs = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in results]
+    scored = [set(r["scored"]) for r in runs]
+    assert not scored[0] & scored[1]  # no scan scored by both
+    assert scored[0] | scored[1] == set(ids)  # and every scan by one of them
+    for r in runs:  # the other scans were done before this one looked, or held by the other
+        assert len(r["scored"]) + r["skipped"] + r["busy"] == len(ids) and r["errors"] == 0
+    rows = _read_csv(out / "summary.csv")  # the last writer's view: every map, status ok
+    assert [(r["scan_id"], r["status"]) for r in rows] == [(sid, "ok") for sid in ids]
+    for r in rows:
+        assert r == {
+            k: "" if v is None else str(v)  # the CSV writes None as an empty cell
+            for k, v in read_map_attrs(out / f"{r['scan_id']}.zarr")["summary_row"].items()
+        }
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files, no locks
+
+
+def _lock_file(out: Path, scan_id: str, host: str, pid: int, age_s: float = 0.0) -> Path:
+    path = lock_path(out, scan_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {"host": host, "pid": pid, "started": "2020-01-01T00:00:00+00:00", "token": f"t-{scan_id}"}
+    path.write_text(json.dumps(info))
+    if age_s:
+        old = time.time() - age_s
+        os.utime(path, (old, old))
+    return path
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.slow
+def test_a_dead_holders_lock_is_taken_over_and_a_live_ones_scan_is_left_busy(setup, tmp_path):
+    data, bundle, scans_root, _ = setup
+    a, b, c, d = ids = sorted(data.scan_ids)[:4]
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for sid in ids:
+        (folder / sid).symlink_to(scans_root / sid)
+    out = tmp_path / "out"
+    _lock_file(out, a, HOST, _dead_pid())  # this host, its process gone
+    held = acquire_lock(out, b)  # this host, a live process (this one)
+    _lock_file(out, c, "elsewhere", 1)  # another host, a fresh heartbeat
+    _lock_file(out, d, "elsewhere", 1, age_s=120)  # another host, silent for 2 minutes
+    for sid in (a, b):  # what each holder left half written
+        (out / f".{sid}.zarr.0123456789ab.tmp").mkdir()
+    lines: list[str] = []
+    first = score_folder(bundle, folder, out, **MODEL, stale_seconds=60, progress=False, log=lines.append)
+    assert (first.ok, first.busy, first.skipped, first.errors) == (2, 2, 0, 0) and first.scored == (a, d)
+    assert "removed 1 unfinished files" in lines[0]  # a's, not b's: b's holder is alive
+    assert (out / f".{b}.zarr.0123456789ab.tmp").is_dir() and not (
+        out / f".{a}.zarr.0123456789ab.tmp"
+    ).exists()
+    assert sum(f"score: {b} busy: held by {HOST} pid {os.getpid()}" in line for line in lines) == 1
+    assert sum(f"score: {c} busy: held by elsewhere pid 1" in line for line in lines) == 1
+    assert "2 busy (left to another scorer)" in lines[-1]
+    rows = {r["scan_id"]: r for r in _read_csv(out / "summary.csv")}
+    assert [rows[s]["status"] for s in ids] == ["ok", "busy", "busy", "ok"]
+    assert "held by elsewhere pid 1" in rows[c]["note"] and rows[b]["mean_fat"] == ""
+    assert sorted(p.name for p in (out / ".locks").iterdir()) == [f"{b}.lock", f"{c}.lock"]  # a, d released
+    held.release()
+    lock_path(out, c).unlink()  # the other host's scorer is done (without a map of c)
+    second = score_folder(bundle, folder, out, **MODEL, stale_seconds=60, progress=False, log=lines.append)
+    assert (second.ok, second.skipped, second.busy) == (2, 2, 0) and second.scored == (b, c)
+    assert [r["status"] for r in _read_csv(out / "summary.csv")] == ["ok"] * 4
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_lock_rules(tmp_path):
+    out = tmp_path / "out"
+    lock = acquire_lock(out, "s1", stale_seconds=0.2)  # a heartbeat every 0.05 s
+    info = json.loads(lock_path(out, "s1").read_text())
+    assert (info["host"], info["pid"]) == (HOST, os.getpid()) and info["token"] == lock.info.token
+    os.utime(lock_path(out, "s1"), (0, 0))
+    time.sleep(0.3)
+    assert time.time() - lock_path(out, "s1").stat().st_mtime < 0.2  # kept fresh while held
+    with pytest.raises(LockBusy, match=f"held by {HOST} pid {os.getpid()}"):
+        acquire_lock(out, "s1")
+    lock.release()
+    assert not lock_path(out, "s1").exists()
+    with acquire_lock(out, "s1"):  # free again
+        pass
+    dead, here = _dead_pid(), read_lock(_lock_file(out, "s2", HOST, os.getpid()))
+    assert holder_alive(here) and not holder_alive(read_lock(_lock_file(out, "s3", HOST, dead)))
+    reused = json.loads(lock_path(out, "s2").read_text()) | {
+        "pid_start": 1
+    }  # pid now names a younger process
+    lock_path(out, "s2").write_text(json.dumps(reused))
+    assert not holder_alive(read_lock(lock_path(out, "s2")))
+    assert holder_alive(read_lock(_lock_file(out, "s4", "elsewhere", 1, age_s=50)), stale_seconds=60)
+    assert not holder_alive(read_lock(_lock_file(out, "s4", "elsewhere", 1, age_s=70)), stale_seconds=60)
+    lock_path(out, "s5").write_text("")  # created, not yet written: held for a while
+    assert holder_alive(read_lock(lock_path(out, "s5")))
+    os.utime(lock_path(out, "s5"), (0, 0))
+    assert not holder_alive(read_lock(lock_path(out, "s5")))
+    taken = acquire_lock(out, "s3")  # a dead holder's lock is broken and taken over
+    assert json.loads(lock_path(out, "s3").read_text())["token"] == taken.info.token
+    taken.release()
 
 
 # ---------------------------------------------------------------------------------------------
