@@ -83,7 +83,7 @@ def register_model(
     if not evaluate_stage.complete:
         raise InputError(f"no finished evaluation at {evaluate_stage.path}; run `chemmap evaluate` first")
     name = cfg.mlflow.registered_model or cfg.name
-    section = {"registered_model": name, "bundle_format": BUNDLE_FORMAT}
+    section = {"registered_model": name, "bundle_format": BUNDLE_FORMAT, "spectral_model": 1}
     upstream = [dataset_stage.key, training_stage.key, evaluate_stage.key]
     stage = stage_dir(cfg.workdir_path, "register", section, upstream)
     if stage.complete:
