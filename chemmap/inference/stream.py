@@ -1,0 +1,863 @@
+"""Streamed tiled scoring: a raw scan of any length -> its maps, without ever holding the cube.
+
+The scan is read a block of lines at a time (``raw[:, l0:l1]``), twice, through the one path
+for a scan (:mod:`chemmap.preprocess.scan`):
+
+1. **Mask pass.** :func:`transform` per block fills the 2-D mean reflectance and bad-pixel
+   flags (and where the cube is not finite); then :func:`sample_mask` on the whole 2-D scan
+   and :func:`check_finite`. The mask's steps (opening, hole filling, minimum size) are
+   global, so they cannot run per block.
+2. **Map pass.** :func:`transform` again, :func:`model_input`, and model windows run in
+   batches. A rolling band of model-input rows keeps only the rows the pending windows read
+   (their halo included); the output rows the windows complete go to ``out`` from this one
+   writer, in whole chunks of ``out``, NaN outside the mask. The scan's mean spectrum over
+   the mask (preprocessed units) is summed on the way.
+
+Blocks of lines are read and preprocessed by a few threads (NumPy releases the GIL): in the
+mask pass all along; in the map pass on CUDA ahead of need, while the GPU computes, and on
+the CPU in parallel bursts between model calls (a thread beside PyTorch's parallel loops
+would only stall them; measured here: more memory, no faster).
+
+Modes (windows always start on the model's stride grid, see DESIGN.md "Exact tiling"):
+
+- ``exact``: cores of ``tile`` with a halo of at least the model's measured receptive
+  radius, read with the whole-image padding (:func:`read_padded`), cores stitched without
+  blending: the map equals the whole-image map (:func:`chemmap.inference.mapping.map_arrays`)
+  to float rounding. Windows at the scan's border are clipped to the model's canvas as
+  :func:`chemmap.models.tiling.predict_tiled` clips them, so a batch holds windows of one
+  shape: border windows run in batches of their own shape (padding them to the interior
+  size would change what the convolutions see at the canvas edge: not exact).
+- ``gaussian`` / ``constant``: blending like MONAI's ``sliding_window_inference``. Windows
+  of :func:`window_shape` (the input window exact tiling reads around an interior core of
+  ``tile``), one every ``floor(window * (1 - overlap))`` px rounded down to the stride
+  grid, the last one on the grid at or past the end (read with reflect padding beyond
+  the scan); each window's output weighted by MONAI's importance map (a separable
+  gaussian with sigma = ``sigma_scale`` x window, or ones; clamped at 1e-3), weighted sums
+  and weights accumulated in float64, divided.
+
+Memory: one batch of windows, the rolling band (window rows x samples x channels, float32),
+a block of raw lines per thread, the 2-D arrays of the scan (a few bytes per pixel) and the
+output rows being built; never the cube. Peak memory grows with the scan's length by the
+2-D arrays only (``tests/inference/test_stream.py`` measures it).
+
+Tiles: the cost of exact tiling is the halo. Behind the paper's front-end a depth-5 U-Net
+has a radius of 220 px, so square 256 px cores read windows of 700 x 700 px (7.5x the
+pixels they keep); cores as wide as the scan and ~1024 lines tall read about 1.4x the scan
+(``bench/score.py``, ``docs/benchmarks.md``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from chemmap.errors import InputError
+from chemmap.inference.ensemble import TILE_CORE
+from chemmap.models.tiling import (
+    Box,
+    Geometry,
+    _source_index,
+    canvas_pads,
+    model_geometry,
+    plan_window,
+    read_padded,
+)
+from chemmap.models.unet import UNet
+from chemmap.preprocess.recipe import Recipe
+from chemmap.preprocess.scan import check_finite, model_input, sample_mask, transform
+
+__all__ = ["MODES", "StreamResult", "importance_map", "stream_scan", "window_shape"]
+
+MODES = ("exact", "gaussian", "constant")
+OVERLAP = 0.25  # blended modes: share of a window its neighbour overlaps (MONAI's default too)
+SIGMA_SCALE = 0.125  # gaussian blending: sigma = this x window side (MONAI's default)
+MIN_WEIGHT = 1e-3  # MONAI clamps importance weights at this, so that every pixel has weight
+BLOCK_LINES = 64  # raw lines read and preprocessed at a time (unless the raw array has line chunks)
+BATCH = 4  # windows per model call
+PAD_MODE = "reflect"  # as the whole-image canvas is padded (tiling.predict_full)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One streamed scan.
+
+    Attributes:
+        maps: ``out``, or the float32 NumPy array made when none was given:
+            ``(targets, lines, samples)`` in the targets' units, NaN outside the mask.
+        mask: ``(lines, samples)`` bool sample pixels.
+        bad_removed: saturated or dead pixels taken out of the mask.
+        saturated: share (0-1) of all the scan's pixels flagged bad (saturated in a selected
+            band, or a dead detector element).
+        mean_spectrum: ``(channels,)`` float64 mean of the preprocessed cube over the mask, in
+            its physical units (reflectance or absorbance; not normalised).
+        mask_pixels: pixels in the mask.
+        sums: ``(targets,)`` float64 sum of each map over the mask.
+        mask_seconds, map_seconds: wall time of the mask pass and of the map pass.
+        windows: model windows run.
+    """
+
+    maps: Any
+    mask: np.ndarray
+    bad_removed: int
+    saturated: float
+    mean_spectrum: np.ndarray
+    mask_pixels: int
+    sums: np.ndarray
+    mask_seconds: float
+    map_seconds: float
+    windows: int
+
+    @property
+    def means(self) -> np.ndarray:
+        """``(targets,)`` mean of each map over the mask."""
+        return self.sums / max(self.mask_pixels, 1)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The validated options of :func:`stream_scan`."""
+
+    mode: str
+    tile: tuple[int, int]  # core (exact) rows x columns, before rounding to the stride grid
+    overlap: float
+    sigma_scale: float
+    batch: int
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    block_lines: int
+    prefetch: bool
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """The raw scan and what preprocessing it needs; ``mask`` once the mask pass is done."""
+
+    raw: Any  # (bands, lines, samples), read by blocks of lines
+    white: np.ndarray | None  # (bands, samples) float64 reference means
+    dark: np.ndarray | None
+    recipe: Recipe
+    saturation: float
+    lines: int
+    samples: int
+    mask: np.ndarray | None = None  # (lines, samples) bool
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One model window.
+
+    Attributes:
+        read: ``(y0, x0, y1, x1)`` input window, image coordinates (may pass the border).
+        origin: image pixel ``(y, x)`` of the window output's pixel ``(0, 0)``.
+        keep: ``(y0, x0, y1, x1)`` the output pixels the window contributes.
+        rows: image rows ``[lo, hi)`` the window reads, its border padding resolved.
+    """
+
+    read: Box
+    origin: tuple[int, int]
+    keep: Box
+    rows: tuple[int, int]
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int | np.integer) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int | np.integer) and v >= 1 for v in pair):
+        raise InputError(f"{name} must be a positive integer or (rows, columns), got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _settings(
+    mode: str,
+    tile: int | Sequence[int],
+    overlap: float,
+    batch: int,
+    device: str | torch.device,
+    amp: bool,
+    channels_last: bool,
+    block_lines: int,
+    prefetch: bool,
+    sigma_scale: float,
+) -> _Settings:
+    """The options, checked: a bad one stops with one line naming it and what it got."""
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0 <= overlap < 1:
+        raise InputError(f"overlap must be >= 0 and < 1, got {overlap}")
+    if not sigma_scale > 0:
+        raise InputError(f"sigma_scale must be > 0, got {sigma_scale}")
+    for name, value in (("batch", batch), ("block_lines", block_lines)):
+        if not isinstance(value, int | np.integer) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {dev} requested, but CUDA is not available here")
+    if amp and dev.type != "cuda":
+        raise InputError(f"amp=True (bf16 autocast) runs on a CUDA device only, got device {dev}")
+    return _Settings(
+        mode,
+        _pair(tile, "tile"),
+        overlap,
+        sigma_scale,
+        int(batch),
+        dev,
+        amp,
+        channels_last,
+        int(block_lines),
+        prefetch,
+    )
+
+
+def _scan(raw: Any, white: Any, dark: Any, recipe: Recipe, saturation: float, source: str) -> _Scan:
+    """The raw scan and references, checked against the recipe."""
+    shape = tuple(getattr(raw, "shape", ()))
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"{source}: raw must be a (bands, lines, samples) array, got shape {shape}")
+    bands, lines, samples = (int(n) for n in shape)
+    if bands != len(recipe.raw_wavelengths):
+        raise InputError(
+            f"{source}: the scan has {bands} bands, the recipe expects {len(recipe.raw_wavelengths)}"
+        )
+    if not recipe.mean:
+        raise InputError(f"{source}: the recipe has no normalisation statistics (mean, std)")
+    refs = []
+    for name, ref in (("white", white), ("dark", dark)):
+        if ref is not None:
+            ref = np.asarray(ref, dtype=np.float64)
+            if ref.shape != (bands, samples):
+                raise InputError(
+                    f"{source}: the {name} reference mean must be (bands, samples) = {(bands, samples)}, "
+                    f"got {ref.shape}"
+                )
+        elif recipe.config.calibration == "white_dark":
+            raise InputError(f"{source}: calibration white_dark needs a {name} reference mean, got None")
+        refs.append(ref)
+    return _Scan(raw, refs[0], refs[1], recipe, float(saturation), lines, samples)
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def _block_lines(raw: Any, block_lines: int | None) -> int:
+    """``block_lines``, or for None the raw Dask array's own lines per chunk (reading whole chunks
+    saves a copy: 2.3x faster on a BIL file here), else :data:`BLOCK_LINES`."""
+    if block_lines is not None:
+        return block_lines
+    chunks = getattr(raw, "chunks", None)
+    if isinstance(chunks, tuple) and len(chunks) == 3 and isinstance(chunks[1], tuple) and chunks[1]:
+        return int(chunks[1][0])
+    return BLOCK_LINES
+
+
+def _grid_tile(tile: tuple[int, int], stride: int, lines: int, samples: int) -> tuple[int, int]:
+    """``tile`` rounded up to the stride grid, and no larger than the scan (rounded up)."""
+
+    def up(n: int) -> int:
+        return -(-n // stride) * stride
+
+    return min(up(tile[0]), up(lines)), min(up(tile[1]), up(samples))
+
+
+def window_shape(
+    model: nn.Module, geometry: Geometry, lines: int, samples: int, tile: int | Sequence[int] = TILE_CORE
+) -> tuple[int, int]:
+    """The input window ``(rows, columns)`` of the blended modes, and of exact tiling's interior.
+
+    It is the window :func:`chemmap.models.tiling.plan_window` reads around an interior core
+    of ``tile`` (core + halo on the stride grid, an accepted size), clipped to the model's
+    canvas of a ``lines x samples`` scan. MONAI's ``roi_size`` for a like-for-like comparison.
+    """
+    s, reach = geometry.stride, geometry.radius + geometry.margin
+    cy, cx = _grid_tile(_pair(tile, "tile"), s, lines, samples)
+    k = -(-(reach + s) // s) * s  # an interior core's first row and column, on the grid
+    big = 2 * k + max(cy, cx) + 2 * reach + 4 * s
+    read = plan_window(model, geometry, big, big, (k, k, k + cy, k + cx)).read
+    top, bottom, left, right = canvas_pads(model, lines, samples)
+    return min(read[2] - read[0], lines + top + bottom), min(read[3] - read[1], samples + left + right)
+
+
+def _rows_read(read: Box, lines: int) -> tuple[int, int]:
+    src, _ = _source_index(read[0], read[2], lines, PAD_MODE)
+    return int(src.min()), int(src.max()) + 1
+
+
+def _exact_jobs(
+    model: nn.Module, geometry: Geometry, lines: int, samples: int, tile: tuple[int, int]
+) -> list[_Job]:
+    """Core tiles row by row, each with the window that computes it exactly (as predict_tiled)."""
+    cy, cx = _grid_tile(tile, geometry.stride, lines, samples)
+    jobs = []
+    for y0 in range(0, lines, cy):
+        for x0 in range(0, samples, cx):
+            box = (y0, x0, min(y0 + cy, lines), min(x0 + cx, samples))
+            window = plan_window(model, geometry, lines, samples, box)
+            jobs.append(_Job(window.read, window.origin, box, _rows_read(window.read, lines)))
+    return jobs
+
+
+def _starts(n: int, size: int, step: int, stride: int) -> list[int]:
+    """Window starts along one axis: every ``step`` px, the last on the grid at or past ``n - size``."""
+    if size >= n:
+        return [0]
+    return [*range(0, n - size, step), -(-(n - size) // stride) * stride]
+
+
+def _blend_jobs(
+    geometry: Geometry, lines: int, samples: int, window: tuple[int, int], overlap: float
+) -> list[_Job]:
+    """Overlapping windows of ``window`` (input size) row by row; each keeps its whole output in the scan."""
+    m, s = geometry.margin, geometry.stride
+    py, px = window[0] - 2 * m, window[1] - 2 * m  # output side of a window
+    step_y, step_x = (max(s, int(p * (1 - overlap)) // s * s) for p in (py, px))
+    jobs = []
+    for y0 in _starts(lines, py, step_y, s):
+        for x0 in _starts(samples, px, step_x, s):
+            read = (y0 - m, x0 - m, y0 + py + m, x0 + px + m)
+            keep = (y0, x0, min(y0 + py, lines), min(x0 + px, samples))
+            jobs.append(_Job(read, (y0, x0), keep, _rows_read(read, lines)))
+    return jobs
+
+
+def importance_map(shape: tuple[int, int], mode: str, sigma_scale: float = SIGMA_SCALE) -> np.ndarray:
+    """Blending weights of a window's output ``(rows, columns)``, float64: MONAI's
+    ``compute_importance_map`` in 2-D.
+
+    ``constant``: ones. ``gaussian``: ``exp(-d**2 / (2 sigma**2))`` per axis, ``d`` the distance
+    from the window's centre ``(n - 1) / 2``, ``sigma = sigma_scale * n``, the outer product of
+    the two, clamped below at ``max(its minimum, 1e-3)``.
+    """
+    if mode == "constant":
+        return np.ones(shape)
+    axes = []
+    for n in shape:
+        d = np.arange(n) - (n - 1) / 2
+        axes.append(np.exp(-(d**2) / (2 * (sigma_scale * n) ** 2)))
+    weights = np.outer(axes[0], axes[1])  # (rows, columns)
+    return np.maximum(weights, max(weights.min(), MIN_WEIGHT))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read(raw: Any, l0: int, l1: int) -> np.ndarray:
+    return np.asarray(raw[:, l0:l1])  # (bands, l1 - l0, samples)
+
+
+def _spans(lines: int, block: int) -> list[tuple[int, int]]:
+    return [(l0, min(l0 + block, lines)) for l0 in range(0, lines, block)]
+
+
+class _Feed:
+    """``fn(l0, l1)`` for blocks of lines, in order, computed by ``workers`` threads.
+
+    :meth:`upto` returns the blocks that start above a row, computing them in parallel on
+    demand; with ``ahead`` > 0 it then starts the next ``ahead`` blocks in the background, to
+    be ready when the caller comes back. ``workers`` 0: everything in the caller's thread.
+    """
+
+    def __init__(
+        self, fn: Callable[[int, int], Any], spans: Sequence[tuple[int, int]], workers: int, ahead: int
+    ):
+        self.fn, self.todo, self.ahead = fn, deque(spans), ahead
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="chemmap-stream") if workers > 0 else None
+        self.queue: deque[tuple[int, Future]] = deque()  # (l0, the block's future), in order
+
+    def _submit(self) -> None:
+        assert self.pool is not None
+        l0, l1 = self.todo.popleft()
+        self.queue.append((l0, self.pool.submit(self.fn, l0, l1)))
+
+    def upto(self, row: int) -> list[Any]:
+        """The results of the blocks not yet returned that start above ``row``, in order."""
+        if self.pool is None:
+            out = []
+            while self.todo and self.todo[0][0] < row:
+                out.append(self.fn(*self.todo.popleft()))
+            return out
+        while self.todo and self.todo[0][0] < row:
+            self._submit()
+        out = []
+        while self.queue and self.queue[0][0] < row:
+            out.append(self.queue.popleft()[1].result())
+        while self.todo and len(self.queue) < self.ahead:
+            self._submit()
+        return out
+
+    def close(self) -> None:
+        for _, future in self.queue:
+            future.cancel()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def _workers(run: _Settings) -> int:
+    """Threads that read and preprocess blocks: a few (NumPy releases the GIL); none without prefetch."""
+    return min(4, os.cpu_count() or 1) if run.prefetch else 0
+
+
+def _mask_block(scan: _Scan, l0: int, l1: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Mask pass, one block: ``(l0, reflectance_mean, bad, not finite)``, each ``(l1 - l0, samples)``."""
+    t = transform(_read(scan.raw, l0, l1), scan.white, scan.dark, scan.recipe, scan.saturation)
+    cube = np.asarray(t.cube)  # (C, l1 - l0, samples)
+    return l0, np.asarray(t.reflectance_mean), np.asarray(t.bad), ~np.isfinite(cube).all(axis=0)
+
+
+def _map_block(scan: _Scan, l0: int, l1: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Map pass, one block: ``(l0, model input (C, rows, samples) float32, cube's mask sums (C,))``.
+
+    The sums cover every mask pixel once: each line is preprocessed once in this pass.
+    """
+    t = transform(_read(scan.raw, l0, l1), scan.white, scan.dark, scan.recipe, scan.saturation)
+    cube = np.asarray(t.cube)  # (C, l1 - l0, samples)
+    assert scan.mask is not None
+    sums = cube[:, scan.mask[l0:l1]].sum(axis=1, dtype=np.float64)  # (C,)
+    z = np.ascontiguousarray(model_input(cube, scan.recipe), dtype=np.float32)  # (C, l1 - l0, samples)
+    return l0, z, sums
+
+
+def _mask_pass(
+    scan: _Scan, run: _Settings, mask_file: Path | None, source: str, progress: Progress | None
+) -> tuple[_Scan, int, float]:
+    """The sample mask of the whole scan: ``(scan with its mask, bad pixels removed, bad share)``."""
+    shape = (scan.lines, scan.samples)
+    refl, bad, nonfinite = np.empty(shape, np.float32), np.empty(shape, bool), np.empty(shape, bool)
+    workers = _workers(run)  # nothing else runs: every worker is busy all along
+    feed = _Feed(partial(_mask_block, scan), _spans(scan.lines, run.block_lines), workers, workers)
+    with closing(feed):
+        for start, _ in _spans(scan.lines, run.block_lines):
+            for l0, r, b, nf in feed.upto(start + 1):
+                l1 = l0 + r.shape[0]
+                refl[l0:l1], bad[l0:l1], nonfinite[l0:l1] = r, b, nf
+                if progress is not None:
+                    progress(l1, 2 * scan.lines)
+    sm = sample_mask(refl, bad, scan.recipe.config.mask, mask_file=mask_file, source=source)
+    check_finite(nonfinite, sm.mask, source)
+    scan = replace(scan, mask=sm.mask)
+    return scan, sm.bad_removed, float(bad.mean())
+
+
+# ----------------------------------------------------------------------------- the rolling band
+
+
+class _Band:
+    """Model-input rows ``[lo, hi)`` of the scan in a ring of ``capacity`` rows, allocated once.
+
+    It reads like the whole ``(C, lines, samples)`` model input (``shape`` is the scan's),
+    so :func:`read_padded` pads a window at the border exactly as the whole image is padded.
+    One buffer for the whole scan: blocks from the worker threads are copied in and freed
+    at once (kept as they came, their memory crept up with the scan's length: glibc's
+    per-thread arenas fragment).
+    """
+
+    def __init__(self, shape: tuple[int, int, int], capacity: int) -> None:
+        self.shape = shape
+        self.ring = np.empty((shape[0], capacity, shape[2]), np.float32)  # (C, capacity, samples)
+        self.lo = self.hi = 0
+        self._batch: torch.Tensor | None = None
+
+    def _pieces(self, y0: int, y1: int) -> Iterator[tuple[int, int, int]]:
+        """Rows ``[y0, y1)`` as ``(ring row, first row, end row)`` pieces (two where they wrap)."""
+        capacity = self.ring.shape[1]
+        while y0 < y1:
+            r = y0 % capacity
+            n = min(y1 - y0, capacity - r)
+            yield r, y0, y0 + n
+            y0 += n
+
+    def append(self, l0: int, block: np.ndarray) -> None:
+        """Rows ``[l0, l0 + r)`` of the model input ``(C, r, samples)``, in order."""
+        assert l0 == self.hi and l0 + block.shape[1] - self.lo <= self.ring.shape[1], "ring overrun"
+        for r, a, b in self._pieces(l0, l0 + block.shape[1]):
+            self.ring[:, r : r + b - a] = block[:, a - l0 : b - l0]
+        self.hi = l0 + block.shape[1]
+
+    def drop_below(self, row: int) -> None:
+        self.lo = min(max(self.lo, row), self.hi)
+
+    def copy_into(self, dst: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> None:
+        """``dst (C, y1 - y0, x1 - x0) <- input[:, y0:y1, x0:x1]`` (rows held by the band)."""
+        assert self.lo <= y0 and y1 <= self.hi, "rows not in the band"
+        out = dst.numpy()
+        for r, a, b in self._pieces(y0, y1):
+            out[:, a - y0 : b - y0] = self.ring[:, r : r + b - a, x0:x1]
+
+    def batch(self, n: int, height: int, width: int, pin: bool) -> torch.Tensor:
+        """A float32 ``(n, C, height, width)`` tensor for windows, reused while their shape stays
+        (a scan's windows are mostly of one shape: no fresh pages to fault in for every batch)."""
+        shape = (self.shape[0], height, width)
+        if self._batch is None or tuple(self._batch.shape[1:]) != shape or self._batch.shape[0] < n:
+            self._batch = None  # free the old one first
+            self._batch = torch.empty((n, *shape), pin_memory=pin)  # (n, C, h, w)
+        return self._batch[:n]
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> torch.Tensor:
+        _, ys, xs = key
+        out = torch.empty(self.shape[0], ys.stop - ys.start, xs.stop - xs.start)  # (C, h, w)
+        self.copy_into(out, ys.start, ys.stop, xs.start, xs.stop)
+        return out
+
+
+def _window_batch(band: _Band, reads: Sequence[Box], pin: bool) -> torch.Tensor:
+    """The windows ``reads`` (all one size) as a float32 batch ``(B, C, h, w)``, valid until the next call."""
+    y0, x0, y1, x1 = reads[0]
+    _, lines, samples = band.shape
+    x = band.batch(len(reads), y1 - y0, x1 - x0, pin)  # (B, C, h, w)
+    for i, (y0, x0, y1, x1) in enumerate(reads):
+        if y0 >= 0 and x0 >= 0 and y1 <= lines and x1 <= samples:
+            band.copy_into(x[i], y0, y1, x0, x1)
+        else:
+            x[i] = read_padded(band, y0, x0, y1, x1, PAD_MODE)
+    return x
+
+
+class _Fp32Head(nn.Module):
+    """A U-Net's 1x1 head outside autocast: its input cast back to float32, its output float32."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(x.float())  # (B, T, h, w) float32
+
+
+@contextmanager
+def _precision(model: nn.Module, run: _Settings) -> Iterator[None]:
+    """bf16 autocast on CUDA with every U-Net head in float32 (``amp``); nothing otherwise."""
+    nets = [m for m in model.modules() if isinstance(m, UNet)] if run.amp else []
+    for net in nets:
+        net.head = _Fp32Head(net.head)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if run.amp else nullcontext():
+            yield
+    finally:
+        for net in nets:
+            net.head = net.head.head
+
+
+def _forward(model: nn.Module, x: torch.Tensor, run: _Settings) -> np.ndarray:
+    """``(B, C, h, w)`` windows -> ``(B, T, h', w')`` outputs on the CPU (float32, or the model's float64)."""
+    param = next(model.parameters(), None)
+    x = x.to(device=run.device, dtype=param.dtype if param is not None else x.dtype, non_blocking=True)
+    if run.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        y = model(x)  # (B, T, h', w')
+    y = y if y.dtype in (torch.float32, torch.float64) else y.float()
+    return y.cpu().numpy()
+
+
+def _run_jobs(
+    model: nn.Module, band: _Band, jobs: Sequence[_Job], run: _Settings, keep_from: int
+) -> Iterator[tuple[_Job, np.ndarray]]:
+    """Each job with its output over ``job.keep`` ``(T, h, w)``; one model call per window shape.
+
+    Once the windows are copied out, the band's rows above ``keep_from`` (no later window
+    reads them) go, before the model runs: its activations are the largest allocation.
+    """
+    shapes: dict[tuple[int, int], list[_Job]] = {}
+    for job in jobs:
+        shapes.setdefault((job.read[2] - job.read[0], job.read[3] - job.read[1]), []).append(job)
+    pin = run.device.type == "cuda"
+    batches = [(group, _window_batch(band, [j.read for j in group], pin)) for group in shapes.values()]
+    band.drop_below(keep_from)
+    for group, x in batches:
+        for job, out in zip(group, _forward(model, x, run), strict=True):
+            (oy, ox), (y0, x0, y1, x1) = job.origin, job.keep
+            yield job, out[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class _Rows:
+    """Output rows ``[lo, lo + len)`` being built: weighted sums and weights, float64.
+
+    Exact tiles are assigned with weight 1 (each pixel has one tile); blended windows add.
+    """
+
+    def __init__(self, samples: int) -> None:
+        self.lo = 0
+        self.num = np.zeros((0, 0, samples))  # (T, rows, samples)
+        self.den = np.zeros((0, samples))  # (rows, samples)
+
+    def add(self, keep: Box, values: np.ndarray, weight: np.ndarray | None) -> None:
+        y0, x0, y1, x1 = keep
+        have = self.lo + self.den.shape[0]
+        if y1 > have:  # grow downwards
+            t, w = values.shape[0], self.den.shape[1]
+            self.num = np.concatenate([self.num.reshape(t, -1, w), np.zeros((t, y1 - have, w))], axis=1)
+            self.den = np.concatenate([self.den, np.zeros((y1 - have, w))])
+        rows = slice(y0 - self.lo, y1 - self.lo)
+        if weight is None:
+            self.num[:, rows, x0:x1] = values
+            self.den[rows, x0:x1] = 1.0
+        else:
+            self.num[:, rows, x0:x1] += values * weight
+            self.den[rows, x0:x1] += weight
+
+    def take(self, upto: int) -> np.ndarray:
+        """Rows ``[lo, upto)`` (final: no later window touches them), ``(T, upto - lo, samples)``."""
+        k = upto - self.lo
+        assert 0 < k <= self.den.shape[0] and (self.den[:k] > 0).all(), "rows not covered by windows"
+        done = self.num[:, :k] / self.den[:k]
+        self.num, self.den, self.lo = self.num[:, k:], self.den[k:], upto
+        return done
+
+
+class _Writer:
+    """The one writer of ``out``: rows masked (NaN outside), summed over the mask, written in whole
+    chunks of ``out`` when it has chunks (a Zarr chunk must have one writer: DESIGN.md)."""
+
+    def __init__(self, out: Any, mask: np.ndarray, source: str) -> None:
+        self.out, self.mask, self.source = out, mask, source
+        chunks = getattr(out, "chunks", None)
+        self.chunk = int(chunks[1]) if isinstance(chunks, tuple) and isinstance(chunks[1], int) else None
+        self.pending: list[np.ndarray] = []
+        self.lo = self.hi = 0  # rows written to out, and rows received
+        self.sums: np.ndarray | None = None
+
+    def _ready(self, targets: int) -> None:
+        lines, samples = self.mask.shape
+        if self.out is None:
+            self.out = np.full((targets, lines, samples), np.nan, np.float32)
+        if tuple(self.out.shape) != (targets, lines, samples):
+            raise InputError(
+                f"{self.source}: out must have shape (targets, lines, samples) = "
+                f"{(targets, lines, samples)}, got {tuple(self.out.shape)}"
+            )
+        self.sums = np.zeros(targets)
+
+    def write(self, y0: int, rows: np.ndarray) -> None:
+        """Map rows ``[y0, y0 + r)`` ``(T, r, samples)``, in order."""
+        assert y0 == self.hi, "rows arrive in order"
+        if self.sums is None:
+            self._ready(rows.shape[0])
+        m = self.mask[y0 : y0 + rows.shape[1]]
+        rows = np.where(m[None], rows, np.nan).astype(np.float32)  # (T, r, samples)
+        self.sums += rows[:, m].sum(axis=1, dtype=np.float64)
+        self.pending.append(rows)
+        self.hi = y0 + rows.shape[1]
+        self._flush(self.hi if self.chunk is None else self.hi // self.chunk * self.chunk)
+
+    def close(self) -> None:
+        self._flush(self.hi)
+
+    def _flush(self, upto: int) -> None:
+        if upto <= self.lo:
+            return
+        block = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending, axis=1)
+        k = upto - self.lo
+        self.out[:, self.lo : upto, :] = block[:, :k]
+        self.pending = [block[:, k:]] if k < block.shape[1] else []
+        self.lo = upto
+
+
+# ----------------------------------------------------------------------------- the map pass
+
+
+def _suffix_min(values: Sequence[int], last: int) -> list[int]:
+    """``out[i] = min(values[i:] + [last])``."""
+    out = [last] * (len(values) + 1)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = min(values[i], out[i + 1])
+    return out
+
+
+def _blocks_ahead(jobs: Sequence[_Job], run: _Settings) -> int:
+    """Blocks to preprocess while the model runs in the map pass.
+
+    On CUDA: as far as a batch of windows reaches past the previous batch, so that the next
+    batch's rows are ready when the GPU is done. On the CPU none: the model's parallel loops
+    use every core, and a thread beside them would only stall them (the blocks are then
+    preprocessed in parallel between model calls).
+    """
+    if not run.prefetch or run.device.type != "cuda":
+        return 0
+    reach = [max(j.rows[1] for j in jobs[i : i + run.batch]) for i in range(0, len(jobs), run.batch)]
+    advance = max([b - a for a, b in itertools.pairwise(reach)] + [1])
+    return -(-advance // run.block_lines)
+
+
+def _capacity(jobs: Sequence[_Job], need_lo: Sequence[int], run: _Settings) -> int:
+    """Rows the band must hold: a batch's rows from the first one a window still reads, plus
+    a block (blocks arrive whole)."""
+    spans = [
+        max(j.rows[1] for j in jobs[i : i + run.batch]) - need_lo[i] for i in range(0, len(jobs), run.batch)
+    ]
+    return max(spans) + run.block_lines
+
+
+def _fill(band: _Band, feed: _Feed, upto: int) -> np.ndarray:
+    """Pull preprocessed blocks into the band until it holds row ``upto - 1``; their mask sums ``(C,)``."""
+    sums = np.zeros(band.shape[0])
+    for l0, z, block_sums in feed.upto(upto):
+        band.append(l0, z)
+        sums += block_sums
+    assert band.hi >= upto
+    return sums
+
+
+def _map_pass(
+    model: nn.Module,
+    scan: _Scan,
+    jobs: list[_Job],
+    weights: np.ndarray | None,
+    writer: _Writer,
+    run: _Settings,
+    progress: Progress | None,
+) -> np.ndarray:
+    """Run every window, write every output row; the cube summed over the mask ``(C,)``.
+
+    ``weights``: the blending weights of a window's output ``(h', w')``; None: exact tiles.
+    """
+    need_lo = _suffix_min([j.rows[0] for j in jobs], scan.lines)  # first row any later window reads
+    done_lo = _suffix_min([j.keep[0] for j in jobs], scan.lines)  # first row any later window writes
+    band = _Band((scan.recipe.n_channels, scan.lines, scan.samples), _capacity(jobs, need_lo, run))
+    rows = _Rows(scan.samples)
+    spectrum = np.zeros(band.shape[0])
+    feed = _Feed(
+        partial(_map_block, scan),
+        _spans(scan.lines, run.block_lines),
+        _workers(run),
+        _blocks_ahead(jobs, run),
+    )
+    with closing(feed), _precision(model, run):
+        for i in range(0, len(jobs), run.batch):
+            chunk = jobs[i : i + run.batch]
+            spectrum += _fill(band, feed, max(j.rows[1] for j in chunk))
+            for job, values in _run_jobs(model, band, chunk, run, need_lo[i + len(chunk)]):
+                (oy, ox), (y0, x0, y1, x1) = job.origin, job.keep
+                w = None if weights is None else weights[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+                rows.add(job.keep, values, w)
+            upto = done_lo[i + len(chunk)]
+            if upto > rows.lo:
+                writer.write(rows.lo, rows.take(upto))
+                if progress is not None:
+                    progress(scan.lines + upto, 2 * scan.lines)
+        spectrum += _fill(band, feed, scan.lines)  # rows no window reads (none, normally)
+    writer.close()
+    return spectrum
+
+
+def _plan(model: nn.Module, geometry: Geometry, scan: _Scan, run: _Settings) -> tuple[list[_Job], Any]:
+    """The mode's windows, and the blending weights of a window's output (None: exact)."""
+    if run.mode == "exact":
+        return _exact_jobs(model, geometry, scan.lines, scan.samples, run.tile), None
+    window = window_shape(model, geometry, scan.lines, scan.samples, run.tile)
+    jobs = _blend_jobs(geometry, scan.lines, scan.samples, window, run.overlap)
+    out_shape = (window[0] - 2 * geometry.margin, window[1] - 2 * geometry.margin)
+    return jobs, importance_map(out_shape, run.mode, run.sigma_scale)
+
+
+def _prepare_model(model: nn.Module, run: _Settings) -> nn.Module:
+    """The model on ``run.device`` (moved in place), channels-last if asked."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device != run.device:
+        model.to(run.device)
+    if run.channels_last:  # 2-D convolutions only: the front-end's Conv3d weight has no such format
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                module.to(memory_format=torch.channels_last)
+    return model
+
+
+def stream_scan(
+    model: nn.Module,
+    recipe: Recipe,
+    raw: Any,
+    white_mean: Any | None,
+    dark_mean: Any | None,
+    *,
+    saturation: float,
+    out: Any = None,
+    mode: str = "exact",
+    tile: int | Sequence[int] = TILE_CORE,
+    overlap: float = OVERLAP,
+    sigma_scale: float = SIGMA_SCALE,
+    batch: int = BATCH,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    channels_last: bool = False,
+    geometry: Geometry | None = None,
+    mask_file: Path | None = None,
+    block_lines: int | None = None,
+    prefetch: bool = True,
+    progress: Progress | None = None,
+    source: str = "scan",
+) -> StreamResult:
+    """The maps of a raw scan of any length, read by blocks of lines (never whole): a :class:`StreamResult`.
+
+    Args:
+        model: the fold ensemble (or one U-Net) of ``recipe``, in eval mode; moved to
+            ``device`` (and to channels-last with ``channels_last``) in place.
+        recipe: the bundle's preprocessing recipe, with normalisation statistics.
+        raw: ``(bands, lines, samples)`` counts, every raw band, read as ``raw[:, l0:l1]`` (a Dask
+            array from :func:`chemmap.io.open_scan`, a NumPy memmap or array, or the like).
+        white_mean, dark_mean: ``(bands, samples)`` reference means over their lines
+            (:func:`chemmap.preprocess.scan.reference_means`); None with ``calibration: none``.
+        saturation: counts at or above this are saturated.
+        out: where the maps go: a float32 array-like ``(targets, lines, samples)`` accepting
+            ``out[:, y0:y1, :] = rows`` (e.g. a Zarr array chunked one tile row tall: every
+            chunk is written once, whole); None: a NumPy array, returned in ``maps``.
+        mode: ``"exact"`` (default; equals the whole-image map), ``"gaussian"`` or ``"constant"``
+            (blended windows, like MONAI's ``sliding_window_inference``).
+        tile: exact core side, or ``(rows, columns)``, px of the scan; rounded up to the
+            model's stride grid and clipped to the scan (a tile as wide as the scan makes one
+            window per tile row). Blended modes use windows of :func:`window_shape` of it.
+        overlap, sigma_scale: blended modes: share of a window its neighbour overlaps, in [0, 1);
+            gaussian: sigma of the weights as a share of the window side.
+        batch: windows per model call (exact: border windows of another shape go apart).
+        device: where the model runs (e.g. ``"cuda"``).
+        amp: bf16 autocast, CUDA only (opt-in). The U-Net heads (1x1 convolutions) run outside
+            autocast on their input cast back to float32, so the map is made in float32 from
+            bf16 features; everything after the heads (up-sampling, ensemble mean) is float32.
+        channels_last: run the model in channels-last memory format (opt-in).
+        geometry: the model's tiling geometry (measured with :func:`model_geometry` if None).
+        mask_file: the scan's mask image (``mask.method: files``).
+        block_lines: raw lines read and preprocessed at a time; None: a Dask array's lines per
+            chunk (:func:`chemmap.io.open_scan`'s ``chunk_lines``), else 64.
+        prefetch: read and preprocess the next blocks in a background thread while computing.
+        progress: called with ``(done, 2 * lines)``: lines of the mask pass, then of the map.
+        source: what error messages call the scan.
+
+    Raises:
+        InputError: a bad option, a scan unlike the recipe, no sample pixel, or a non-finite one.
+    """
+    block = _block_lines(raw, block_lines)
+    run = _settings(mode, tile, overlap, batch, device, amp, channels_last, block, prefetch, sigma_scale)
+    scan = _scan(raw, white_mean, dark_mean, recipe, saturation, source)
+    model = _prepare_model(model, run)
+    geometry = model_geometry(model, recipe.n_channels) if geometry is None else geometry
+    jobs, weights = _plan(model, geometry, scan, run)
+    t0 = time.perf_counter()
+    scan, bad_removed, saturated = _mask_pass(scan, run, mask_file, source, progress)
+    t1 = time.perf_counter()
+    assert scan.mask is not None
+    writer = _Writer(out, scan.mask, source)
+    spectrum = _map_pass(model, scan, jobs, weights, writer, run, progress)
+    pixels = int(scan.mask.sum())
+    assert writer.sums is not None
+    return StreamResult(
+        writer.out, scan.mask, bad_removed, saturated, spectrum / pixels, pixels, writer.sums,
+        mask_seconds=t1 - t0, map_seconds=time.perf_counter() - t1, windows=len(jobs),
+    )  # fmt: skip
