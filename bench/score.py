@@ -22,7 +22,7 @@ and the peak RSS increase over the process once the model is loaded (RSS sampled
 interleaved, with the largest RSS increase of the runs. Ratios are against MONAI measured in
 the same run.
 
-    .venv/bin/python bench/score.py --json bench/out/score.json   # paper size, ~15 min on 2 cores
+    .venv/bin/python bench/score.py --json bench/out/score.json   # paper size, ~20 min on 2 cores
     .venv/bin/python bench/score.py --lines 600                   # a quarter scan
     .venv/bin/python bench/score.py --tiny                        # smoke run, seconds, in-process
 
