@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chemmap.models.tiling import predict_full
-from chemmap.models.unet import UNet, UNetConfig, Up
+from chemmap.models.unet import SpectralFrontEnd, UNet, UNetConfig, Up
 
 # Identities checked in float64 differ by rounding only (the same operations in another
 # blocking or order, a few dozen layers each adding ~eps): bound 1000 eps = 2.2e-13.
@@ -221,3 +221,20 @@ def test_checkpointing_changes_neither_outputs_nor_gradients(normalization: str 
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert rel(outs[1], outs[0]) < EXACT
     assert rel(grads[1], grads[0]) < EXACT
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 11), (1, 62, 16, 15)])
+def test_spectral_front_end_equals_its_conv3d_with_gradients(shape: tuple[int, ...]) -> None:
+    """The banded Conv2d of the front-end computes the paper's Conv3d, forward and backward."""
+    torch.manual_seed(0)
+    fe = SpectralFrontEnd().double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    ours = fe(x)
+    theirs = fe.conv(x.unsqueeze(1)).squeeze(1)  # (B, C - 6, H // 2, W // 2)
+    assert ours.shape == theirs.shape == (shape[0], shape[1] - 6, shape[2] // 2, shape[3] // 2)
+    assert rel(ours, theirs) < EXACT
+    g = torch.randn_like(ours)
+    grads = torch.autograd.grad(ours, [x, fe.conv.weight, fe.conv.bias], g)
+    ref = torch.autograd.grad(theirs, [x, fe.conv.weight, fe.conv.bias], g)
+    for a, b in zip(grads, ref, strict=True):
+        assert rel(a, b) < EXACT
