@@ -82,6 +82,7 @@ from chemmap.preprocess.scan import check_finite, model_input, sample_mask, tran
 __all__ = ["MODES", "StreamResult", "importance_map", "stream_scan", "window_shape"]
 
 MODES = ("exact", "gaussian", "constant")
+REGIONS = ("tissue", "scan")  # where windows go: around the sample mask, or over the whole scan
 OVERLAP = 0.25  # blended modes: share of a window its neighbour overlaps (MONAI's default too)
 SIGMA_SCALE = 0.125  # gaussian blending: sigma = this x window side (MONAI's default)
 MIN_WEIGHT = 1e-3  # MONAI clamps importance weights at this, so that every pixel has weight
@@ -109,6 +110,7 @@ class StreamResult:
         sums: ``(targets,)`` float64 sum of each map over the mask.
         mask_seconds, map_seconds: wall time of the mask pass and of the map pass.
         windows: model windows run.
+        window_pixels: input pixels the model read, over all windows (padding included).
     """
 
     maps: Any
@@ -121,6 +123,7 @@ class StreamResult:
     mask_seconds: float
     map_seconds: float
     windows: int
+    window_pixels: int = 0
 
     @property
     def means(self) -> np.ndarray:
@@ -133,6 +136,7 @@ class _Settings:
     """The validated options of :func:`stream_scan`."""
 
     mode: str
+    region: str
     tile: tuple[int, int]  # core (exact) rows x columns, before rounding to the stride grid
     overlap: float
     sigma_scale: float
@@ -187,6 +191,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 
 def _settings(
     mode: str,
+    region: str,
     tile: int | Sequence[int],
     overlap: float,
     batch: int,
@@ -200,6 +205,8 @@ def _settings(
     """The options, checked: a bad one stops with one line naming it and what it got."""
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    if region not in REGIONS:
+        raise InputError(f"region must be one of {REGIONS}, got {region!r}")
     if not 0 <= overlap < 1:
         raise InputError(f"overlap must be >= 0 and < 1, got {overlap}")
     if not sigma_scale > 0:
@@ -214,6 +221,7 @@ def _settings(
         raise InputError(f"amp=True (bf16 autocast) runs on a CUDA device only, got device {dev}")
     return _Settings(
         mode,
+        region,
         _pair(tile, "tile"),
         overlap,
         sigma_scale,
@@ -299,17 +307,52 @@ def _rows_read(read: Box, lines: int) -> tuple[int, int]:
     return int(src.min()), int(src.max()) + 1
 
 
+def _region(mask: np.ndarray | None, stride: int) -> Box | None:
+    """The mask's bounding box, its top-left corner moved back onto the stride grid (None: no mask)."""
+    if mask is None:
+        return None
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return rows[0] // stride * stride, cols[0] // stride * stride, int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def _cores(lo: int, hi: int, tile: int, stride: int, balance: bool) -> list[tuple[int, int]]:
+    """Core spans over ``[lo, hi)`` (``lo`` on the grid), ``tile`` long (a grid multiple); with
+    ``balance`` as many as ``tile`` needs, made as even as the grid allows."""
+    size = tile
+    if balance:
+        n = -(-(hi - lo) // tile)  # cores tile's size needs
+        even = -(-(hi - lo) // n)
+        size = -(-even // stride) * stride
+    return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+
+
+def _touches(mask: np.ndarray | None, box: Box) -> bool:
+    return mask is None or bool(mask[box[0] : box[2], box[1] : box[3]].any())
+
+
 def _exact_jobs(
-    model: nn.Module, geometry: Geometry, lines: int, samples: int, tile: tuple[int, int]
+    model: nn.Module,
+    geometry: Geometry,
+    lines: int,
+    samples: int,
+    tile: tuple[int, int],
+    mask: np.ndarray | None = None,
 ) -> list[_Job]:
-    """Core tiles row by row, each with the window that computes it exactly (as predict_tiled)."""
-    cy, cx = _grid_tile(tile, geometry.stride, lines, samples)
+    """Core tiles row by row, each with the window that computes it exactly (as predict_tiled).
+
+    With ``mask`` (region ``tissue``) the cores cover the mask's bounding box only, as few as
+    ``tile`` needs and as even as the grid allows, and a core without a mask pixel is skipped.
+    """
+    s = geometry.stride
+    cy, cx = _grid_tile(tile, s, lines, samples)
+    y0, x0, y1, x1 = _region(mask, s) or (0, 0, lines, samples)
     jobs = []
-    for y0 in range(0, lines, cy):
-        for x0 in range(0, samples, cx):
-            box = (y0, x0, min(y0 + cy, lines), min(x0 + cx, samples))
-            window = plan_window(model, geometry, lines, samples, box)
-            jobs.append(_Job(window.read, window.origin, box, _rows_read(window.read, lines)))
+    for a_y, b_y in _cores(y0, y1, cy, s, mask is not None):
+        for a_x, b_x in _cores(x0, x1, cx, s, mask is not None):
+            box = (a_y, a_x, b_y, b_x)
+            if _touches(mask, box):
+                window = plan_window(model, geometry, lines, samples, box)
+                jobs.append(_Job(window.read, window.origin, box, _rows_read(window.read, lines)))
     return jobs
 
 
@@ -320,19 +363,67 @@ def _starts(n: int, size: int, step: int, stride: int) -> list[int]:
     return [*range(0, n - size, step), -(-(n - size) // stride) * stride]
 
 
+def _step(side: int, overlap: float, stride: int) -> int:
+    """Distance between blended windows of output ``side``: the overlap's share off, on the grid."""
+    return max(stride, int(side * (1 - overlap)) // stride * stride)
+
+
+def _fitted_window(
+    model: nn.Module,
+    geometry: Geometry,
+    lines: int,
+    samples: int,
+    tile: tuple[int, int],
+    extent: tuple[int, int],
+    overlap: float,
+) -> tuple[int, int]:
+    """The smallest window (per axis, an accepted size) whose windows cover ``extent`` in as few
+    windows as :func:`window_shape`'s for ``tile`` need: the region is tiled evenly instead of
+    by full windows that overhang it."""
+    m, s = geometry.margin, geometry.stride
+    full = window_shape(model, geometry, lines, samples, tile)
+    out = []
+    for axis, n in enumerate(extent):
+
+        def count(w: int, n: int = n) -> int:
+            side = w - 2 * m
+            return len(_starts(n, side, _step(side, overlap, s), s)) if side >= s else 1 << 30
+
+        best, need = full[axis], count(full[axis])
+        for t in range(tile[axis] - s, 0, -s):  # smaller cores, smaller windows
+            cores = (t, tile[1]) if axis == 0 else (tile[0], t)
+            w = window_shape(model, geometry, lines, samples, cores)[axis]
+            if count(w) > need:
+                break
+            best = w
+        out.append(best)
+    return out[0], out[1]
+
+
 def _blend_jobs(
-    geometry: Geometry, lines: int, samples: int, window: tuple[int, int], overlap: float
+    geometry: Geometry,
+    lines: int,
+    samples: int,
+    window: tuple[int, int],
+    overlap: float,
+    mask: np.ndarray | None = None,
 ) -> list[_Job]:
-    """Overlapping windows of ``window`` (input size) row by row; each keeps its whole output in the scan."""
+    """Overlapping windows of ``window`` (input size) row by row; each keeps its whole output in the scan.
+
+    With ``mask`` (region ``tissue``) the windows start at the mask's bounding box and cover it
+    alone; a window without a mask pixel in its output is skipped.
+    """
     m, s = geometry.margin, geometry.stride
     py, px = window[0] - 2 * m, window[1] - 2 * m  # output side of a window
-    step_y, step_x = (max(s, int(p * (1 - overlap)) // s * s) for p in (py, px))
+    y_lo, x_lo, y_hi, x_hi = _region(mask, s) or (0, 0, lines, samples)
     jobs = []
-    for y0 in _starts(lines, py, step_y, s):
-        for x0 in _starts(samples, px, step_x, s):
+    for dy in _starts(y_hi - y_lo, py, _step(py, overlap, s), s):
+        for dx in _starts(x_hi - x_lo, px, _step(px, overlap, s), s):
+            y0, x0 = y_lo + dy, x_lo + dx
             read = (y0 - m, x0 - m, y0 + py + m, x0 + px + m)
             keep = (y0, x0, min(y0 + py, lines), min(x0 + px, samples))
-            jobs.append(_Job(read, (y0, x0), keep, _rows_read(read, lines)))
+            if _touches(mask, keep):
+                jobs.append(_Job(read, (y0, x0), keep, _rows_read(read, lines)))
     return jobs
 
 
@@ -420,16 +511,21 @@ def _mask_block(scan: _Scan, l0: int, l1: int) -> tuple[int, np.ndarray, np.ndar
     return l0, np.asarray(t.reflectance_mean), np.asarray(t.bad), ~np.isfinite(cube).all(axis=0)
 
 
-def _map_block(scan: _Scan, l0: int, l1: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """Map pass, one block: ``(l0, model input (C, rows, samples) float32, cube's mask sums (C,))``.
+def _map_block(scan: _Scan, cols: tuple[int, int], l0: int, l1: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Map pass, one block of lines, columns ``cols`` only:
+    ``(l0, model input (C, rows, c1 - c0) float32, the cube's sums over the block's mask pixels (C,))``.
 
-    The sums cover every mask pixel once: each line is preprocessed once in this pass.
+    The sums cover every mask pixel once (each line is preprocessed once in this pass, and
+    the windows' columns hold the mask's).
     """
-    t = transform(_read(scan.raw, l0, l1), scan.white, scan.dark, scan.recipe, scan.saturation)
-    cube = np.asarray(t.cube)  # (C, l1 - l0, samples)
+    c0, c1 = cols
+    white = None if scan.white is None else scan.white[:, c0:c1]
+    dark = None if scan.dark is None else scan.dark[:, c0:c1]
+    t = transform(_read(scan.raw, l0, l1)[:, :, c0:c1], white, dark, scan.recipe, scan.saturation)
+    cube = np.asarray(t.cube)  # (C, l1 - l0, c1 - c0)
     assert scan.mask is not None
-    sums = cube[:, scan.mask[l0:l1]].sum(axis=1, dtype=np.float64)  # (C,)
-    z = np.ascontiguousarray(model_input(cube, scan.recipe), dtype=np.float32)  # (C, l1 - l0, samples)
+    sums = cube[:, scan.mask[l0:l1, c0:c1]].sum(axis=1, dtype=np.float64)  # (C,)
+    z = np.ascontiguousarray(model_input(cube, scan.recipe), dtype=np.float32)  # (C, l1 - l0, c1 - c0)
     return l0, z, sums
 
 
@@ -458,19 +554,21 @@ def _mask_pass(
 
 
 class _Band:
-    """Model-input rows ``[lo, hi)`` of the scan in a ring of ``capacity`` rows, allocated once.
+    """Model-input rows ``[lo, hi)``, columns ``cols``, of the scan in a ring of ``capacity`` rows,
+    allocated once.
 
     It reads like the whole ``(C, lines, samples)`` model input (``shape`` is the scan's),
-    so :func:`read_padded` pads a window at the border exactly as the whole image is padded.
+    so :func:`read_padded` pads a window at the border exactly as the whole image is padded;
+    only the columns the windows read are held.
     One buffer for the whole scan: blocks from the worker threads are copied in and freed
     at once (kept as they came, their memory crept up with the scan's length: glibc's
     per-thread arenas fragment).
     """
 
-    def __init__(self, shape: tuple[int, int, int], capacity: int) -> None:
-        self.shape = shape
-        self.ring = np.empty((shape[0], capacity, shape[2]), np.float32)  # (C, capacity, samples)
-        self.lo = self.hi = 0
+    def __init__(self, shape: tuple[int, int, int], capacity: int, first: int, cols: tuple[int, int]) -> None:
+        self.shape, self.cols = shape, cols
+        self.ring = np.empty((shape[0], capacity, cols[1] - cols[0]), np.float32)  # (C, capacity, c1 - c0)
+        self.lo = self.hi = first
         self._batch: torch.Tensor | None = None
 
     def _pieces(self, y0: int, y1: int) -> Iterator[tuple[int, int, int]]:
@@ -495,9 +593,11 @@ class _Band:
     def copy_into(self, dst: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> None:
         """``dst (C, y1 - y0, x1 - x0) <- input[:, y0:y1, x0:x1]`` (rows held by the band)."""
         assert self.lo <= y0 and y1 <= self.hi, "rows not in the band"
+        c0, c1 = self.cols
+        assert c0 <= x0 and x1 <= c1, "columns not in the band"
         out = dst.numpy()
         for r, a, b in self._pieces(y0, y1):
-            out[:, a - y0 : b - y0] = self.ring[:, r : r + b - a, x0:x1]
+            out[:, a - y0 : b - y0] = self.ring[:, r : r + b - a, x0 - c0 : x1 - c0]
 
     def batch(self, n: int, height: int, width: int, pin: bool) -> torch.Tensor:
         """A float32 ``(n, C, height, width)`` tensor for windows, reused while their shape stays
@@ -593,6 +693,7 @@ class _Rows:
     """Output rows ``[lo, lo + len)`` being built: weighted sums and weights, float64.
 
     Exact tiles are assigned with weight 1 (each pixel has one tile); blended windows add.
+    A pixel no window covers (outside the mask, region ``tissue``) comes out NaN.
     """
 
     def __init__(self, samples: int) -> None:
@@ -600,13 +701,18 @@ class _Rows:
         self.num = np.zeros((0, 0, samples))  # (T, rows, samples)
         self.den = np.zeros((0, samples))  # (rows, samples)
 
+    def _grow(self, upto: int, targets: int) -> None:
+        have = self.lo + self.den.shape[0]
+        if upto > have:  # grow downwards
+            w = self.den.shape[1]
+            self.num = np.concatenate(
+                [self.num.reshape(targets, -1, w), np.zeros((targets, upto - have, w))], 1
+            )
+            self.den = np.concatenate([self.den, np.zeros((upto - have, w))])
+
     def add(self, keep: Box, values: np.ndarray, weight: np.ndarray | None) -> None:
         y0, x0, y1, x1 = keep
-        have = self.lo + self.den.shape[0]
-        if y1 > have:  # grow downwards
-            t, w = values.shape[0], self.den.shape[1]
-            self.num = np.concatenate([self.num.reshape(t, -1, w), np.zeros((t, y1 - have, w))], axis=1)
-            self.den = np.concatenate([self.den, np.zeros((y1 - have, w))])
+        self._grow(y1, values.shape[0])
         rows = slice(y0 - self.lo, y1 - self.lo)
         if weight is None:
             self.num[:, rows, x0:x1] = values
@@ -615,11 +721,15 @@ class _Rows:
             self.num[:, rows, x0:x1] += values * weight
             self.den[rows, x0:x1] += weight
 
-    def take(self, upto: int) -> np.ndarray:
-        """Rows ``[lo, upto)`` (final: no later window touches them), ``(T, upto - lo, samples)``."""
+    def take(self, upto: int, mask: np.ndarray, targets: int) -> np.ndarray:
+        """Rows ``[lo, upto)`` (final: no later window touches them), ``(T, upto - lo, samples)``;
+        ``mask``: the scan's, whose pixels must all be covered."""
+        self._grow(upto, targets)
         k = upto - self.lo
-        assert 0 < k <= self.den.shape[0] and (self.den[:k] > 0).all(), "rows not covered by windows"
-        done = self.num[:, :k] / self.den[:k]
+        covered = self.den[:k] > 0
+        assert k > 0 and covered[mask[self.lo : upto]].all(), "mask pixels not covered by windows"
+        with np.errstate(invalid="ignore", divide="ignore"):
+            done = np.where(covered, self.num[:, :k] / self.den[:k], np.nan)
         self.num, self.den, self.lo = self.num[:, k:], self.den[k:], upto
         return done
 
@@ -707,6 +817,15 @@ def _capacity(jobs: Sequence[_Job], need_lo: Sequence[int], run: _Settings) -> i
     return max(spans) + run.block_lines
 
 
+def _cols_read(jobs: Sequence[_Job], samples: int) -> tuple[int, int]:
+    """The scan's columns ``[c0, c1)`` the windows read, their border padding resolved."""
+    lo, hi = samples, 0
+    for job in jobs:
+        src, _ = _source_index(job.read[1], job.read[3], samples, PAD_MODE)
+        lo, hi = min(lo, int(src.min())), max(hi, int(src.max()) + 1)
+    return lo, hi
+
+
 def _fill(band: _Band, feed: _Feed, upto: int) -> np.ndarray:
     """Pull preprocessed blocks into the band until it holds row ``upto - 1``; their mask sums ``(C,)``."""
     sums = np.zeros(band.shape[0])
@@ -730,17 +849,22 @@ def _map_pass(
 
     ``weights``: the blending weights of a window's output ``(h', w')``; None: exact tiles.
     """
+    assert scan.mask is not None
     need_lo = _suffix_min([j.rows[0] for j in jobs], scan.lines)  # first row any later window reads
     done_lo = _suffix_min([j.keep[0] for j in jobs], scan.lines)  # first row any later window writes
-    band = _Band((scan.recipe.n_channels, scan.lines, scan.samples), _capacity(jobs, need_lo, run))
+    block = run.block_lines
+    first = min(j.rows[0] for j in jobs) // block * block  # rows above no window reads: not preprocessed
+    spans = [span for span in _spans(scan.lines, block) if span[0] >= first]
+    last = max(j.rows[1] for j in jobs)
+    spans = [span for span in spans if span[0] < last]
+    cols = _cols_read(jobs, scan.samples)
+    band = _Band(
+        (scan.recipe.n_channels, scan.lines, scan.samples), _capacity(jobs, need_lo, run), first, cols
+    )
     rows = _Rows(scan.samples)
     spectrum = np.zeros(band.shape[0])
-    feed = _Feed(
-        partial(_map_block, scan),
-        _spans(scan.lines, run.block_lines),
-        _workers(run),
-        _blocks_ahead(jobs, run),
-    )
+    feed = _Feed(partial(_map_block, scan, cols), spans, _workers(run), _blocks_ahead(jobs, run))
+    targets = 0
     with closing(feed), _precision(model, run):
         for i in range(0, len(jobs), run.batch):
             chunk = jobs[i : i + run.batch]
@@ -749,22 +873,35 @@ def _map_pass(
                 (oy, ox), (y0, x0, y1, x1) = job.origin, job.keep
                 w = None if weights is None else weights[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
                 rows.add(job.keep, values, w)
+                targets = values.shape[0]
             upto = done_lo[i + len(chunk)]
             if upto > rows.lo:
-                writer.write(rows.lo, rows.take(upto))
+                writer.write(rows.lo, rows.take(upto, scan.mask, targets))
                 if progress is not None:
                     progress(scan.lines + upto, 2 * scan.lines)
-        spectrum += _fill(band, feed, scan.lines)  # rows no window reads (none, normally)
+        spectrum += _fill(band, feed, spans[-1][1])  # rows no window reads (none, normally)
     writer.close()
     return spectrum
 
 
 def _plan(model: nn.Module, geometry: Geometry, scan: _Scan, run: _Settings) -> tuple[list[_Job], Any]:
-    """The mode's windows, and the blending weights of a window's output (None: exact)."""
+    """The mode's windows, and the blending weights of a window's output (None: exact).
+
+    Region ``tissue`` plans them around the scan's mask (known after the mask pass): pixels
+    outside it are NaN in the map whatever the model says there.
+    """
+    mask = scan.mask if run.region == "tissue" else None
     if run.mode == "exact":
-        return _exact_jobs(model, geometry, scan.lines, scan.samples, run.tile), None
-    window = window_shape(model, geometry, scan.lines, scan.samples, run.tile)
-    jobs = _blend_jobs(geometry, scan.lines, scan.samples, window, run.overlap)
+        return _exact_jobs(model, geometry, scan.lines, scan.samples, run.tile, mask), None
+    if mask is None:
+        window = window_shape(model, geometry, scan.lines, scan.samples, run.tile)
+    else:
+        y0, x0, y1, x1 = _region(mask, geometry.stride)  # type: ignore[misc]
+        tile = _grid_tile(run.tile, geometry.stride, scan.lines, scan.samples)
+        window = _fitted_window(
+            model, geometry, scan.lines, scan.samples, tile, (y1 - y0, x1 - x0), run.overlap
+        )
+    jobs = _blend_jobs(geometry, scan.lines, scan.samples, window, run.overlap, mask)
     out_shape = (window[0] - 2 * geometry.margin, window[1] - 2 * geometry.margin)
     return jobs, importance_map(out_shape, run.mode, run.sigma_scale)
 
@@ -791,6 +928,7 @@ def stream_scan(
     saturation: float,
     out: Any = None,
     mode: str = "exact",
+    region: str = "tissue",
     tile: int | Sequence[int] = TILE_CORE,
     overlap: float = OVERLAP,
     sigma_scale: float = SIGMA_SCALE,
@@ -821,6 +959,12 @@ def stream_scan(
             chunk is written once, whole); None: a NumPy array, returned in ``maps``.
         mode: ``"exact"`` (default; equals the whole-image map), ``"gaussian"`` or ``"constant"``
             (blended windows, like MONAI's ``sliding_window_inference``).
+        region: ``"tissue"`` (default): windows only around the sample mask, planned after
+            the mask pass: exact cores tile the mask's bounding box (as many as ``tile``
+            needs, made even), blended windows of the smallest size that covers the box in as
+            many windows as ``tile``'s would; windows without a mask pixel are skipped. The
+            map is the same on the mask (exact: still the whole-image map). ``"scan"``: windows
+            over the whole scan, as MONAI places them.
         tile: exact core side, or ``(rows, columns)``, px of the scan; rounded up to the
             model's stride grid and clipped to the scan (a tile as wide as the scan makes one
             window per tile row). Blended modes use windows of :func:`window_shape` of it.
@@ -844,15 +988,17 @@ def stream_scan(
         InputError: a bad option, a scan unlike the recipe, no sample pixel, or a non-finite one.
     """
     block = _block_lines(raw, block_lines)
-    run = _settings(mode, tile, overlap, batch, device, amp, channels_last, block, prefetch, sigma_scale)
+    run = _settings(
+        mode, region, tile, overlap, batch, device, amp, channels_last, block, prefetch, sigma_scale
+    )
     scan = _scan(raw, white_mean, dark_mean, recipe, saturation, source)
     model = _prepare_model(model, run)
     geometry = model_geometry(model, recipe.n_channels) if geometry is None else geometry
-    jobs, weights = _plan(model, geometry, scan, run)
     t0 = time.perf_counter()
     scan, bad_removed, saturated = _mask_pass(scan, run, mask_file, source, progress)
     t1 = time.perf_counter()
     assert scan.mask is not None
+    jobs, weights = _plan(model, geometry, scan, run)
     writer = _Writer(out, scan.mask, source)
     spectrum = _map_pass(model, scan, jobs, weights, writer, run, progress)
     pixels = int(scan.mask.sum())
@@ -860,4 +1006,5 @@ def stream_scan(
     return StreamResult(
         writer.out, scan.mask, bad_removed, saturated, spectrum / pixels, pixels, writer.sums,
         mask_seconds=t1 - t0, map_seconds=time.perf_counter() - t1, windows=len(jobs),
+        window_pixels=sum((j.read[2] - j.read[0]) * (j.read[3] - j.read[1]) for j in jobs),
     )  # fmt: skip

@@ -130,8 +130,9 @@ def test_exact_stream_equals_the_whole_image_map(kwargs: dict, dtype: torch.dtyp
     raw = Lines(LINES, SAMPLES)
     out = Rows((model.config.out_channels, LINES, SAMPLES), chunk=32)
     res = stream_scan(
-        model, _recipe(), raw, *_refs(SAMPLES), saturation=CEILING, out=out, tile=32, batch=3, block_lines=16
-    )
+        model, _recipe(), raw, *_refs(SAMPLES), saturation=CEILING, out=out, region="scan", tile=32, batch=3,
+        block_lines=16,
+    )  # fmt: skip
     assert res.maps is out and rel(out.data, ref.maps) < bound
     assert np.array_equal(res.mask, ref.mask) and res.bad_removed == ref.bad_removed > 0
     assert res.saturated == pytest.approx(ref.saturated.mean())
@@ -166,10 +167,13 @@ def test_exact_stream_from_an_envi_file_into_zarr(tmp_path) -> None:
 
 def test_prefetch_batching_and_channels_last_change_nothing() -> None:
     args = (_recipe(), Lines(LINES, SAMPLES), *_refs(SAMPLES))
-    a = stream_scan(_unet(), *args, saturation=CEILING, tile=32, batch=1, prefetch=False, block_lines=7)
-    b = stream_scan(
-        _unet(), *args, saturation=CEILING, tile=(32, 64), batch=8, block_lines=50, channels_last=True
+    a = stream_scan(
+        _unet(), *args, saturation=CEILING, region="scan", tile=32, batch=1, prefetch=False, block_lines=7
     )
+    b = stream_scan(
+        _unet(), *args, saturation=CEILING, region="scan", tile=(32, 64), batch=8, block_lines=50,
+        channels_last=True,
+    )  # fmt: skip
     assert rel(a.maps, b.maps) < FP32 and a.windows == 20 and b.windows == 10
 
 
@@ -260,6 +264,7 @@ def test_blended_stream_equals_plain_window_blending(mode: str, overlap: float) 
         *_refs(SAMPLES),
         saturation=CEILING,
         mode=mode,
+        region="scan",
         overlap=overlap,
         tile=(24, 20),
         geometry=geometry,
@@ -293,7 +298,7 @@ def test_gaussian_stream_equals_monai_sliding_window_inference_on_the_cube() -> 
         )[0].numpy()  # (1, H, W)
     res = stream_scan(
         model, recipe, Lines(LINES, SAMPLES), *_refs(SAMPLES), saturation=CEILING, mode="gaussian",
-        tile=(24, 20), geometry=Geometry(radius=0, stride=1),
+        region="scan", tile=(24, 20), geometry=Geometry(radius=0, stride=1),
     )  # fmt: skip
     assert rel(res.maps, np.where(res.mask, theirs, np.nan)) < FP32
 
@@ -306,14 +311,89 @@ def test_blended_unet_with_valid_convolutions_on_its_stride_grid() -> None:
     size = (window[0] - 2 * model.margin, window[1] - 2 * model.margin)
     assert geometry.stride == 4 and model.margin == 16 and window == (56, 56)
     res = stream_scan(
-        model, recipe, Lines(LINES, SAMPLES), *_refs(SAMPLES), saturation=CEILING, mode="gaussian", tile=16,
-        overlap=0.5, batch=2,
+        model, recipe, Lines(LINES, SAMPLES), *_refs(SAMPLES), saturation=CEILING, mode="gaussian",
+        region="scan", tile=16, overlap=0.5, batch=2,
     )  # fmt: skip
     x = model_input(
         np.asarray(transform(_counts(0, LINES, SAMPLES), *_refs(SAMPLES), recipe, CEILING).cube), recipe
     )
     ref = _blend_reference(model, x, size, 0.5, "gaussian", stride=4, margin=16)
     assert rel(res.maps, np.where(res.mask, ref, np.nan)) < FP32
+
+
+# ----------------------------------------------------------------------------- region "tissue"
+
+ISLAND = (61, 37, 139, 101)  # one belly (y0, x0, y1, x1) on a 200 x 150 belt: the rest is belt
+
+
+def _island(l0: int, l1: int, samples: int) -> np.ndarray:
+    """``_counts`` with meat only inside :data:`ISLAND`; belt counts elsewhere."""
+    counts = _counts(l0, l1, samples)
+    y = np.arange(l0, l1)[:, None]
+    x = np.arange(samples)[None, :]
+    inside = (y >= ISLAND[0]) & (y < ISLAND[2]) & (x >= ISLAND[1]) & (x < ISLAND[3])
+    belt = np.uint16(round(DARK + 0.05 * (WHITE - DARK)))
+    return np.where(inside[None], counts, belt)
+
+
+class Island(Lines):
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        super().__getitem__(key)  # logs the read
+        l0, l1, _ = key[1].indices(self.shape[1])
+        return _island(l0, l1, self.shape[2])
+
+
+@pytest.mark.parametrize("model_kwargs", [{}, {"pad": False}])
+def test_tissue_region_exact_is_the_whole_image_map_from_fewer_windows(model_kwargs: dict) -> None:
+    lines, samples = 200, 150
+    model = _unet(**model_kwargs)
+    white, dark = _refs(samples)
+    refs = [np.repeat(r[:, None], 2, axis=1) for r in (white, dark)]  # (bands, 2, samples)
+    ref = map_arrays(model, _recipe(), _island(0, lines, samples), *refs, saturation=CEILING)
+    ys, xs = np.nonzero(ref.mask)
+    assert ys.min() >= ISLAND[0] and ys.max() < ISLAND[2] and xs.min() >= ISLAND[1] and xs.max() < ISLAND[3]
+    kwargs = {"saturation": CEILING, "tile": 32, "block_lines": 16}
+    raw = Island(lines, samples)
+    tissue = stream_scan(model, _recipe(), raw, white, dark, **kwargs)
+    scan = stream_scan(model, _recipe(), Island(lines, samples), white, dark, region="scan", **kwargs)
+    assert rel(tissue.maps, ref.maps) < FP32 and rel(scan.maps, ref.maps) < FP32
+    assert np.isnan(tissue.maps[:, ~ref.mask]).all()
+    assert tissue.windows < scan.windows and tissue.window_pixels < 0.6 * scan.window_pixels
+    assert sum(l1 - l0 for l0, l1 in raw.reads) < 2 * lines  # the map pass skips lines no window reads
+    np.testing.assert_allclose(tissue.sums, scan.sums, rtol=1e-6)
+    np.testing.assert_allclose(tissue.mean_spectrum, scan.mean_spectrum, rtol=1e-6)
+
+
+def _fitted(n: int, size: int, overlap: float) -> int:
+    """The smallest window covering ``n`` px in as few windows as ``size``'s (stride 1)."""
+    need = len(_starts(n, size, overlap, 1))
+    return min(w for w in range(1, size + 1) if len(_starts(n, w, overlap, 1)) <= need)
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+def test_tissue_region_blends_windows_fitted_to_the_mask(mode: str) -> None:
+    """Blended windows start at the mask's box and are shrunk to cover it evenly: the map equals
+    plain blending of those windows (computed here from the mask alone)."""
+    lines, samples, overlap, tile = 200, 150, 0.25, (48, 40)
+    recipe, model, geometry = _recipe(), WindowAware(), Geometry(radius=0, stride=1)
+    white, dark = _refs(samples)
+    x = model_input(
+        np.asarray(transform(_island(0, lines, samples), white, dark, recipe, CEILING).cube), recipe
+    )
+    res = stream_scan(
+        model, recipe, Island(lines, samples), white, dark, saturation=CEILING, mode=mode, overlap=overlap,
+        tile=tile, geometry=geometry, batch=3, block_lines=16,
+    )  # fmt: skip
+    ys, xs = np.nonzero(res.mask)
+    y0, x0, y1, x1 = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+    size = (_fitted(y1 - y0, tile[0], overlap), _fitted(x1 - x0, tile[1], overlap))
+    assert size[0] < tile[0] and size[1] < tile[1]  # the box is not a whole number of windows
+    box = x[:, y0:y1, x0:x1]  # windows inside the box read nothing else with stride 1, radius 0
+    ref = np.full((1, lines, samples), np.nan)
+    ref[:, y0:y1, x0:x1] = _blend_reference(model, box, size, overlap, mode)
+    assert rel(res.maps, np.where(res.mask, ref, np.nan)) < FP32
+    starts = len(_starts(y1 - y0, size[0], overlap, 1)) * len(_starts(x1 - x0, size[1], overlap, 1))
+    assert res.windows <= starts
 
 
 # ----------------------------------------------------------------------------- memory and errors
