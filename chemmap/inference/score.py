@@ -1,8 +1,11 @@
 """A scanner's folder scored with a trained model: a map, a picture and a table row per scan.
 
-Every scan goes through :func:`chemmap.inference.mapping.map_arrays`, the path the evaluate
-stage's maps came from, read as the scanner wrote it (raw, white and dark references, and a
-mask image when the recipe's mask method is ``files``). What lands in ``output_dir``::
+Every scan goes through :func:`chemmap.inference.stream.stream_scan`, read as the scanner
+wrote it (raw, white and dark references, and a mask image when the recipe's mask method is
+``files``) by blocks of lines, never whole: a mask pass, then a map pass whose rows go
+straight into the scan's Zarr map, chunked one tile row tall. In ``exact`` mode (the
+default) the map is the whole-image map the evaluate stage makes
+(:func:`chemmap.inference.mapping.map_arrays`) to float rounding. What lands in ``output_dir``::
 
     <scan_id>.zarr   the maps (target, y, x) in %, NaN outside the mask, and the mask
                      (:mod:`chemmap.inference.score_output`); attributes: model name and
@@ -54,19 +57,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from chemmap.errors import InputError
 from chemmap.figures import plot_maps
 from chemmap.inference.bundle import ModelBundle
 from chemmap.inference.flags import flags_columns, saturated_share, scan_flags, white_reference_age_hours
-from chemmap.inference.mapping import ScanMap, map_arrays
 from chemmap.inference.score_output import (
     DEFAULT_STALE_SECONDS,
     TABLES_LOCK,
     LockBusy,
     acquire_lock,
+    create_map_array,
+    finish_map_group,
+    read_map_array,
     read_map_attrs,
     read_map_zarr,
     remove_leftovers,
@@ -74,13 +78,14 @@ from chemmap.inference.score_output import (
     staged_dir,
     wait_for_lock,
     write_csv_atomic,
-    write_map_group,
     write_map_zarr,
 )
+from chemmap.inference.stream import MODES, StreamResult, stream_scan
 from chemmap.io import ScanFiles, check_references, discover_scans, open_scan
 from chemmap.io.envi import find_data_file
 from chemmap.models.tiling import Geometry, model_geometry
 from chemmap.preprocess.recipe import Recipe
+from chemmap.preprocess.scan import reference_means
 
 __all__ = [
     "EXACT_NM",
@@ -113,6 +118,8 @@ SUMMARY_CSV = "summary.csv"
 SAMPLES_CSV = "samples.csv"
 # Band centres this close to the model's (nm) are the same bands (Recipe.check_wavelengths).
 EXACT_NM = 0.05
+TILE_LINES = 1024  # scan lines per tile row: windows as wide as the scan (1.4x its pixels read at
+# the paper's depth-5 radius of 220 px, against 6.7x for square 256 px cores: docs/benchmarks.md)
 # Skipped scans rewrite the summary at most this often (s): a resumed run over thousands of
 # done scans would otherwise rewrite a growing table thousands of times in a few seconds.
 SKIPPED_WRITE_EVERY_S = 2.0
@@ -320,30 +327,40 @@ def resample_flags(flags: np.ndarray, wavelengths: Sequence[float], target: Sequ
     return out
 
 
-def _resample_scan(
-    raw: np.ndarray, white: Any, dark: Any, wavelengths: np.ndarray, recipe: Recipe, saturation: float
-) -> tuple[np.ndarray, Any, Any]:
-    """Raw counts and references moved to the recipe's raw bands, bad pixels kept bad.
+class ResampledLines:
+    """A raw scan ``(bands, lines, samples)`` read by blocks of lines (``raw[:, l0:l1]``), each
+    block moved to the recipe's raw bands as it is read; saturated counts stay saturated.
 
-    A value interpolated from a saturated count stays at or above ``saturation``; a detector
-    element interpolated from a dead one (white - dark below ``min_white_signal``, the
-    recipe's rule) stays dead: its white is set to its dark. References come back averaged
-    over their lines, ``(bands, 1, samples)``, which :func:`map_arrays` averages again unchanged.
+    A value interpolated from a saturated count stays at or above ``saturation``.
+    """
+
+    def __init__(self, raw: Any, wavelengths: Sequence[float], target: Sequence[float], saturation: float):
+        self.raw, self.wavelengths, self.target, self.saturation = raw, wavelengths, target, saturation
+        self.shape = (len(target), int(raw.shape[1]), int(raw.shape[2]))
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        block = np.asarray(self.raw[key])  # (bands, r, samples), the scan's own bands
+        out = resample_bands(block, self.wavelengths, self.target)
+        saturated = resample_flags(block >= self.saturation, self.wavelengths, self.target)
+        return np.where(saturated, np.maximum(out, np.float32(self.saturation)), out)
+
+
+def resample_references(
+    white: np.ndarray, dark: np.ndarray, wavelengths: Sequence[float], recipe: Recipe
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference means ``(bands, samples)`` moved to the recipe's raw bands, dead elements kept dead.
+
+    A detector element interpolated from a dead one (white - dark below ``min_white_signal``,
+    the recipe's rule) stays dead: its white is set to its dark.
     """
     target = recipe.raw_wavelengths
-    raw_out = resample_bands(raw, wavelengths, target)
-    saturated = resample_flags(raw >= saturation, wavelengths, target)
-    raw_out = np.where(saturated, np.maximum(raw_out, np.float32(saturation)), raw_out)
-    if white is None or dark is None:
-        return raw_out, None, None
-    w = np.asarray(white, np.float64).mean(axis=1, keepdims=True)  # (bands, 1, samples)
-    d = np.asarray(dark, np.float64).mean(axis=1, keepdims=True)
     dead = resample_flags(
-        ~((w - d).astype(np.float32) >= recipe.config.min_white_signal), wavelengths, target
+        ~((white - dark).astype(np.float32) >= recipe.config.min_white_signal), wavelengths, target
     )
-    w_out = resample_bands(w, wavelengths, target, dtype=np.float64)
-    d_out = resample_bands(d, wavelengths, target, dtype=np.float64)
-    return raw_out, np.where(dead, d_out, w_out), d_out
+    w_out = resample_bands(white, wavelengths, target, dtype=np.float64)
+    d_out = resample_bands(dark, wavelengths, target, dtype=np.float64)
+    return np.where(dead, d_out, w_out), d_out
 
 
 def input_files_key(files: ScanFiles, input_dir: Path, mask_file: Path | None = None) -> dict[str, list[int]]:
@@ -405,10 +422,15 @@ def _finite(v: float, digits: int) -> float | None:
     return round(float(v), digits) if math.isfinite(v) else None
 
 
-def _map_stats(scan_map: ScanMap, targets: Sequence[str]) -> dict[str, Any]:
-    """Mask pixels, per-target sums and means over the mask, out-of-range and saturated shares (%)."""
-    n = int(scan_map.mask.sum())
-    vals = scan_map.maps[:, scan_map.mask].astype(np.float64)  # (T, n)
+def _map_stats(
+    maps: np.ndarray, mask: np.ndarray, saturated: float, targets: Sequence[str]
+) -> dict[str, Any]:
+    """Mask pixels, per-target sums and means over the mask, out-of-range and saturated shares (%).
+
+    ``saturated``: the share (0-1) of the scan's pixels flagged saturated or dead.
+    """
+    n = int(mask.sum())
+    vals = maps[:, mask].astype(np.float64)  # (T, n)
     sums = vals.sum(axis=1)
     outside = ((vals < 0.0) | (vals > 100.0)).mean() if vals.size else 0.0
     return {
@@ -416,22 +438,8 @@ def _map_stats(scan_map: ScanMap, targets: Sequence[str]) -> dict[str, Any]:
         "sums": {t: _finite(s, 9) for t, s in zip(targets, sums, strict=True)},
         "means": {t: _finite(s / n, 6) if n else None for t, s in zip(targets, sums, strict=True)},
         "out_of_range_pct": round(100.0 * float(outside), 4),
-        "saturated_pct": round(100.0 * float(scan_map.saturated.mean()), 4),
+        "saturated_pct": round(100.0 * float(saturated), 4),
     }
-
-
-class _OutputOnCpu(nn.Module):
-    """A map model on an accelerator whose maps come back to the CPU (what :func:`map_arrays` reads).
-
-    ``module`` is the name the tiling helpers look through for the model's geometry.
-    """
-
-    def __init__(self, module: nn.Module, device: str) -> None:
-        super().__init__()
-        self.module = module.to(device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x).cpu()
 
 
 class ScanScorer:
@@ -449,6 +457,10 @@ class ScanScorer:
         stale_seconds: a lock held from another host is dead when its heartbeat is older (s).
         device: where the model runs (``"cpu"``, ``"cuda"``...); maps come back to the CPU.
         max_white_age_hours: flag a scan whose white reference is older than this (None: never).
+        mode: :func:`chemmap.inference.stream.stream_scan`'s: ``exact`` (the whole-image map),
+            ``gaussian`` or ``constant`` (blended windows).
+        tile_lines: scan lines per tile row (windows are as wide as the scan).
+        amp: bf16 autocast on CUDA (opt-in; the output heads stay float32).
     """
 
     def __init__(
@@ -463,7 +475,15 @@ class ScanScorer:
         stale_seconds: float = DEFAULT_STALE_SECONDS,
         device: str = "cpu",
         max_white_age_hours: float | None = None,
+        mode: str = "exact",
+        tile_lines: int = TILE_LINES,
+        amp: bool = False,
     ) -> None:
+        if mode not in MODES:
+            raise InputError(f"scoring mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(tile_lines, int) or tile_lines < 1:
+            raise InputError(f"tile_lines must be a positive integer, got {tile_lines!r}")
+        self.mode, self.tile_lines, self.amp = mode, tile_lines, amp
         self.bundle, self.recipe, self.targets = bundle, bundle.recipe, list(bundle.targets)
         self.input_dir, self.output_dir = Path(input_dir), Path(output_dir)
         self.model_name, self.model_version = str(model_name), str(model_version)
@@ -475,13 +495,11 @@ class ScanScorer:
 
     @property
     def model(self) -> nn.Module:
+        """The fold ensemble on ``device``; its tiling geometry measured once, on the CPU."""
         if self._model is None:
             ensemble = self.bundle.ensemble()
-            if self.device == "cpu":
-                self._model = ensemble
-            else:  # measured on the CPU once: the measurement builds its probe there
-                self._geometry = model_geometry(ensemble)
-                self._model = _OutputOnCpu(ensemble, self.device).eval()
+            self._geometry = model_geometry(ensemble)  # builds its probe on the CPU
+            self._model = ensemble.to(self.device).eval()
         return self._model
 
     def mask_file(self, scan_id: str) -> Path | None:
@@ -552,8 +570,9 @@ class ScanScorer:
             return None
         return attrs
 
-    def _read(self, files: ScanFiles) -> tuple[np.ndarray, Any, Any, float, str]:
-        """Raw, white and dark counts in memory on the model's bands, the saturation level and a note.
+    def _open(self, files: ScanFiles) -> tuple[Any, Any, Any, float, str, int]:
+        """The raw scan, lazy, on the model's bands; the reference means ``(bands, samples)``; the
+        saturation level; a note; the lines per block to read.
 
         Also keeps the scan's and the white reference's headers (``self._headers``) for the flags.
         """
@@ -566,37 +585,40 @@ class ScanScorer:
         check_references(scan, white, dark, files, required=calibrated)
         saturation = self.recipe.saturation_level(scan.header, scan.dtype)
         self._headers = (scan.header, white.header if white else None)
-        raw = np.asarray(scan.data.compute())  # (bands, lines, samples)
-        w = np.asarray(white.data.compute()) if calibrated and white else None  # (bands, lines_ref, samples)
-        d = np.asarray(dark.data.compute()) if calibrated and dark else None
+        w, d = reference_means(scan, files, self.recipe)  # (bands, samples) float64 each, or None
+        block = int(scan.data.chunks[1][0])  # read whole Dask chunks of lines
         if drift <= EXACT_NM:
-            return raw, w, d, saturation, ""
-        raw, w, d = _resample_scan(raw, w, d, scan.wavelengths, self.recipe, saturation)
+            return scan.data, w, d, saturation, "", block
+        raw = ResampledLines(scan.data, scan.wavelengths, self.recipe.raw_wavelengths, saturation)
+        if w is not None and d is not None:
+            w, d = resample_references(w, d, scan.wavelengths, self.recipe)
         note = (
             f"wavelengths differ from the model's by up to {drift:.2f} nm; raw, white and dark "
             "resampled to the model's bands (linear)"
         )
-        return raw, w, d, saturation, note
+        return raw, w, d, saturation, note, block
+
+    def _stream(self, files: ScanFiles, mask_file: Path | None, folder: Path) -> tuple[StreamResult, str]:
+        """Stream the scan's maps into ``folder``'s map array (one tile row per chunk)."""
+        raw, white, dark, saturation, note, block = self._open(files)
+        _, lines, samples = raw.shape
+        model = self.model
+        out = create_map_array(folder, (len(self.targets), lines, samples), chunk_lines=self.tile_lines)
+        result = stream_scan(
+            model, self.recipe, raw, white, dark, saturation=saturation, out=out, mode=self.mode,
+            tile=(self.tile_lines, samples), device=self.device, amp=self.amp, geometry=self._geometry,
+            mask_file=mask_file, block_lines=block, source=str(files.raw),
+        )  # fmt: skip
+        return result, note
 
     def _score_new(self, files: ScanFiles, mask_file: Path | None, key: dict, t0: float) -> ScanOutcome:
         sid = files.scan_id
         with staged_dir(self.output_dir / f"{sid}.zarr") as tmp:
-            raw, white, dark, saturation, note = self._read(files)
-            scan_map = map_arrays(
-                self.model,
-                self.recipe,
-                raw,
-                white,
-                dark,
-                saturation=saturation,
-                geometry=self._geometry,
-                mask_file=mask_file,
-                source=str(files.raw),
-            )
-            del raw, white, dark
-            stats = _map_stats(scan_map, self.targets)
-            self._plot(sid, scan_map.maps, stats["means"])
-            _, lines, samples = scan_map.maps.shape
+            result, note = self._stream(files, mask_file, tmp)
+            maps = read_map_array(tmp)  # (T, lines, samples) float32: the output, 2-D per target
+            stats = _map_stats(maps, result.mask, result.saturated, self.targets)
+            self._plot(sid, maps, stats["means"])
+            _, lines, samples = maps.shape
             row = self._row(
                 sid,
                 "ok",
@@ -608,7 +630,7 @@ class ScanScorer:
                 lines=lines,
                 samples=samples,
                 note=note,
-                **self._flags(scan_map, stats["mask_pixels"]),
+                **self._flags(result, stats["mask_pixels"]),
             )
             attrs = {
                 "scan_id": sid,
@@ -621,10 +643,10 @@ class ScanScorer:
                 **stats,
                 "summary_row": row,
             }
-            write_map_group(tmp, scan_map.maps, scan_map.mask, targets=self.targets, attrs=attrs)
+            finish_map_group(tmp, result.mask, targets=self.targets, attrs=attrs)
         return ScanOutcome("ok", row, pixels=lines * samples, sums=stats["sums"], count=stats["mask_pixels"])
 
-    def _flags(self, scan_map: ScanMap, mask_pixels: int) -> dict[str, Any]:
+    def _flags(self, scan_map: StreamResult, mask_pixels: int) -> dict[str, Any]:
         """The scan against the training data (:mod:`chemmap.inference.flags`); {} without a model of it."""
         model = self.bundle.spectral_model
         if model is None:

@@ -72,9 +72,12 @@ __all__ = [
     "LockInfo",
     "ScanLock",
     "acquire_lock",
+    "create_map_array",
+    "finish_map_group",
     "holder_alive",
     "lock_path",
     "read_lock",
+    "read_map_array",
     "read_map_attrs",
     "read_map_zarr",
     "remove_leftovers",
@@ -468,49 +471,59 @@ def remove_lock_dir(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_map(maps: np.ndarray, mask: np.ndarray, targets: Sequence[str]) -> None:
-    if maps.ndim != 3:
-        raise ValueError(f"maps must be (target, y, x), got shape {maps.shape}")
-    if mask.shape != maps.shape[1:]:
-        raise ValueError(f"mask must be (y, x) = {maps.shape[1:]}, got shape {mask.shape}")
-    if len(targets) != maps.shape[0]:
-        raise ValueError(f"got {len(targets)} target names for {maps.shape[0]} maps")
+def _check_map(shape: tuple[int, ...], mask_shape: tuple[int, ...], targets: Sequence[str]) -> None:
+    """Maps of ``shape`` ``(T, y, x)``, a mask of ``mask_shape`` ``(y, x)`` and T target names."""
+    if len(shape) != 3:
+        raise ValueError(f"maps must be (target, y, x), got shape {shape}")
+    if tuple(mask_shape) != tuple(shape[1:]):
+        raise ValueError(f"mask must be (y, x) = {tuple(shape[1:])}, got shape {tuple(mask_shape)}")
+    if len(targets) != shape[0]:
+        raise ValueError(f"got {len(targets)} target names for {shape[0]} maps")
 
 
-def write_map_group(
-    folder: Path,
-    maps: np.ndarray,
-    mask: np.ndarray,
-    *,
-    targets: Sequence[str],
-    attrs: Mapping[str, Any],
-    units: str = "%",
-) -> None:
-    """Write a map group into ``folder`` in place (no staging; see :func:`write_map_zarr`).
-
-    Arrays first, then the attributes with the metadata consolidated (what xarray opens
-    fastest), and ``complete: true`` last of all.
-    """
-    import warnings
-
+def create_map_array(
+    folder: Path, shape: tuple[int, int, int], *, chunk_lines: int = MAP_CHUNK, units: str = "%"
+) -> Any:
+    """A new map group in ``folder`` (replaced) with its empty float32 ``map`` array ``(T, y, x)``,
+    chunked ``(1, chunk_lines, x)``: one tile row of a scan per chunk, so that the one writer of a
+    streamed map writes each chunk once, whole. Finish the group with :func:`finish_map_group`."""
     import zarr
 
-    maps = np.asarray(maps, dtype=np.float32)
-    mask = np.asarray(mask, dtype=bool)
-    _check_map(maps, mask, targets)
-    t, h, w = maps.shape
-    chunk = (min(h, MAP_CHUNK), min(w, MAP_CHUNK))
+    _, h, w = shape
     group = zarr.open_group(str(folder), mode="w", zarr_format=3)
-    arr = group.create_array(
+    return group.create_array(
         "map",
-        shape=maps.shape,
+        shape=shape,
         dtype="float32",
-        chunks=(1, *chunk),
+        chunks=(1, max(1, min(h, chunk_lines)), max(1, w)),
         fill_value=np.nan,
         dimension_names=("target", "y", "x"),
         attributes={"units": units},
     )
-    arr[...] = maps
+
+
+def read_map_array(folder: Path) -> np.ndarray:
+    """The ``map`` array of a map group in ``folder``, complete or not: ``(T, y, x)`` float32."""
+    import zarr
+
+    return np.asarray(zarr.open_array(str(Path(folder) / "map"), mode="r")[...], dtype=np.float32)
+
+
+def finish_map_group(
+    folder: Path, mask: np.ndarray, *, targets: Sequence[str], attrs: Mapping[str, Any], units: str = "%"
+) -> None:
+    """Complete the map group in ``folder`` whose ``map`` array is written: the mask and target
+    arrays, then the attributes with the metadata consolidated (what xarray opens fastest), and
+    ``complete: true`` last of all."""
+    import warnings
+
+    import zarr
+
+    mask = np.asarray(mask, dtype=bool)
+    group = zarr.open_group(str(folder), mode="r+")
+    t, h, w = group["map"].shape
+    _check_map((t, h, w), mask.shape, targets)
+    chunk = (min(h, MAP_CHUNK), min(w, MAP_CHUNK))
     arr = group.create_array("mask", shape=mask.shape, dtype="bool", chunks=chunk, dimension_names=("y", "x"))
     arr[...] = mask
     arr = group.create_array("target", shape=(t,), dtype=str, dimension_names=("target",))
@@ -527,6 +540,25 @@ def write_map_group(
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(folder))
     zarr.open_group(str(folder), mode="r+").attrs["complete"] = True
+
+
+def write_map_group(
+    folder: Path,
+    maps: np.ndarray,
+    mask: np.ndarray,
+    *,
+    targets: Sequence[str],
+    attrs: Mapping[str, Any],
+    units: str = "%",
+) -> None:
+    """Write a map group into ``folder`` in place (no staging; see :func:`write_map_zarr`):
+    :func:`create_map_array`, the maps, :func:`finish_map_group`."""
+    maps = np.asarray(maps, dtype=np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    _check_map(maps.shape, mask.shape, targets)
+    arr = create_map_array(folder, maps.shape, units=units)
+    arr[...] = maps
+    finish_map_group(folder, mask, targets=targets, attrs=attrs, units=units)
 
 
 def write_map_zarr(

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from chemmap.errors import InputError
@@ -95,8 +96,9 @@ def test_actors_that_cannot_read_the_bundle_and_a_missing_gpu_are_one_line_error
 
 @pytest.mark.slow
 def test_the_accelerator_path_gives_the_maps_of_the_plain_model(setup, tmp_path):
-    """What a GPU actor runs (the model moved to a device, maps brought back, the tiling geometry
-    measured on the CPU first), run on ``cpu:0`` here: the same maps bit for bit."""
+    """What a GPU actor runs (the model moved to a device by the streamed engine, windows'
+    outputs brought back, the tiling geometry measured on the CPU first), run on ``cpu:0``
+    here: the same maps bit for bit."""
     data, bundle, scans_root, _ = setup
     sid = sorted(data.scan_ids)[0]
     files = discover_scans(scans_root)[0]
@@ -106,6 +108,6 @@ def test_the_accelerator_path_gives_the_maps_of_the_plain_model(setup, tmp_path)
         scorer = ScanScorer(bundle, scans_root, tmp_path / device, "m", "1", 1.0, device=device)
         assert scorer.score(files).status == "ok"
         outs[device] = read_map_zarr(tmp_path / device / f"{sid}.zarr")
-        assert (device == "cpu") == (scorer.model.__class__.__name__ == "MapEnsemble")
+        assert next(scorer.model.parameters()).device.type == torch.device(device).type == "cpu"
     assert np.array_equal(outs["cpu"][0], outs["cpu:0"][0], equal_nan=True)
     assert np.array_equal(outs["cpu"][1], outs["cpu:0"][1])
