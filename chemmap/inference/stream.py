@@ -810,11 +810,12 @@ def _blocks_ahead(jobs: Sequence[_Job], run: _Settings) -> int:
 
 def _capacity(jobs: Sequence[_Job], need_lo: Sequence[int], run: _Settings) -> int:
     """Rows the band must hold: a batch's rows from the first one a window still reads, plus
-    a block (blocks arrive whole)."""
+    two blocks (blocks arrive whole: the first may start up to a block above the rows read,
+    the last may end up to a block below)."""
     spans = [
         max(j.rows[1] for j in jobs[i : i + run.batch]) - need_lo[i] for i in range(0, len(jobs), run.batch)
     ]
-    return max(spans) + run.block_lines
+    return max(spans) + 2 * run.block_lines  # the first block may start a block above need_lo
 
 
 def _cols_read(jobs: Sequence[_Job], samples: int) -> tuple[int, int]:
