@@ -364,6 +364,21 @@ def test_tissue_region_exact_is_the_whole_image_map_from_fewer_windows(model_kwa
     np.testing.assert_allclose(tissue.mean_spectrum, scan.mean_spectrum, rtol=1e-6)
 
 
+@pytest.mark.parametrize("block_lines", [5, 13, 29, 64])
+def test_tissue_region_any_block_size_fits_the_band(block_lines: int) -> None:
+    """Blocks of lines that start above the first row read and end below the last (the ring
+    once overran by a block on a paper-size scan): every block size gives the same map."""
+    lines, samples = 200, 150
+    model = _unet(depth=3)
+    white, dark = _refs(samples)
+    kwargs = {"saturation": CEILING, "tile": (40, samples), "batch": 1, "block_lines": block_lines}
+    ref = stream_scan(model, _recipe(), Island(lines, samples), white, dark, block_lines=200, tile=40,
+                      saturation=CEILING)  # fmt: skip
+    for mode in ("exact", "gaussian"):
+        res = stream_scan(model, _recipe(), Island(lines, samples), white, dark, mode=mode, **kwargs)
+        assert rel(res.maps, ref.maps) < (FP32 if mode == "exact" else 0.5)
+
+
 def _fitted(n: int, size: int, overlap: float) -> int:
     """The smallest window covering ``n`` px in as few windows as ``size``'s (stride 1)."""
     need = len(_starts(n, size, overlap, 1))
