@@ -18,6 +18,14 @@ mask pass all along; in the map pass on CUDA ahead of need, while the GPU comput
 the CPU in parallel bursts between model calls (a thread beside PyTorch's parallel loops
 would only stall them; measured here: more memory, no faster).
 
+Regions: ``tissue`` (the default) plans the windows once the mask is known, around it:
+exact cores tile the mask's bounding box (as many as ``tile`` needs, made even), blended
+windows start at the box and take the smallest size that covers it in as many windows as
+full ones would; a window without a mask pixel is skipped, and the map pass preprocesses
+only the lines and columns the windows read. Pixels outside the mask are NaN whatever the
+model says there, so the map is the same (exact: still the whole-image map). ``scan``
+places windows over the whole scan, as MONAI does.
+
 Modes (windows always start on the model's stride grid, see DESIGN.md "Exact tiling"):
 
 - ``exact``: cores of ``tile`` with a halo of at least the model's measured receptive
@@ -950,33 +958,24 @@ def stream_scan(
         model: the fold ensemble (or one U-Net) of ``recipe``, in eval mode; moved to
             ``device`` (and to channels-last with ``channels_last``) in place.
         recipe: the bundle's preprocessing recipe, with normalisation statistics.
-        raw: ``(bands, lines, samples)`` counts, every raw band, read as ``raw[:, l0:l1]`` (a Dask
-            array from :func:`chemmap.io.open_scan`, a NumPy memmap or array, or the like).
-        white_mean, dark_mean: ``(bands, samples)`` reference means over their lines
-            (:func:`chemmap.preprocess.scan.reference_means`); None with ``calibration: none``.
+        raw: ``(bands, lines, samples)`` counts, every raw band, read as ``raw[:, l0:l1]`` (Dask).
+        white_mean, dark_mean: ``(bands, samples)`` :func:`~chemmap.preprocess.scan.reference_means`.
         saturation: counts at or above this are saturated.
-        out: where the maps go: a float32 array-like ``(targets, lines, samples)`` accepting
-            ``out[:, y0:y1, :] = rows`` (e.g. a Zarr array chunked one tile row tall: every
-            chunk is written once, whole); None: a NumPy array, returned in ``maps``.
+        out: a float32 ``(targets, lines, samples)`` array-like taking ``out[:, y0:y1, :] = rows``
+            (a Zarr array one tile row per chunk: each written once, whole); None: NumPy.
         mode: ``"exact"`` (default; equals the whole-image map), ``"gaussian"`` or ``"constant"``
             (blended windows, like MONAI's ``sliding_window_inference``).
-        region: ``"tissue"`` (default): windows only around the sample mask, planned after
-            the mask pass: exact cores tile the mask's bounding box (as many as ``tile``
-            needs, made even), blended windows of the smallest size that covers the box in as
-            many windows as ``tile``'s would; windows without a mask pixel are skipped. The
-            map is the same on the mask (exact: still the whole-image map). ``"scan"``: windows
-            over the whole scan, as MONAI places them.
-        tile: exact core side, or ``(rows, columns)``, px of the scan; rounded up to the
-            model's stride grid and clipped to the scan (a tile as wide as the scan makes one
-            window per tile row). Blended modes use windows of :func:`window_shape` of it.
+        region: ``"tissue"`` (default): windows around the sample mask only (see the module's
+            docstring); ``"scan"``: over the whole scan, as MONAI places them.
+        tile: exact core side, or ``(rows, columns)``, px; rounded up to the stride grid and
+            clipped to the scan. Blended modes use windows of :func:`window_shape` of it.
         overlap, sigma_scale: blended modes: share of a window its neighbour overlaps, in [0, 1);
             gaussian: sigma of the weights as a share of the window side.
         batch: windows per model call (exact: border windows of another shape go apart).
         device: where the model runs (e.g. ``"cuda"``).
-        amp: bf16 autocast, CUDA only (opt-in). The U-Net heads (1x1 convolutions) run outside
-            autocast on their input cast back to float32, so the map is made in float32 from
-            bf16 features; everything after the heads (up-sampling, ensemble mean) is float32.
-        channels_last: run the model in channels-last memory format (opt-in).
+        amp, channels_last: bf16 autocast, CUDA only, and channels-last memory format (opt-in).
+            The U-Net heads (1x1 convolutions) run outside autocast on float32 input: the map is
+            float32 from bf16 features (up-sampling and ensemble mean in float32).
         geometry: the model's tiling geometry (measured with :func:`model_geometry` if None).
         mask_file: the scan's mask image (``mask.method: files``).
         block_lines: raw lines read and preprocessed at a time; None: a Dask array's lines per
@@ -1002,10 +1001,9 @@ def stream_scan(
     jobs, weights = _plan(model, geometry, scan, run)
     writer = _Writer(out, scan.mask, source)
     spectrum = _map_pass(model, scan, jobs, weights, writer, run, progress)
-    pixels = int(scan.mask.sum())
+    pixels, read = int(scan.mask.sum()), sum((j.read[2] - j.read[0]) * (j.read[3] - j.read[1]) for j in jobs)
     assert writer.sums is not None
     return StreamResult(
         writer.out, scan.mask, bad_removed, saturated, spectrum / pixels, pixels, writer.sums,
-        mask_seconds=t1 - t0, map_seconds=time.perf_counter() - t1, windows=len(jobs),
-        window_pixels=sum((j.read[2] - j.read[0]) * (j.read[3] - j.read[1]) for j in jobs),
+        mask_seconds=t1 - t0, map_seconds=time.perf_counter() - t1, windows=len(jobs), window_pixels=read,
     )  # fmt: skip
