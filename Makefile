@@ -19,8 +19,12 @@ install: $(BIN)/chemmap
 run: install
 	$(BIN)/chemmap run $(CONFIG)
 
+# Two pytest sessions: the main suite (one local Ray per session), then the Ray job tests
+# against a real Ray head of their own (tests_cluster/), so that no Ray address or token
+# passes from one to the other.
 test: install
 	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra tests_cluster
 
 lint: install
 	$(BIN)/ruff check .
