@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from chemmap.errors import InputError
 from chemmap.inference.actors import score_on_ray
