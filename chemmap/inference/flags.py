@@ -21,10 +21,11 @@ The rules, all stated here and in :func:`fit_spectral_model`:
   ``max_components`` (default 10) and at ``n - 2`` for the smallest ``n`` a PCA is fitted on
   (all training samples, or those outside one fold), so that every PCA has the same number of
   components and fewer than its samples minus one.
-- **T² and Q limits.** The ``percentile`` (default 99) of the training scans' own values,
-  computed out of fold: each fold's scans are scored by the PCA of the other folds' samples
-  (same number of components), so that the limits include what a sample unseen by the PCA
-  looks like and are not optimistic.
+- **T² and Q limits.** The ``percentile`` (default 99; the pipeline's ``flags.percentile``,
+  which the register stage passes here) of the training scans' own values, computed out of
+  fold: each fold's scans are scored by the PCA of the other folds' samples (same number of
+  components), so that the limits include what a sample unseen by the PCA looks like and
+  are not optimistic.
 - **Masked area.** Lower limit: the ``100 - percentile`` (default 1st) percentile of the
   training scans' ``mask_pixels``.
 - **Saturated share.** ``bad_pixels_in_mask / (mask_pixels + bad_pixels_in_mask)``: the share
@@ -344,8 +345,8 @@ def _read_training(data: Dataset) -> _Training:
 
 
 def _check_settings(percentile: float, explained: float, max_components: int) -> None:
-    if not 50.0 <= percentile <= 100.0:
-        raise ConfigError(f"percentile must be in [50, 100], got {percentile}")
+    if not 50.0 < percentile < 100.0:  # the bounds of flags.percentile (chemmap.config says why)
+        raise ConfigError(f"percentile must be in (50, 100), got {percentile}")
     if not 0.0 < explained <= 1.0:
         raise ConfigError(f"explained must be in (0, 1], got {explained}")
     if max_components < 1:
@@ -401,7 +402,8 @@ def fit_spectral_model(
     Args:
         data: the dataset the model was trained on; its training samples are all splits but 0.
         percentile: of the training values, for the upper limits (T², Q, saturated share);
-            the masked area's lower limit is at ``100 - percentile``. In [50, 100].
+            the masked area's lower limit is at ``100 - percentile``. In (50, 100): the
+            pipeline's ``flags.percentile`` (:class:`chemmap.config.FlagsSection`).
         explained: the components explain at least this share of the variance. In (0, 1].
         max_components: at most this many components.
         scale: divide each channel by its training standard deviation after centring.

@@ -117,6 +117,113 @@ def test_a_scan_written_in_pieces_is_scored_once_when_whole(setup, tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
+def _copy_scan(src: Path, src_id: str, dest_root: Path, new_id: str, *, raw: bool = True) -> Path:
+    """A scan's header and references copied under a new id (and its raw data file, if ``raw``)."""
+    dest = dest_root / new_id / "capture"
+    dest.mkdir(parents=True)
+    for prefix in ("WHITEREF_", "DARKREF_"):
+        for ext in ("hdr", "raw"):
+            shutil.copyfile(src / f"{prefix}{src_id}.{ext}", dest / f"{prefix}{new_id}.{ext}")
+    shutil.copyfile(src / f"{src_id}.hdr", dest / f"{new_id}.hdr")
+    if raw:
+        shutil.copyfile(src / f"{src_id}.raw", dest / f"{new_id}.raw")
+    return dest
+
+
+def _rows(out: Path) -> dict[str, dict[str, str]]:
+    """``summary.csv`` by scan id ({} before its first write)."""
+    table = out / "summary.csv"
+    return {r["scan_id"]: r for r in _read_csv(table)} if table.is_file() else {}
+
+
+@pytest.mark.slow
+def test_a_scan_that_never_becomes_readable_gets_an_error_row_and_one_completed_later_is_scored(
+    setup, tmp_path
+):
+    """Three scans written while the watcher runs: a header that never parses, a scan written
+    slowly (pauses longer than the settle time, shorter than the give-up time) and a truncated
+    scan left alone past the give-up time, then completed."""
+    data, bundle, scans_root, _ = setup
+    src_id = sorted(data.scan_ids)[0]
+    src = scans_root / src_id / "capture"
+    raw = (src / f"{src_id}.raw").read_bytes()
+    folder, out = tmp_path / "scans", tmp_path / "out"
+    folder.mkdir()
+    settle, give_up = 0.3, 2.0
+    lines: list[str] = []
+    stop = threading.Event()
+    result = {}
+
+    def watch() -> None:
+        result["summary"] = watch_folder(
+            bundle,
+            folder,
+            out,
+            **MODEL,
+            poll_seconds=0.1,
+            settle_seconds=settle,
+            give_up_seconds=give_up,
+            stop=stop,
+            log=lines.append,
+        )
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        broken = _copy_scan(src, src_id, folder, "broken")
+        (broken / "broken.hdr").write_text("not an ENVI header\n")  # never fixed
+        truncated = _copy_scan(src, src_id, folder, "truncated", raw=False)
+        (truncated / "truncated.raw").write_bytes(raw[: len(raw) // 3])
+        t_truncated = time.monotonic()  # its files are not touched again until given up on
+        slow = _copy_scan(src, src_id, folder, "slow", raw=False)
+        cuts = np.linspace(0, len(raw), 4).astype(int)
+        for piece in range(3):  # the pauses: settled (waiting lines), never given up on
+            with open(slow / "slow.raw", "ab") as fh:
+                fh.write(raw[cuts[piece] : cuts[piece + 1]])
+            time.sleep(0.8 if piece < 2 else 0.0)
+        _wait_for(lambda: _rows(out).get("truncated", {}).get("status") == "error")
+        waited = time.monotonic() - t_truncated
+        assert waited >= give_up - 0.1, f"given up on after {waited:.2f} s"  # not before its time
+        rows = _rows(out)
+        assert rows["broken"]["status"] == "error"
+        given_up = rows["truncated"]["error"]
+        assert "gave up" in given_up and f"give-up time {give_up:g} s" in given_up
+        assert str(truncated / "truncated.raw") in given_up and "bytes" in given_up  # the file and why
+        error = rows["broken"]["error"]
+        assert str(broken / "broken.hdr") in error and "not an ENVI header" in error
+        with open(truncated / "truncated.raw", "ab") as fh:  # the rest arrives after all
+            fh.write(raw[len(raw) // 3 :])
+        _wait_for(lambda: _rows(out).get("truncated", {}).get("status") == "ok")
+        time.sleep(give_up + 0.5)  # more polls: nothing is given up on or scored again
+    finally:
+        stop.set()
+        watcher.join(60)
+    summary = result["summary"]
+    assert (summary.ok, summary.errors, summary.busy) == (2, 1, 0)
+    assert summary.failed == ("broken",) and summary.scored == ("slow", "truncated")
+    rows = _rows(out)
+    assert {sid: r["status"] for sid, r in rows.items()} == {
+        "broken": "error",
+        "slow": "ok",
+        "truncated": "ok",
+    }
+    assert [line for line in lines if "failed" in line and "gave up" in line] == [
+        f"score: broken failed: {rows['broken']['error']}",
+        f"score: truncated failed: {given_up}",
+    ]  # one line each: a scan given up on is not given up on again while its files stay
+    assert any(line.startswith("score: waiting for slow") for line in lines)
+    assert not any("slow failed" in line for line in lines)
+    for sid in ("slow", "truncated"):
+        _, _, attrs = read_map_zarr(out / f"{sid}.zarr")
+        assert attrs["input_files"][f"{sid}/capture/{sid}.raw"][0] == len(raw)  # the whole file
+
+
+def test_the_give_up_time_must_cover_the_settle_time(setup, tmp_path):
+    _, bundle, _, _ = setup
+    with pytest.raises(InputError, match=r"give_up_seconds must be >= settle_seconds \(5 s\).*got 1"):
+        watch_folder(bundle, tmp_path, tmp_path / "out", **MODEL, settle_seconds=5, give_up_seconds=1)
+
+
 def test_ready_means_headers_parse_and_data_files_are_whole(tmp_path):
     def scan(name: str, prefix: str = "") -> Path:
         hdr = tmp_path / f"{prefix}{name}.hdr"
