@@ -120,6 +120,9 @@ def score(
     settle: Annotated[
         float, typer.Option(help="With --watch: seconds a scan's files must stay unchanged.")
     ] = 5.0,
+    give_up: Annotated[
+        float, typer.Option(help="With --watch: seconds unchanged and unreadable before an error row.")
+    ] = 300.0,
     ray_address: Annotated[
         str | None, typer.Option(help="Score on Ray actors at this address (or auto).")
     ] = None,
@@ -139,7 +142,7 @@ def score(
         cfg=cfg,
         samples=samples,
         wavelength_tolerance_nm=wavelength_tolerance,
-        options=ScoreOptions(watch, poll, settle, ray_address, actors, gpu),
+        options=ScoreOptions(watch, poll, settle, ray_address, actors, gpu, give_up_seconds=give_up),
         progress=not quiet,
     )
     if result.errors:
@@ -163,20 +166,140 @@ def promote(
     typer.echo(f"models:/{name}@{alias} -> version {version}")
 
 
-@app.command()
+def _run_config_and_force(config: Path, extra: list[str], force: bool) -> tuple[Path, str | None]:
+    """``chemmap run``'s config path and ``--force``'s optional stage (in either order; "" alone)."""
+    from chemmap.errors import InputError
+    from chemmap.pipeline import STAGES
+
+    words = [str(config), *extra]
+    stages = [w for w in words if w in STAGES]
+    paths = [w for w in words if w not in STAGES]
+    if len(paths) != 1 or len(stages) > 1 or (stages and not force):
+        raise InputError(
+            f"run: expected one config file and, after --force, at most one stage ({', '.join(STAGES)}); "
+            f"got {' '.join(words)}"
+        )
+    return Path(paths[0]), (stages[0] if stages else "") if force else None
+
+
+@app.command(context_settings={"allow_extra_args": True})
 def run(
+    ctx: typer.Context,
     config: ConfigArg,
     set_: SetOpt = None,
-    until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help="Start at this stage; the ones before must have finished.")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--to", "--until", help="Stop after this stage (default: score).")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="--force STAGE: make STAGE and the ones after it again; --force alone: all."
+        ),
+    ] = False,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="Also show Ray's and MLflow's output.")
+    ] = 0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the whole pipeline; finished stages are skipped, interrupted ones resume."""
-    from chemmap.pipeline import STAGES
+    """Run the pipeline: synth, preprocess, train, evaluate, register, score; then a summary.
+
+    Finished stages are skipped, interrupted ones resume; Ray's and MLflow's output only with -v.
+    """
+    from chemmap.console import set_verbosity
+    from chemmap.pipeline import STAGES, run_summary
     from chemmap.pipeline import run as run_pipeline
 
-    out = run_pipeline(_load(config, set_), until=until or STAGES[-1], progress=not quiet)
-    for name, path in out.items():
-        typer.echo(f"{name}: {path}")
+    set_verbosity(verbose)
+    config, force_from = _run_config_and_force(config, list(ctx.args), force)
+    cfg = _load(config, set_)
+    start = start or STAGES[0]
+    force_stage = None if force_from is None else force_from or start  # --force alone: all that run
+    out = run_pipeline(cfg, start=start, until=until or STAGES[-1], force=force_stage, progress=not quiet)
+    typer.echo("\n".join(run_summary(out)))
+
+
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="The Ray cluster's dashboard, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, else "
+        "RAY_ADDRESS). A cluster with token authentication needs RAY_AUTH_MODE=token and its token here.",
+    ),
+]
+JobArg = Annotated[str, typer.Argument(help="The job's submission id (raysubmit_...), as submit printed it.")]
+
+
+@app.command()
+def submit(
+    config: ConfigArg,
+    address: AddressOpt = None,
+    set_: SetOpt = None,
+    working_dir: Annotated[
+        Path, typer.Option(help="Uploaded as the job's working directory (without .venv, runs, data...).")
+    ] = Path("."),
+) -> None:
+    """Submit `chemmap run CONFIG` to a Ray cluster as a job; prints the job id.
+
+    workdir: an absolute path on storage every node shares. Several nodes: an MLflow server.
+
+    AWS_*, MLFLOW_S3_ENDPOINT_URL and MLflow server credentials go from this environment into the job.
+    """
+    from chemmap.cluster.jobs import submit as submit_job
+
+    job_id = submit_job(config, address, set_, working_dir, log=lambda s: typer.echo(s, err=True))
+    typer.echo(job_id)
+    typer.echo(f"follow it: chemmap jobs logs {job_id} --follow", err=True)
+
+
+jobs_app = typer.Typer(help="Ray jobs on a cluster: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOpt = None) -> None:
+    """Every job the cluster knows, oldest first: id, status, start, entrypoint."""
+    import time
+
+    from chemmap.cluster.jobs import list_jobs
+
+    for j in list_jobs(address):
+        start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time)) if j.start_time else "-"
+        typer.echo(f"{j.job_id}  {j.status:<9}  {start}  {j.entrypoint}")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: JobArg, address: AddressOpt = None) -> None:
+    """One job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and Ray's message."""
+    from chemmap.cluster.jobs import job_status
+
+    j = job_status(address, job_id)
+    typer.echo(f"{j.job_id} {j.status}" + (f": {j.message}" if j.message else ""))
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: JobArg,
+    address: AddressOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Tail the logs until the job ends.")] = False,
+) -> None:
+    """A job's output; with --follow, as it comes, ending with the job's final status."""
+    from chemmap.cluster.jobs import job_logs
+
+    status = job_logs(address, job_id, lambda s: typer.echo(s, nl=False), follow=follow)
+    if follow:
+        typer.echo(f"{job_id} {status}", err=True)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: JobArg, address: AddressOpt = None) -> None:
+    """Ask Ray to stop a job."""
+    from chemmap.cluster.jobs import stop_job
+
+    stopped = stop_job(address, job_id)
+    typer.echo(f"{job_id}: {'stopping' if stopped else 'had already ended'}")
 
 
 def main() -> None:

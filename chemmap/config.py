@@ -197,6 +197,32 @@ class ModelSection(_Section):
     out_channels: int | None = Field(None, ge=1)
 
 
+class FlagsSection(_Section):
+    """The limits behind ``summary.csv``'s ``flags`` column (:mod:`chemmap.inference.flags`).
+
+    They are learnt from the training data by the register stage and stored with the
+    registered model; scoring reads them and cannot change them. Every key here is part of
+    the register stage's key: a change registers a new version.
+    """
+
+    # The percentile of the training scans' own values (T², Q and saturated share; T² and Q
+    # out of fold) above which a scan is flagged; the sample area's lower limit is at
+    # 100 - percentile. Lower: more scans flagged. Above 50 (below, most training scans would
+    # be flagged) and below 100 (100 is the one most extreme training scan, not a percentile).
+    percentile: float = Field(99.0, gt=50, lt=100)
+
+
+class ScoreSection(_Section):
+    """The last stage of ``chemmap run``: maps from the model the run registered.
+
+    ``input``: a scanner's output folder to score (laid out as ``data:`` says when
+    ``data.source`` is ``folder``, else Specim's recorder layout); relative to the config
+    file. None: the test split's scans of the run's own data.
+    """
+
+    input: str | None = None
+
+
 class ClusterConfig(_Section):
     """Where things run. Never part of a stage key: the same work gives the same outputs anywhere.
 
@@ -238,6 +264,8 @@ class ChemmapConfig(_Section):
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
     mlflow: MlflowSection = MlflowSection()
+    flags: FlagsSection = FlagsSection()
+    score: ScoreSection = ScoreSection()
     cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("targets")

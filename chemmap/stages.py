@@ -67,6 +67,12 @@ class StageDir:
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path
 
+    def clear(self) -> None:
+        """Remove the folder, finished or not (``chemmap run --force``): the marker first, so
+        that an interrupted removal leaves an unfinished folder, never a finished-looking one."""
+        self.marker.unlink(missing_ok=True)
+        shutil.rmtree(self.path, ignore_errors=True)
+
     def finish(self, summary: Mapping[str, Any] | None = None, resolved_config: str | None = None) -> None:
         """Write the resolved config and then the completion marker, last."""
         cfg_text = resolved_config if resolved_config is not None else yaml.safe_dump(dict(self.config))

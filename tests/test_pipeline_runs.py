@@ -37,7 +37,7 @@ def test_one_pipeline_run_per_invocation_and_cached_stages_linked_not_reparented
         return {r.data.tags["chemmap.stage"]: r.info.run_id for r in found}
 
     made = children(first["mlflow_run_id"])
-    assert set(made) == {"preprocess", "train", "evaluate", "register"}
+    assert set(made) == {"preprocess", "train", "evaluate", "register", "score"}
     assert children(second["mlflow_run_id"]) == {}  # nothing worked, nothing nested, nothing moved
     pipeline = client.get_run(second["mlflow_run_id"])
     assert pipeline.data.tags["chemmap.stage"] == "pipeline" and pipeline.info.status == "FINISHED"

@@ -21,7 +21,7 @@ from chemmap.preprocess.store import Dataset
 from chemmap.registry.registry import Registration, log_model, register
 from chemmap.stages import StageDir, stage_dir
 
-__all__ = ["provenance", "register_model"]
+__all__ = ["provenance", "register_model", "registration_dir"]
 
 Log = Callable[[str], None]
 
@@ -66,6 +66,21 @@ def provenance(
     }
 
 
+def registration_dir(
+    cfg: ChemmapConfig, dataset_stage: StageDir, training_stage: StageDir, evaluate_stage: StageDir
+) -> StageDir:
+    """The register stage's folder for this config and these finished upstream stages."""
+    # flags: the spectral model's limits are learnt here, so its settings key this stage.
+    section = {
+        "registered_model": cfg.mlflow.registered_model or cfg.name,
+        "bundle_format": BUNDLE_FORMAT,
+        "spectral_model": 1,
+        "flags": cfg.flags.model_dump(mode="json"),
+    }
+    upstream = [dataset_stage.key, training_stage.key, evaluate_stage.key]
+    return stage_dir(cfg.workdir_path, "register", section, upstream)
+
+
 def register_model(
     cfg: ChemmapConfig,
     dataset_stage: StageDir,
@@ -82,10 +97,8 @@ def register_model(
     """
     if not evaluate_stage.complete:
         raise InputError(f"no finished evaluation at {evaluate_stage.path}; run `chemmap evaluate` first")
-    name = cfg.mlflow.registered_model or cfg.name
-    section = {"registered_model": name, "bundle_format": BUNDLE_FORMAT, "spectral_model": 1}
-    upstream = [dataset_stage.key, training_stage.key, evaluate_stage.key]
-    stage = stage_dir(cfg.workdir_path, "register", section, upstream)
+    stage = registration_dir(cfg, dataset_stage, training_stage, evaluate_stage)
+    name = stage.config["registered_model"]
     if stage.complete:
         s = stage.summary()
         log(f"register: done already ({name} version {s.get('version')}, {s.get('alias')})")
@@ -107,7 +120,7 @@ def register_model(
         "evaluate_run": evaluate_run,
     }
     facts = provenance(data, keys, run_ids, metrics)
-    spectral = fit_spectral_model(data)  # the outlier limits scoring flags scans with
+    spectral = fit_spectral_model(data, percentile=cfg.flags.percentile)  # the limits scoring flags with
     bundle = write_bundle(
         out / "bundle", training_stage.path, data.recipe, provenance=facts, spectral_model=spectral
     )

@@ -36,6 +36,7 @@ from chemmap.models.tiling import Geometry, canvas_pads, forward_full, predict_f
 from chemmap.models.unet import UNet, UNetConfig
 from chemmap.preprocess.store import Dataset, PatchIndex
 from chemmap.train.data import Prefetcher, ScanView, sample_views, shard_for_rank
+from chemmap.train.feed import send
 from chemmap.train.objective import sample_loss, scan_sums
 
 STATE_FILE = "state.pt"
@@ -244,6 +245,7 @@ class Fold:
     mlflow: Any = None  # MLflow client (rank 0, when a run is given)
     run_id: str | None = None
     debug: dict[str, Any] = field(default_factory=dict)
+    feed: Any = None  # rank 0: the queue its epoch lines go to the driver by (chemmap.train.feed)
 
 
 @dataclass
@@ -368,6 +370,7 @@ def build_fold(config: dict[str, Any]) -> Fold:
         mlflow=tracking.client(config["tracking_uri"]) if run_id else None,
         run_id=run_id,
         debug=config.get("debug") or {},
+        feed=config.get("epoch_feed") if rank == 0 else None,
     )
 
 
@@ -485,15 +488,15 @@ def update_state(f: Fold, metrics: dict[str, float]) -> bool:
 
 
 def print_epoch(f: Fold, metrics: dict[str, float]) -> None:
-    """One line per epoch on the driver's console, from rank 0 (Ray forwards worker output)."""
+    """One line per epoch on the driver's console, from rank 0 (:mod:`chemmap.train.feed`)."""
     if f.rank != 0:
         return
     epoch = int(metrics["epoch"])
-    print(
+    send(
+        f.feed,
         f"fold {f.fold} epoch {epoch + 1}/{f.train.epochs}: train RMSE {metrics['train_rmse']:.3f}, "
         f"val RMSE {metrics['val_rmse']:.3f}, lr {metrics['lr']:.2g}, {metrics['epoch_seconds']:.1f} s"
         + (" (best)" if f.state["best_epoch"] == epoch else ""),
-        flush=True,
     )
 
 

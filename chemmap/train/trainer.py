@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from chemmap import tracking
+from chemmap import console, tracking
 from chemmap.config import ChemmapConfig, dump_config
 from chemmap.errors import InputError
 from chemmap.figures import plot_learning_curve
@@ -33,6 +33,7 @@ from chemmap.models.tiling import Geometry, model_geometry
 from chemmap.models.unet import UNet, UNetConfig
 from chemmap.preprocess.store import Dataset
 from chemmap.stages import StageDir, stage_dir
+from chemmap.train.feed import EpochFeed
 from chemmap.train.loop import STATE_FILE, train_fold
 
 Log = Callable[[str], None]
@@ -58,36 +59,47 @@ def model_config(cfg: ChemmapConfig, n_channels: int, n_targets: int) -> UNetCon
         raise InputError(f"{cfg.source}: model: {err}") from None
 
 
-def check_ray_address(address: str, timeout: float = 5.0) -> None:
+def check_ray_address(address: str, key: str = "cluster.ray_address", timeout: float = 5.0) -> None:
     """A TCP probe of ``host:port`` / ``ray://host:port``: ray.init itself retries for minutes."""
     if address == "auto":
         return
     hostport = urlsplit(address if "://" in address else f"ray://{address}")
     host, port = hostport.hostname, hostport.port
     if not host or not port:
-        raise InputError(f"cluster.ray_address: expected host:port, ray://host:port or auto, got {address!r}")
+        raise InputError(f"{key}: expected host:port, ray://host:port or auto, got {address!r}")
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as err:
-        raise InputError(f"cluster.ray_address: cannot reach Ray at {address} ({err})") from None
+        raise InputError(f"{key}: cannot reach Ray at {address} ({err})") from None
+
+
+def ray_address(configured: str | None) -> str | None:
+    """The cluster to join: ``cluster.ray_address``, else ``RAY_ADDRESS`` (set inside a Ray job)."""
+    return configured or os.environ.get("RAY_ADDRESS") or None
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster the config names, or start a local one; one line if unreachable."""
+    """Join the Ray cluster the config names (or ``RAY_ADDRESS``), or start a local one.
+
+    ``num_cpus`` sizes a local Ray only: Ray refuses resource arguments when joining a
+    cluster, as a Ray job's driver does (``RAY_ADDRESS`` is set there). One line if unreachable.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    key = "cluster.ray_address" if address else "RAY_ADDRESS"
+    address = ray_address(address)
     if address:
-        check_ray_address(address)
+        check_ray_address(address, key)
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **console.ray_init_options())
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **console.ray_init_options())
     except (ConnectionError, RuntimeError, ValueError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"cluster.ray_address: cannot connect to Ray at {address!r}: {msg}") from None
+        raise InputError(f"{key}: cannot connect to Ray at {address!r}: {msg}") from None
 
 
 # ----------------------------------------------------------------------------- the stage's plan
@@ -168,11 +180,11 @@ def _check_services(cfg: ChemmapConfig) -> None:
     import ray
 
     tracking.check_tracking_uri(cfg.tracking_uri)
-    address = cfg.cluster.ray_address
+    address = ray_address(cfg.cluster.ray_address)
     if cfg.train.use_gpu and not address and not torch.cuda.is_available():
         raise InputError(f"{cfg.source}: train.use_gpu is true but this machine has no CUDA device")
     workers = cfg.train.num_workers
-    connect_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, workers))
+    connect_ray(cfg.cluster.ray_address, num_cpus=None if address else max(os.cpu_count() or 1, workers))
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < workers and not cfg.train.use_gpu:
         raise InputError(f"train.num_workers={workers} but the Ray cluster has {cpus:g} CPUs")
@@ -184,6 +196,23 @@ def _storage_path(cfg: ChemmapConfig, stage: StageDir) -> str:
     if path and "://" in path:
         return path
     return str(cfg.resolve_path(path) if path else stage.path / "ray")
+
+
+def clear_training(cfg: ChemmapConfig, stage: StageDir) -> None:
+    """Remove a training stage's outputs and its folds' Ray checkpoints (``chemmap run --force``).
+
+    Checkpoints under ``cluster.storage_path`` are removed too: a fold run of the same name
+    would otherwise resume from them instead of training afresh.
+    """
+    import pyarrow.fs as pafs
+
+    storage = _storage_path(cfg, stage)
+    if not Path(storage).is_relative_to(stage.path):
+        fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+            if info.type == pafs.FileType.Directory and info.base_name.startswith(f"{stage.key}-fold"):
+                fs.delete_dir(info.path)
+    stage.clear()
 
 
 @dataclass(frozen=True)
@@ -198,6 +227,7 @@ class _Run:
     geometry: Geometry | None  # the model's (patch mode)
     debug: dict[str, Any]
     log: Log
+    feed: EpochFeed | None = None  # rank 0's epoch lines to the driver's console
 
 
 def _open_runs(
@@ -251,6 +281,7 @@ def _fit_fold(run: _Run, fold: int, run_id: str):
         "threads": cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // workers),
         "geometry": asdict(run.geometry) if run.geometry is not None else None,
         "debug": run.debug,
+        "epoch_feed": run.feed.queue if run.feed is not None else None,
     }
     resources = cfg.cluster.resources_per_worker or ({"CPU": 1} if not cfg.train.use_gpu else None)
     trainer = TorchTrainer(
@@ -318,6 +349,8 @@ def train_one_fold(run: _Run, fold: int) -> dict[str, Any]:
     )
     t0 = time.perf_counter()
     result = _fit_fold(run, fold, run_id)
+    if run.feed is not None:
+        run.feed.flush()  # the fold's last epoch lines before the driver's next line
     return _save_fold(run, fold, run_id, result, time.perf_counter() - t0)
 
 
@@ -369,7 +402,8 @@ def train_ensemble(
     Args:
         cfg: the pipeline's config (``model:``, ``train:``, ``cluster:``, ``mlflow:``).
         dataset: the finished preprocess stage.
-        progress: accepted for the pipeline's stage signature (workers print one line per epoch).
+        progress: accepted for the pipeline's stage signature (rank 0's one line per epoch
+            goes to ``log``, :mod:`chemmap.train.feed`).
         log: where the stage's lines go.
         debug: fault-injection hooks for the workers (tests only; see ``loop._debug_hooks``).
         runs: the pipeline's MLflow runs (``chemmap run``): the training's run nests under it.
@@ -384,7 +418,8 @@ def train_ensemble(
     _check_services(cfg)
     plan.stage.begin()
     book, parent = _open_runs(cfg, plan, dataset, runs.parent if runs is not None else None)
-    run = _Run(cfg, plan, dataset.key, book, parent, geometry, debug or {}, log)
     t_start = time.perf_counter()
-    results = {fold: train_one_fold(run, fold) for fold in plan.folds}
+    with EpochFeed(log) as feed:
+        run = _Run(cfg, plan, dataset.key, book, parent, geometry, debug or {}, log, feed)
+        results = {fold: train_one_fold(run, fold) for fold in plan.folds}
     return _finish(run, results, time.perf_counter() - t_start)

@@ -210,3 +210,23 @@ def test_unreachable_ray_address_is_one_line_from_the_cli(tiny_dataset, tmp_path
         .splitlines()[-1]
         .startswith("error: cluster.ray_address: cannot reach Ray at 127.0.0.1:9")
     )
+
+
+@pytest.mark.slow
+def test_with_ray_address_set_training_joins_that_cluster_not_a_local_one(tiny_dataset):
+    """As a Ray job's driver does: RAY_ADDRESS is set there, and Ray refuses num_cpus when joining."""
+    import os
+
+    sets, _ = tiny_dataset
+    res = subprocess.run(
+        [sys.executable, "-m", "chemmap.cli", "train", str(ROOT / "configs" / "ci.yaml")]
+        + [a for s in sets for a in ("--set", s)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": "127.0.0.1:9"},
+    )
+    assert res.returncode == 2, res.stderr
+    assert (
+        res.stderr.strip().splitlines()[-1].startswith("error: RAY_ADDRESS: cannot reach Ray at 127.0.0.1:9")
+    )
