@@ -6,9 +6,13 @@ Heavy libraries (Dask, Zarr, torch, Ray, MLflow) are imported inside the command
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,6 +34,53 @@ SetOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM arrived: raised where the command is, so that every ``finally`` runs."""
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[None]:
+    """SIGTERM (what systemd and Kubernetes send) stops a command as Ctrl-C does, cleanly.
+
+    The command stops where it is, through its cleanup: the unfinished stage stays
+    unfinished (no completion marker), a half-written file or map is removed, the pipeline's
+    MLflow run is marked KILLED, Ray is shut down with the process. What was finished stays:
+    finished stages, the folds' checkpoints (the epoch in progress is lost), scored maps. One
+    line says so; the exit status is 128 + the signal's number (143, 130 for Ctrl-C).
+    """
+    caught: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except KeyboardInterrupt:  # Stopped, or Ctrl-C; Ray turns either into a plain KeyboardInterrupt
+        signum = caught[0] if caught else signal.SIGINT
+        typer.secho(
+            f"stopped by {signal.Signals(signum).name}: what was finished is kept (finished stages, "
+            "fold checkpoints, scored maps); run the same command again to resume",
+            err=True,
+            fg="yellow",
+        )
+        raise typer.Exit(128 + signum) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stoppable(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A command that stops cleanly on SIGTERM (:func:`graceful_stop`)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with graceful_stop():
+            return command(*args, **kwargs)
+
+    return wrapper
+
+
 def _load(config: Path | None, overrides: list[str] | None):
     from chemmap.config import load_config
 
@@ -37,6 +88,7 @@ def _load(config: Path | None, overrides: list[str] | None):
 
 
 @app.command()
+@stoppable
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the scanner's output into.")],
     config: Annotated[Path | None, typer.Option(help="Take the synth: section of this pipeline.")] = None,
@@ -52,6 +104,7 @@ def synth(
 
 
 @app.command()
+@stoppable
 def preprocess(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Ingest and preprocess the scans into dataset.zarr (Dask, chunk-parallel)."""
     from chemmap.pipeline import preprocess_stage
@@ -61,6 +114,7 @@ def preprocess(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) 
 
 
 @app.command()
+@stoppable
 def train(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Train the U-Net fold ensemble with Ray Train (DDP), tracked in MLflow."""
     from chemmap.pipeline import train_stage
@@ -70,6 +124,7 @@ def train(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) -> No
 
 
 @app.command()
+@stoppable
 def evaluate(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Compare the trained ensemble with the PLS baseline on the test split; write the report."""
     from chemmap.pipeline import evaluate_stage
@@ -79,6 +134,7 @@ def evaluate(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) ->
 
 
 @app.command()
+@stoppable
 def register(config: ConfigArg, set_: SetOpt = None) -> None:
     """Log the evaluated ensemble to MLflow and register it (champion / challenger)."""
     from chemmap.pipeline import register_stage
@@ -98,6 +154,7 @@ PipelineOpt = Annotated[
 
 
 @app.command()
+@stoppable
 def score(
     input_dir: Annotated[Path, typer.Argument(help="A scanner's output folder (ENVI scans and references).")],
     model: Annotated[
@@ -127,7 +184,11 @@ def score(
         str | None, typer.Option(help="Score on Ray actors at this address (or auto).")
     ] = None,
     actors: Annotated[int | None, typer.Option(help="Ray actors (default: one per CPU, or GPU).")] = None,
-    gpu: Annotated[bool, typer.Option(help="One GPU per Ray actor.")] = False,
+    gpu: Annotated[bool, typer.Option(help="Run the model on a GPU (one per Ray actor).")] = False,
+    mode: Annotated[
+        str, typer.Option(help="exact (the whole-image map), gaussian or constant (blended windows).")
+    ] = "exact",
+    amp: Annotated[bool, typer.Option(help="With --gpu: bf16 autocast (output heads in fp32).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score every scan in a folder with a registered model: maps, PNGs, summary.csv."""
@@ -142,7 +203,9 @@ def score(
         cfg=cfg,
         samples=samples,
         wavelength_tolerance_nm=wavelength_tolerance,
-        options=ScoreOptions(watch, poll, settle, ray_address, actors, gpu, give_up_seconds=give_up),
+        options=ScoreOptions(
+            watch, poll, settle, ray_address, actors, gpu, give_up_seconds=give_up, mode=mode, amp=amp
+        ),
         progress=not quiet,
     )
     if result.errors:
@@ -183,6 +246,7 @@ def _run_config_and_force(config: Path, extra: list[str], force: bool) -> tuple[
 
 
 @app.command(context_settings={"allow_extra_args": True})
+@stoppable
 def run(
     ctx: typer.Context,
     config: ConfigArg,
@@ -303,11 +367,18 @@ def jobs_stop(job_id: JobArg, address: AddressOpt = None) -> None:
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: user errors and a full disk become one line on stderr and exit status 2."""
+    from chemmap.stages import OUT_OF_SPACE
+
     try:
         app()
     except ChemmapError as err:
         typer.secho(f"error: {err}", err=True, fg="red")
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in OUT_OF_SPACE:
+            raise
+        typer.secho(f"error: {err.filename or 'a write'}: {err.strerror}", err=True, fg="red")
         sys.exit(2)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,14 @@ from chemmap.errors import ConfigError
 class _Section(BaseModel):
     # A typo in a key is an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        # Strings become paths, URIs and column names: a NUL in one fails deep inside os calls.
+        if any(isinstance(s, str) and "\0" in s for s in (v if isinstance(v, (list, tuple)) else [v])):
+            raise ValueError("must not contain a NUL character")
+        return v
 
 
 class SynthConfig(_Section):
@@ -315,25 +324,46 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _show(x: object) -> str:
+    """A key or path as text on one line: quoted when it holds a line break or another control character."""
+    return str(x) if str(x).isprintable() else repr(str(x))
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
-        raise ConfigError(f"{path}: 'base' files include each other: {' -> '.join(map(str, seen))}")
+        raise ConfigError(f"{path}: 'base' files include each other: {' -> '.join(map(_show, seen))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"{path}: cannot read as UTF-8 text ({err})") from None
+    except (RecursionError, ValueError) as err:  # nesting deeper than Python's stack; an int of 5000 digits
+        raise ConfigError(f"{path}: not a config chemmap can read ({type(err).__name__}: {err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: key 'base' must be a path, got {base!r}")
+        if not (path.parent / base).is_file():
+            raise ConfigError(f"{path}: base: config file not found: {_show((path.parent / base).resolve())}")
         parent = _read_yaml((path.parent / base), (*seen, path))
         data = _deep_merge(parent, data)
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where, and what (a Python tag says it is refused)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    if "python/" in problem:
+        problem += " (Python tags are refused: a config is data, never code)"
+    return where + " ".join(problem.split())
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -346,20 +376,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError, ValueError):  # not YAML: the text itself
         value = raw
     return keys, value
+
+
+# Values quoted in errors are shortened: a YAML alias can make a list of millions of items.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 6, 6, 80, 80
 
 
 def _format_error(err: ValidationError, source: str, data: dict) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<top>"
+        loc = ".".join(_show(p) for p in e["loc"]) or "<top>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_s = "" if isinstance(got, dict) else f" (got {_REPR.repr(got)})"
         parts.append(f"{loc}: {msg}{got_s}")
     return f"{source}: " + "; ".join(parts)
 

@@ -12,9 +12,13 @@ driver (:mod:`chemmap.train.feed`), which prints them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 _verbosity = 0
@@ -58,3 +62,22 @@ def ray_init_options() -> dict[str, Any]:
         "log_to_driver": _verbosity > 0,
         "logging_level": logging.INFO if _verbosity else logging.ERROR,
     }
+
+
+@contextlib.contextmanager
+def keep_sigterm_handler() -> Iterator[None]:
+    """Around ``ray.init``: SIGTERM's handler is put back as it was before.
+
+    ``ray.init`` replaces it twice over (a Python handler that calls ``sys.exit``, then Ray's
+    C++ one, which prints a stack dump and aborts the process), so a driver that systemd or
+    Kubernetes tells to stop would die without its cleanup; ``chemmap``'s commands stop
+    cleanly instead (:func:`chemmap.cli.graceful_stop`). Python allows handlers in the main
+    thread only; elsewhere this does nothing.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

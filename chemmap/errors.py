@@ -16,3 +16,7 @@ class ConfigError(ChemmapError, ValueError):
 
 class InputError(ChemmapError, ValueError):
     """A scan, reference file or dataset on disk is missing, truncated or inconsistent."""
+
+
+class StorageError(ChemmapError):
+    """The output's storage refused a write: disk full, quota, or the file size limit; names the path."""

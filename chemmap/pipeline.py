@@ -28,6 +28,7 @@ from chemmap.errors import InputError
 from chemmap.files import write_json_atomic
 from chemmap.io import discover_scans, read_references
 from chemmap.io.envi import find_data_file
+from chemmap.io.layout import links_may_lead_into
 from chemmap.preprocess.dataset import (
     DATASET_FORMAT,
     DatasetBuilder,
@@ -35,7 +36,7 @@ from chemmap.preprocess.dataset import (
     ScanInput,
     write_patch_index,
 )
-from chemmap.stages import StageDir, file_entries, stable_hash, stage_dir
+from chemmap.stages import LOCKS, StageDir, file_entries, file_lock, stable_hash, stage_dir
 
 Log = Callable[[str], None]
 STAGES = ("synth", "preprocess", "train", "evaluate", "register", "score")
@@ -70,20 +71,21 @@ def synth_stage(
     from chemmap.synth import SynthSpec, synthesize
 
     stage = synth_dir(cfg)
-    if force:
-        stage.clear()
-    if stage.complete:
-        log(f"synth: done already ({stage.path})")
+    with stage.lock(log):
+        if force:
+            stage.clear()
+        if stage.complete:
+            log(f"synth: done already ({stage.path})")
+            return stage
+        stage.begin()
+        spec = SynthSpec.from_config(cfg.synth)
+        log(
+            f"synth: {spec.n_samples} samples x {spec.scans_per_sample} scans, "
+            f"{spec.lines}x{spec.samples} px, {spec.instrument} -> {stage.path / 'scans'}"
+        )
+        synthesize(stage.path / "scans", spec, progress=progress)
+        stage.finish({"root": str(stage.path / "scans")}, dump_config(cfg.synth))
         return stage
-    stage.begin()
-    spec = SynthSpec.from_config(cfg.synth)
-    log(
-        f"synth: {spec.n_samples} samples x {spec.scans_per_sample} scans, {spec.lines}x{spec.samples} px, "
-        f"{spec.instrument} -> {stage.path / 'scans'}"
-    )
-    synthesize(stage.path / "scans", spec, progress=progress)
-    stage.finish({"root": str(stage.path / "scans")}, dump_config(cfg.synth))
-    return stage
 
 
 def _scan_inputs(cfg: ChemmapConfig, root: Path, files, sample_of: dict[str, str]) -> list[ScanInput]:
@@ -132,6 +134,9 @@ def data_source(
     """Find the scans and references the config names (synthesising them if it says so)."""
     root, synth_key = _data_root(cfg, progress=progress, log=log, synth=synth)
     files = discover_scans(root, cfg.data.raw_pattern, cfg.data.white_pattern, cfg.data.dark_pattern)
+    for f in files:
+        if f.refused:  # an id that cannot name outputs, a link out of the root: whatever on_error says
+            raise InputError(f.refused)
     refs, skipped = read_references(
         root / cfg.data.references,
         [f.scan_id for f in files],
@@ -212,17 +217,21 @@ def _read_index(cfg: ChemmapConfig) -> dict[str, Any]:
 
 
 def _record_dataset(cfg: ChemmapConfig, stage: StageDir, src: DataSource) -> None:
-    """Remember which dataset this data config produced (read by :func:`find_dataset`)."""
-    index = _read_index(cfg)
-    index[_lookup_key(cfg, dict(stage.config))] = {
-        "key": stage.key,
-        "path": str(stage.path),
-        "config": stage.config,
-        "input_key": src.key,
-        "root": str(src.root),
-        "files": src.files,
-    }
-    write_json_atomic(_index_path(cfg), index)
+    """Remember which dataset this data config produced (read by :func:`find_dataset`).
+
+    Under a lock: processes preprocessing other datasets of the workdir update the index too.
+    """
+    with file_lock(cfg.workdir_path / LOCKS / "preprocess-index.lock", f"preprocess: {_index_path(cfg)}"):
+        index = _read_index(cfg)
+        index[_lookup_key(cfg, dict(stage.config))] = {
+            "key": stage.key,
+            "path": str(stage.path),
+            "config": stage.config,
+            "input_key": src.key,
+            "root": str(src.root),
+            "files": src.files,
+        }
+        write_json_atomic(_index_path(cfg), index)
 
 
 def _warn_if_stale(entry: dict[str, Any], log: Log) -> None:
@@ -293,40 +302,41 @@ def preprocess_stage(
     src = data_source(cfg, progress=progress, log=log, synth=synth)
     stage = stage_dir(cfg.workdir_path, "preprocess", _dataset_config(cfg, geometry), [src.key])
     store = stage.path / "dataset.zarr"
-    if force:
-        stage.clear()
-    if stage.complete:
-        _record_dataset(cfg, stage, src)
-        log(f"preprocess: done already ({store})")
+    with stage.lock(log):
+        if force:
+            stage.clear()
+        if stage.complete:
+            _record_dataset(cfg, stage, src)
+            log(f"preprocess: done already ({store})")
+            if runs is not None:
+                runs.cached("preprocess", stage.summary().get("mlflow_run_id"))
+            return stage
+        resumed = stage.path.exists()
+        stage.begin()
+        log(f"preprocess: {len(src.scans)} scans -> {store}" + (" (resuming)" if resumed else ""))
+        builder = DatasetBuilder(
+            store,
+            cfg.preprocess,
+            cfg.targets,
+            cluster=cfg.cluster,
+            on_error=cfg.data.on_error,
+            progress=progress,
+            log=log,
+        )
+        summary = builder.build(src.scans, src.references, src.key)
+        summary["patches"] = write_patch_index(store, geometry)
+        summary["skipped"] = src.skipped + summary["skipped"]
+        _consolidate(store)
+        summary["store"] = str(store)
         if runs is not None:
-            runs.cached("preprocess", stage.summary().get("mlflow_run_id"))
+            summary["mlflow_run_id"] = _log_dataset_run(runs, stage, summary)
+        stage.finish(summary, dump_config(cfg))
+        _record_dataset(cfg, stage, src)
+        log(
+            f"preprocess: {summary['n_samples']} samples, {summary['n_channels']} channels, "
+            f"{summary['mask_pixels']} sample pixels"
+        )
         return stage
-    resumed = stage.path.exists()
-    stage.begin()
-    log(f"preprocess: {len(src.scans)} scans -> {store}" + (" (resuming)" if resumed else ""))
-    builder = DatasetBuilder(
-        store,
-        cfg.preprocess,
-        cfg.targets,
-        cluster=cfg.cluster,
-        on_error=cfg.data.on_error,
-        progress=progress,
-        log=log,
-    )
-    summary = builder.build(src.scans, src.references, src.key)
-    summary["patches"] = write_patch_index(store, geometry)
-    summary["skipped"] = src.skipped + summary["skipped"]
-    _consolidate(store)
-    summary["store"] = str(store)
-    if runs is not None:
-        summary["mlflow_run_id"] = _log_dataset_run(runs, stage, summary)
-    stage.finish(summary, dump_config(cfg))
-    _record_dataset(cfg, stage, src)
-    log(
-        f"preprocess: {summary['n_samples']} samples, {summary['n_channels']} channels, "
-        f"{summary['mask_pixels']} sample pixels"
-    )
-    return stage
 
 
 def _log_dataset_run(runs: tracking.PipelineRuns, stage: StageDir, summary: dict[str, Any]) -> str:
@@ -356,9 +366,11 @@ def train_stage(
     from chemmap.train.trainer import clear_training, train_ensemble, training_dir
 
     dataset = dataset or find_dataset(cfg, log=log)
-    if force:
-        clear_training(cfg, training_dir(cfg, dataset))
-    return train_ensemble(cfg, dataset, progress=progress, log=log, **kw)
+    stage = training_dir(cfg, dataset)
+    with stage.lock(log):
+        if force:
+            clear_training(cfg, stage)
+        return train_ensemble(cfg, dataset, progress=progress, log=log, **kw)
 
 
 def find_training(cfg: ChemmapConfig, dataset: StageDir | None = None, *, log: Log = print) -> StageDir:
@@ -386,9 +398,11 @@ def evaluate_stage(
 
     dataset = dataset or find_dataset(cfg, log=log)
     training = training or find_training(cfg, dataset, log=log)
-    if force:
-        evaluation_dir(cfg, dataset, training).clear()
-    return evaluate_ensemble(cfg, dataset, training, progress=progress, log=log, runs=runs)
+    stage = evaluation_dir(cfg, dataset, training)
+    with stage.lock(log):
+        if force:
+            stage.clear()
+        return evaluate_ensemble(cfg, dataset, training, progress=progress, log=log, runs=runs)
 
 
 def find_evaluation(cfg: ChemmapConfig, dataset: StageDir, training: StageDir) -> StageDir:
@@ -420,9 +434,11 @@ def register_stage(
     dataset = dataset or find_dataset(cfg, log=log)
     training = training or find_training(cfg, dataset, log=log)
     evaluation = evaluation or find_evaluation(cfg, dataset, training)
-    if force:
-        registration_dir(cfg, dataset, training, evaluation).clear()
-    return register_model(cfg, dataset, training, evaluation, runs=runs, log=log)
+    stage = registration_dir(cfg, dataset, training, evaluation)
+    with stage.lock(log):
+        if force:
+            stage.clear()
+        return register_model(cfg, dataset, training, evaluation, runs=runs, log=log)
 
 
 def find_registration(
@@ -589,51 +605,53 @@ def score_stage(
     """
     src = score_input(cfg, dataset)
     stage = scoring_dir(cfg, registration, src)
-    if force:
-        stage.clear()
-    if stage.complete:
-        log(f"score: done already ({stage.path / 'maps'})")
-        if runs is not None:
-            runs.cached("score", stage.summary().get("mlflow_run_id"))
+    with stage.lock(log):
+        if force:
+            stage.clear()
+        if stage.complete:
+            log(f"score: done already ({stage.path / 'maps'})")
+            if runs is not None:
+                runs.cached("score", stage.summary().get("mlflow_run_id"))
+            return stage
+        out = stage.begin()
+        model = stage.config["model"]
+        input_dir, samples = src.root, None
+        if src.sample_of is not None:
+            input_dir = _link_scans(src, out / "scans")
+            samples = _score_test_table(src, out / "scans.csv")
+        what = f"{len(src.sample_of)} test-split scans" if src.sample_of is not None else str(src.root)
+        log(f"score: {what} with {model} -> {out / 'maps'}")
+        with links_may_lead_into(src.root):  # the links in out/scans lead into the scanner folder
+            result = score_scans(
+                model,
+                input_dir,
+                out / "maps",
+                tracking_uri=cfg.tracking_uri,
+                cfg=cfg,
+                samples=samples,
+                progress=progress,
+                log=log,
+            )
+        if result.errors or result.busy:
+            raise InputError(
+                f"score: {result.errors} scans failed and {result.busy} were busy; {result.summary_csv} says "
+                "why; run again to score what is left, or stop before scoring with --to register"
+            )
+        reg = registration.summary()
+        summary = {
+            "model_uri": model,
+            "alias": reg.get("alias"),
+            "input": str(src.root),
+            "maps": str(out / "maps"),
+            "summary_csv": str(result.summary_csv),
+            "samples_csv": str(result.samples_csv) if result.samples_csv else None,
+            "scans": result.ok + result.skipped,
+            "seconds": result.seconds,
+            "mlflow_run_id": _log_score_run(cfg, stage, result, runs),
+            "tracking_uri": cfg.tracking_uri,
+        }
+        stage.finish(summary, dump_config(cfg))
         return stage
-    out = stage.begin()
-    model = stage.config["model"]
-    input_dir, samples = src.root, None
-    if src.sample_of is not None:
-        input_dir = _link_scans(src, out / "scans")
-        samples = _score_test_table(src, out / "scans.csv")
-    what = f"{len(src.sample_of)} test-split scans" if src.sample_of is not None else str(src.root)
-    log(f"score: {what} with {model} -> {out / 'maps'}")
-    result = score_scans(
-        model,
-        input_dir,
-        out / "maps",
-        tracking_uri=cfg.tracking_uri,
-        cfg=cfg,
-        samples=samples,
-        progress=progress,
-        log=log,
-    )
-    if result.errors or result.busy:
-        raise InputError(
-            f"score: {result.errors} scans failed and {result.busy} were busy; {result.summary_csv} says "
-            "why; run again to score what is left, or stop before scoring with --to register"
-        )
-    reg = registration.summary()
-    summary = {
-        "model_uri": model,
-        "alias": reg.get("alias"),
-        "input": str(src.root),
-        "maps": str(out / "maps"),
-        "summary_csv": str(result.summary_csv),
-        "samples_csv": str(result.samples_csv) if result.samples_csv else None,
-        "scans": result.ok + result.skipped,
-        "seconds": result.seconds,
-        "mlflow_run_id": _log_score_run(cfg, stage, result, runs),
-        "tracking_uri": cfg.tracking_uri,
-    }
-    stage.finish(summary, dump_config(cfg))
-    return stage
 
 
 # ----------------------------------------------------------------------------- chemmap run
@@ -690,6 +708,7 @@ def run(
     to the run that made it (``chemmap.cached.<stage>``).
     """
     plan = RunPlan(start, until, force)
+    _check_named_paths(cfg, plan)
     out: dict[str, Any] = {}
     if plan.until == "synth":
         if cfg.data.source == "synthetic":
@@ -701,12 +720,25 @@ def run(
     )
     try:
         _run_stages(cfg, plan, out, runs, progress=progress, log=log)
-    except BaseException:
-        runs.finish("FAILED")
+    except BaseException as err:
+        runs.end_after_error("KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED")
         raise
     runs.finish()
     out["mlflow_run_id"] = runs.parent
     return out
+
+
+def _check_named_paths(cfg: ChemmapConfig, plan: RunPlan) -> None:
+    """The folders and files the config names for the stages that run must be there before any
+    stage starts or any MLflow run is made: a typo fails now, not after hours of training."""
+    if cfg.data.source == "folder" and plan.runs("preprocess"):
+        root = cfg.resolve_path(cfg.data.root)
+        if not root.is_dir():
+            raise InputError(f"{cfg.source}: data.root: folder not found: {root}")
+        if not (root / cfg.data.references).is_file():
+            raise InputError(f"{cfg.source}: data.references: file not found: {root / cfg.data.references}")
+    if cfg.score.input and plan.runs("score") and not cfg.resolve_path(cfg.score.input).is_dir():
+        raise InputError(f"{cfg.source}: score.input: folder not found: {cfg.resolve_path(cfg.score.input)}")
 
 
 def _found(name: str, stage: StageDir, runs: tracking.PipelineRuns, log: Log) -> StageDir:
@@ -877,9 +909,11 @@ class ScoreOptions:
         ray_address: score on Ray actors (``auto``, ``ray://head:10001``); None: here, or the
             config's ``cluster.ray_address`` when one is set.
         num_actors: actors on Ray (default: one per CPU, or per GPU with ``use_gpu``).
-        use_gpu: one GPU per actor.
+        use_gpu: the model on a GPU: here (``cuda``), or one GPU per Ray actor.
         give_up_seconds: with ``watch``, how long a scan's files may stay unchanged while it
             is still unreadable before it gets an error row (default 300 s).
+        mode: ``exact``, ``gaussian`` or ``constant`` (:class:`chemmap.inference.score.Engine`).
+        amp: bf16 autocast, with ``use_gpu``.
     """
 
     watch: bool = False
@@ -889,6 +923,8 @@ class ScoreOptions:
     num_actors: int | None = None
     use_gpu: bool = False
     give_up_seconds: float = 300.0
+    mode: str = "exact"
+    amp: bool = False
 
 
 def _score_model(model: str, tracking_uri: str | None, cfg: ChemmapConfig | None):
@@ -923,8 +959,9 @@ def score_scans(
     ``cfg``, its ``data:`` patterns describe the folder's layout and its ``cluster:`` section
     where to run. See :class:`ScoreOptions` for watching a folder and Ray actors.
     """
-    from chemmap.inference.score import score_folder
+    from chemmap.inference.score import Engine, score_folder
 
+    engine = Engine(options.mode, device="cuda" if options.use_gpu else "cpu", amp=options.amp)
     ray_address = options.ray_address or (cfg.cluster.ray_address if cfg is not None else None)
     if options.watch and ray_address:
         raise InputError("score: --watch runs here; it cannot be combined with a Ray address")
@@ -938,6 +975,7 @@ def score_scans(
         "dark_pattern": data.dark_pattern if data else None,
         "samples_csv": samples,
         "wavelength_tolerance_nm": wavelength_tolerance_nm,
+        "engine": engine,
         "log": log,
     }
     if options.watch:

@@ -6,26 +6,84 @@ the resolved config, then ``_COMPLETE.json`` last (atomically): a folder without
 marker is unfinished, whatever else it holds. A rerun with the same key finds the marker
 and does nothing; an interrupted run finds the folder unfinished and resumes or rebuilds
 it; the next stage computes its input's key and finds the folder.
+
+Two processes on one workdir: whoever makes a stage folder holds its lock
+(:meth:`StageDir.lock`, an ``fcntl.flock`` on ``workdir/.locks/<stage>-<key>.lock``), and another
+process that wants the same folder waits for it, then finds it finished (or resumes what a
+killed holder left: the kernel drops a lock when its holder dies, however it dies).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from chemmap.errors import StorageError
 from chemmap.files import write_json_atomic, write_text_atomic
 
 # Bump when a stage's output format changes, so old outputs are not mistaken for new ones.
 FORMAT_VERSION = 1
 MARKER = "_COMPLETE.json"
+LOCKS = ".locks"  # under the workdir: one lock file per stage folder (small, never removed)
+# A write refused for want of space: the disk or a quota full, or the file size limit (ulimit -f).
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, what: str, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing) while the block runs.
+
+    If another process holds it, one line says who (the holder writes its pid, host and start
+    into the file) and this one waits. The kernel releases the lock when its holder's
+    descriptor closes, so a holder killed by any signal leaves no stale lock. The descriptor
+    is close-on-exec: programs the holder starts (Ray, an MLflow server) cannot keep it.
+    Local filesystems and NFSv4 honour ``flock`` across hosts; some network filesystems do not.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+            log(f"{what}: waiting for {holder} (lock {path})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        os.pwrite(fd, f"chemmap pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def out_of_space_names(path: Path) -> Iterator[None]:
+    """A write refused for want of space (:data:`OUT_OF_SPACE`) inside the block becomes a
+    :class:`~chemmap.errors.StorageError` naming the file, or ``path`` when the error names none
+    (a Zarr chunk written by a Dask thread)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in OUT_OF_SPACE:
+            raise
+        where = err.filename or path
+        raise StorageError(
+            f"{where}: {err.strerror or os.strerror(err.errno)} while writing {path}; "
+            "the folder is left unfinished: free space and run again to resume"
+        ) from err
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -51,6 +109,18 @@ class StageDir:
     @property
     def complete(self) -> bool:
         return self.marker.is_file()
+
+    @contextlib.contextmanager
+    def lock(self, log: Callable[[str], None] = print) -> Iterator[None]:
+        """Hold this folder's lock while making, resuming or clearing it (:func:`file_lock`).
+
+        Check :attr:`complete` once it is held: the process waited for may have finished it.
+        A full disk while the block writes is one error naming the folder (:func:`out_of_space_names`).
+        """
+        lock = self.path.parent.parent / LOCKS / f"{self.name}-{self.key}.lock"
+        with file_lock(lock, f"{self.name}: {self.path} is being made by another process", log):
+            with out_of_space_names(self.path):
+                yield
 
     def summary(self) -> dict[str, Any]:
         """What the stage recorded on completion (raises if it is not complete)."""

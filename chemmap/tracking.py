@@ -38,6 +38,19 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         )
 
 
+def reachable(uri: str, timeout: float = 2.0) -> bool:
+    """Whether the tracking store answers now (a quick look; a SQLite store always does).
+
+    For best-effort writes on the way out of a failed or stopped stage: MLflow's client
+    retries an unreachable server for minutes, and the error being reported matters more.
+    """
+    try:
+        check_tracking_uri(uri, timeout=timeout)
+    except InputError:
+        return False
+    return True
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -101,6 +114,19 @@ class RunBook:
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         log_metrics(self.client, run_id, metrics, step)
+
+    def end_running(self, status: str) -> None:
+        """Mark this book's runs still RUNNING as ``status`` (KILLED, FAILED); :meth:`run`
+        makes them RUNNING again when a rerun resumes them. Best effort: the server may be
+        what failed, and the error that stopped the stage is the one to report."""
+        if not reachable(self.uri):
+            return
+        for rid in self.runs.values():
+            try:
+                if self.client.get_run(rid).info.status == "RUNNING":
+                    self.client.set_terminated(rid, status=status)
+            except Exception:
+                pass
 
 
 def log_metrics(c, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -175,6 +201,14 @@ class PipelineRuns:
 
     def finish(self, status: str = "FINISHED") -> None:
         client(self.uri).set_terminated(self.parent, status=status)
+
+    def end_after_error(self, status: str) -> None:
+        """:meth:`finish` as KILLED or FAILED, best effort (see :func:`reachable`)."""
+        if reachable(self.uri):
+            try:
+                self.finish(status)
+            except Exception:
+                pass
 
 
 def stage_run(

@@ -32,12 +32,14 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from chemmap.errors import InputError
 from chemmap.inference.bundle import ModelBundle, read_bundle
 from chemmap.inference.score import (
+    Engine,
     ScanOutcome,
     ScanScorer,
     ScoreSummary,
@@ -77,7 +79,7 @@ class ScanActor:
         model_version: str,
         tolerance_nm: float,
         stale_seconds: float,
-        device: str,
+        engine: Engine,
     ) -> None:
         bundle = read_bundle(Path(bundle_path))
         self.scorer = ScanScorer(
@@ -88,7 +90,7 @@ class ScanActor:
             model_version,
             tolerance_nm,
             stale_seconds=stale_seconds,
-            device=device,
+            engine=engine,
         )
         _ = self.scorer.model  # loaded once, now: a bundle a worker cannot read fails here
 
@@ -103,9 +105,12 @@ class ScanActor:
 
 def _connect(ray: Any, address: str | None) -> bool:
     """Connect to Ray (``address``, or a new local instance); False when already connected."""
+    from chemmap.console import keep_sigterm_handler
+
     if ray.is_initialized():
         return False
-    ray.init(address=address, configure_logging=False)
+    with keep_sigterm_handler():
+        ray.init(address=address, configure_logging=False)
     return True
 
 
@@ -195,6 +200,7 @@ def score_on_ray(
     samples_csv: str | os.PathLike | None = None,
     wavelength_tolerance_nm: float = 1.0,
     stale_seconds: float = DEFAULT_STALE_SECONDS,
+    engine: Engine = Engine(),
     progress: bool = True,
     log: Log = print,
 ) -> ScoreSummary:
@@ -210,6 +216,7 @@ def score_on_ray(
             every worker sees under the same names.
         model_name, model_version, raw_pattern, white_pattern, dark_pattern, samples_csv,
             wavelength_tolerance_nm, stale_seconds, progress, log: as for ``score_folder``.
+        engine: as for ``score_folder``; its device is each actor's (``cuda`` with ``use_gpu``).
         ray_address: the cluster (``"auto"``, ``"ray://head:10001"``...); None: the Ray this
             process is connected to, else a new local one. A Ray started here is shut down
             at the end.
@@ -247,7 +254,7 @@ def score_on_ray(
         n = _actor_count(ray, num_actors, use_gpu, len(scans))
         device = "cuda" if use_gpu else "cpu"
         args = (str(bundle.path.absolute()), str(input_dir), str(output_dir), name, version)
-        args += (wavelength_tolerance_nm, stale_seconds, device)
+        args += (wavelength_tolerance_nm, stale_seconds, replace(engine, device=device))
         t0 = time.perf_counter()
         actors = _start_actors(ray, n, use_gpu, args)
         log(f"score: {len(scans)} scans on {n} Ray actors ({device})")

@@ -91,6 +91,7 @@ __all__ = [
     "EXACT_NM",
     "SAMPLES_CSV",
     "SUMMARY_CSV",
+    "Engine",
     "ScanOutcome",
     "ScanScorer",
     "ScoreSummary",
@@ -156,6 +157,36 @@ class ScoreSummary:
     failed: tuple[str, ...] = field(default=())
     busy: int = 0
     scored: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How a scan's map is computed (:func:`chemmap.inference.stream.stream_scan`).
+
+    Attributes:
+        mode: ``exact`` (the whole-image map, default), ``gaussian`` or ``constant`` (blended).
+        tile_lines: scan lines per tile row; windows are as wide as the scan.
+        device: where the model runs (``cpu``, ``cuda``...).
+        amp: bf16 autocast on CUDA (opt-in; the output heads stay float32).
+    """
+
+    mode: str = "exact"
+    tile_lines: int = TILE_LINES
+    device: str = "cpu"
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"scoring mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.tile_lines, int) or self.tile_lines < 1:
+            raise InputError(f"tile lines must be a positive integer, got {self.tile_lines!r}")
+        if self.amp and not self.device.startswith("cuda"):
+            raise InputError(f"bf16 autocast (--amp) runs on a CUDA device only, got device {self.device!r}")
+
+    def record(self) -> dict[str, Any]:
+        """What a map records of its engine: what changes its values beyond float rounding
+        (exact maps are the whole-image map whatever the tiles or the device)."""
+        return {"mode": self.mode, "amp": self.amp}
 
 
 @dataclass(frozen=True)
@@ -455,12 +486,8 @@ class ScanScorer:
         model_name, model_version: recorded with every map.
         tolerance_nm: the largest band drift that is resampled (:func:`wavelength_drift`).
         stale_seconds: a lock held from another host is dead when its heartbeat is older (s).
-        device: where the model runs (``"cpu"``, ``"cuda"``...); maps come back to the CPU.
+        engine: how maps are computed (mode, tiles, device; :class:`Engine`).
         max_white_age_hours: flag a scan whose white reference is older than this (None: never).
-        mode: :func:`chemmap.inference.stream.stream_scan`'s: ``exact`` (the whole-image map),
-            ``gaussian`` or ``constant`` (blended windows).
-        tile_lines: scan lines per tile row (windows are as wide as the scan).
-        amp: bf16 autocast on CUDA (opt-in; the output heads stay float32).
     """
 
     def __init__(
@@ -473,17 +500,10 @@ class ScanScorer:
         tolerance_nm: float,
         *,
         stale_seconds: float = DEFAULT_STALE_SECONDS,
-        device: str = "cpu",
+        engine: Engine = Engine(),
         max_white_age_hours: float | None = None,
-        mode: str = "exact",
-        tile_lines: int = TILE_LINES,
-        amp: bool = False,
     ) -> None:
-        if mode not in MODES:
-            raise InputError(f"scoring mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(tile_lines, int) or tile_lines < 1:
-            raise InputError(f"tile_lines must be a positive integer, got {tile_lines!r}")
-        self.mode, self.tile_lines, self.amp = mode, tile_lines, amp
+        self.engine, device = engine, engine.device
         self.bundle, self.recipe, self.targets = bundle, bundle.recipe, list(bundle.targets)
         self.input_dir, self.output_dir = Path(input_dir), Path(output_dir)
         self.model_name, self.model_version = str(model_name), str(model_version)
@@ -530,6 +550,8 @@ class ScanScorer:
         """
         t0 = time.perf_counter()
         try:
+            if files.refused:  # a link out of the input folder, an id that is no file name
+                raise InputError(files.refused)
             check_scan_id(files.scan_id, self.output_dir)
             mask_file = self.mask_file(files.scan_id)
             key = input_files_key(files, self.input_dir, mask_file)
@@ -562,6 +584,7 @@ class ScanScorer:
             or attrs.get("model_name") != self.model_name
             or attrs.get("model_version") != self.model_version
             or attrs.get("input_files") != key
+            or attrs.get("engine", {"mode": "exact", "amp": False}) != self.engine.record()
             or not isinstance(attrs.get("summary_row"), dict)
             or not isinstance(attrs.get("sums"), dict)
             or not isinstance(attrs.get("mask_pixels"), int)
@@ -603,10 +626,11 @@ class ScanScorer:
         raw, white, dark, saturation, note, block = self._open(files)
         _, lines, samples = raw.shape
         model = self.model
-        out = create_map_array(folder, (len(self.targets), lines, samples), chunk_lines=self.tile_lines)
+        run = self.engine
+        out = create_map_array(folder, (len(self.targets), lines, samples), chunk_lines=run.tile_lines)
         result = stream_scan(
-            model, self.recipe, raw, white, dark, saturation=saturation, out=out, mode=self.mode,
-            tile=(self.tile_lines, samples), device=self.device, amp=self.amp, geometry=self._geometry,
+            model, self.recipe, raw, white, dark, saturation=saturation, out=out, mode=run.mode,
+            tile=(run.tile_lines, samples), device=run.device, amp=run.amp, geometry=self._geometry,
             mask_file=mask_file, block_lines=block, source=str(files.raw),
         )  # fmt: skip
         return result, note
@@ -640,6 +664,7 @@ class ScanScorer:
                 "recipe": self.recipe.to_dict(),
                 "raw": Path(os.path.relpath(files.raw, self.input_dir)).as_posix(),
                 "input_files": key,
+                "engine": self.engine.record(),
                 **stats,
                 "summary_row": row,
             }
@@ -899,6 +924,7 @@ def score_folder(
     samples_csv: str | os.PathLike | None = None,
     wavelength_tolerance_nm: float = 1.0,
     stale_seconds: float = DEFAULT_STALE_SECONDS,
+    engine: Engine = Engine(),
     progress: bool = True,
     log: Log = print,
 ) -> ScoreSummary:
@@ -923,6 +949,7 @@ def score_folder(
             0.05 nm and at most this are resampled to the model's bands; more is an error.
         stale_seconds: a scan's lock held by a scorer on another host whose heartbeat is
             older than this (s) is taken over (on this host: when its process is gone).
+        engine: how each map is computed (mode, tile lines, device, bf16; :class:`Engine`).
         progress: show a progress bar over scans.
         log: where the error and busy lines and the closing line go.
 
@@ -950,6 +977,7 @@ def score_folder(
         str(model_version),
         wavelength_tolerance_nm,
         stale_seconds=stale_seconds,
+        engine=engine,
     )
     table = SummaryTable(scorer, sample_of, log)
     t0 = time.perf_counter()

@@ -43,6 +43,7 @@ from types import FrameType
 from chemmap.errors import InputError
 from chemmap.inference.bundle import ModelBundle
 from chemmap.inference.score import (
+    Engine,
     ScanScorer,
     ScoreSummary,
     SummaryTable,
@@ -322,6 +323,7 @@ def watch_folder(
     settle_seconds: float = 5.0,
     give_up_seconds: float = DEFAULT_GIVE_UP_SECONDS,
     stale_seconds: float = DEFAULT_STALE_SECONDS,
+    engine: Engine = Engine(),
     stop: Stop | None = None,
     log: Log = print,
 ) -> ScoreSummary:
@@ -329,7 +331,7 @@ def watch_folder(
 
     Args:
         bundle, input_dir, output_dir, model_name, model_version, raw_pattern, white_pattern,
-            dark_pattern, samples_csv, wavelength_tolerance_nm, stale_seconds: as for
+            dark_pattern, samples_csv, wavelength_tolerance_nm, stale_seconds, engine: as for
             :func:`chemmap.inference.score.score_folder`. The input folder may be empty at
             the start.
         poll_seconds: how often the folder is looked at (s, > 0).
@@ -367,6 +369,7 @@ def watch_folder(
         str(model_version),
         wavelength_tolerance_nm,
         stale_seconds=stale_seconds,
+        engine=engine,
     )
     table = SummaryTable(scorer, sample_of, log)
     patterns = (raw_pattern, white_pattern, dark_pattern)

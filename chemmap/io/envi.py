@@ -6,6 +6,7 @@ header conventions.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -124,10 +125,18 @@ def create_envi(
 
     raw_path = hdr_path.with_suffix(raw_suffix)
     hdr_path.parent.mkdir(parents=True, exist_ok=True)
+    size = header_offset + int(np.prod(shape)) * dt.itemsize
     with open(raw_path, "wb") as fh:
         if header_offset:
             fh.write(b"\0" * header_offset)
-        fh.truncate(header_offset + int(np.prod(shape)) * dt.itemsize)
+        fh.truncate(size)
+        if size:
+            # Blocks reserved now: a write through the memmap into a sparse file on a full disk
+            # would kill the process with SIGBUS; here a full disk is an error naming the file.
+            try:
+                os.posix_fallocate(fh.fileno(), 0, size)
+            except OSError as err:
+                raise OSError(err.errno, err.strerror, str(raw_path)) from None
     mm = np.memmap(raw_path, dtype=dt, mode="r+", offset=header_offset, shape=shape)
     fields: dict[str, object] = {
         "description": "{chemmap}",
@@ -455,8 +464,12 @@ class _Layout:
 
     @property
     def nbytes(self) -> int:
-        """Size the binary must have: the offset and the values."""
-        return self.offset + int(np.prod(self.shape)) * self.dtype.itemsize
+        """Size the binary must have: the offset and the values.
+
+        Python integers, never NumPy's int64: a header claiming 2**32 x 2**32 values would
+        wrap to 0 there, pass for an empty file, and size arrays that exhaust memory.
+        """
+        return self.offset + math.prod(self.shape) * self.dtype.itemsize
 
 
 def _cube_shape(header: Mapping[str, Any], hdr_path: Path) -> tuple[int, int, int]:

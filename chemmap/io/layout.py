@@ -13,16 +13,19 @@ patterns relative to the root that contain ``{scan_id}``. Lab values and splits
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from chemmap.errors import InputError
-from chemmap.io.envi import Scan
+from chemmap.io.envi import Scan, find_data_file
 
 SCAN_ID = "{scan_id}"
 # Specim's recorder layout (the default when no raw pattern is given).
@@ -41,6 +44,9 @@ class ScanFiles:
         raw: the scan's ``.hdr``.
         white, dark: the reference headers, None where none was found.
         white_searched, dark_searched: where the references were looked for (for messages).
+        refused: why the scan must not be read, one line naming the file ("" when it may):
+            its id is no safe file name, or one of its files is a link that leads outside
+            the root. Scoring gives it an error row; preprocessing stops.
     """
 
     scan_id: str
@@ -49,6 +55,50 @@ class ScanFiles:
     dark: Path | None
     white_searched: str = ""
     dark_searched: str = ""
+    refused: str = ""
+
+
+# Folders a scan file's links may lead into besides the root: set only around chemmap's score
+# stage, whose input is a folder of links to the scanner folder's test scans.
+_LINKS_INTO: ContextVar[tuple[Path, ...]] = ContextVar("chemmap_links_into", default=())
+
+
+@contextlib.contextmanager
+def links_may_lead_into(*folders: str | os.PathLike) -> Iterator[None]:
+    """While open, :func:`discover_scans` accepts links that lead into ``folders`` too."""
+    token = _LINKS_INTO.set(tuple(Path(f).resolve() for f in folders))
+    try:
+        yield
+    finally:
+        _LINKS_INTO.reset(token)
+
+
+def unsafe_id(scan_id: str) -> str | None:
+    """Why an id cannot name a file or a Zarr group inside a folder, or None when it can."""
+    if not scan_id or scan_id.startswith(".") or ".." in scan_id:
+        return "is empty, starts with '.' or contains '..'"
+    if any(c in scan_id for c in ("/", "\\")):
+        return "contains a path separator ('/' or '\\')"
+    if not scan_id.isprintable():
+        return "contains a control character (a line break, a tab, a NUL...)"
+    return None
+
+
+def _refusal(root: Path, scan_id: str, headers: Sequence[Path | None]) -> str:
+    """:attr:`ScanFiles.refused` of a scan found under ``root``."""
+    why = unsafe_id(scan_id)
+    if why is not None:
+        return f"{headers[0]}: scan id {scan_id!r} {why}; it cannot name the scan's outputs"
+    allowed = (root.resolve(), *_LINKS_INTO.get())
+    for header in (h for h in headers if h is not None):
+        files = [header]
+        with contextlib.suppress(InputError):  # a missing data file is the scan's reader's to report
+            files.append(find_data_file(header))
+        for f in files:
+            target = f.resolve()
+            if not any(target.is_relative_to(folder) for folder in allowed):
+                return f"{f}: a link that leads outside the input folder {root} (to {target}); refusing it"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +217,9 @@ def discover_scans(
 
     Returns:
         One :class:`ScanFiles` per scan, sorted by ``scan_id``. A reference that is not found
-        is None here; :func:`check_references` says so when it is needed.
+        is None here; :func:`check_references` says so when it is needed. A scan whose id is
+        no safe file name, or with a file that resolves outside ``root`` (a link leading out;
+        see :func:`links_may_lead_into`), has :attr:`ScanFiles.refused` set.
 
     Raises:
         InputError: ``root`` is not a folder, a pattern lacks ``{scan_id}`` where it needs
@@ -186,7 +238,8 @@ def discover_scans(
         raw = found[scan_id]
         white, white_searched = _find_reference(root, white_pattern, WHITE_PREFIX, scan_id, raw, "white")
         dark, dark_searched = _find_reference(root, dark_pattern, DARK_PREFIX, scan_id, raw, "dark")
-        out.append(ScanFiles(scan_id, raw, white, dark, white_searched, dark_searched))
+        refused = _refusal(root, scan_id, (raw, white, dark))
+        out.append(ScanFiles(scan_id, raw, white, dark, white_searched, dark_searched, refused))
     return out
 
 

@@ -1,7 +1,7 @@
 """Lab values and splits: ``references.csv`` matched to the scans found, and the one split rule.
 
-``references.csv`` has a ``sample_id`` column, one column per target (``fat``, ...), and
-optionally ``scan_id`` (several scans per sample, one row per scan with the sample's values
+``references.csv`` has a ``sample_id`` column, one column per target (``fat``, ..., in % from 0
+to 100), and optionally ``scan_id`` (several scans per sample, one row per scan with the sample's values
 repeated) and ``split`` (integers ``0..n_folds``, 0 = test). Without ``split``, samples (never
 scans) are split by :func:`shuffled_splits`, the rule the synthetic scanner uses too.
 """
@@ -205,30 +205,57 @@ def read_references(
     if not ref.has_scan_col:
         df = df.assign(scan_id=df["sample_id"])
     if not ref.has_split:
-        splits = assign_splits(list(df["sample_id"]), n_folds=n_folds, test_fraction=test_fraction, seed=seed)
+        try:
+            splits = assign_splits(
+                list(df["sample_id"]), n_folds=n_folds, test_fraction=test_fraction, seed=seed
+            )
+        except InputError as err:  # too few samples: say which file they are from
+            raise InputError(f"{ref.path}: {err}") from None
         df = df.assign(split=df["sample_id"].map(splits).astype(int))
     table = df[["scan_id", "sample_id", *targets, "split"]].sort_values("scan_id").reset_index(drop=True)
     return table, problems.messages
 
 
+def _separator(csv_path: Path) -> str:
+    """``;`` when the header line has semicolons and no comma (spreadsheets in locales with a
+    decimal comma save CSV so), else ``,``. A decimal comma in a value is then refused as not
+    a number, never read as two columns."""
+    with open(csv_path, encoding="utf-8-sig", newline="") as fh:
+        header = fh.readline()
+    return ";" if ";" in header and "," not in header else ","
+
+
 def _read_csv(csv_path: Path) -> pd.DataFrame:
-    """Every cell as stripped text: ids keep their leading zeros, numbers are parsed later."""
+    """Every cell as stripped text: ids keep their leading zeros, numbers are parsed later.
+
+    UTF-8 with or without a byte order mark; comma- or semicolon-separated (:func:`_separator`).
+    """
     import pandas as pd
 
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: reference file not found")
     try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        df = pd.read_csv(
+            csv_path,
+            sep=_separator(csv_path),
+            dtype=str,
+            keep_default_na=False,
+            skipinitialspace=True,
+            encoding="utf-8-sig",
+        )
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
         raise InputError(f"{csv_path}: cannot read as CSV ({str(err).splitlines()[0]})") from None
     df.columns = [str(c).strip() for c in df.columns]
+    twice = df.columns[df.columns.duplicated()]
+    if len(twice):  # " fat" and "fat": one column twice once stripped
+        raise InputError(f"{csv_path}: column {twice[0]!r} appears twice in the header")
     for col in df.columns:
         df[col] = df[col].str.strip()
     return df
 
 
 def _check_columns(df: pd.DataFrame, csv_path: Path, required: Sequence[str]) -> None:
-    present = ", ".join(df.columns)
+    present = ", ".join(c if c.isprintable() else repr(c) for c in df.columns)
     for col in required:
         if col not in df.columns:
             raise InputError(f"{csv_path}: no column '{col}' (columns: {present})")
@@ -266,7 +293,7 @@ def _rows_with_ids(df: pd.DataFrame, ref: _RefFile, problems: _Problems) -> np.n
             continue
         key = r[ref.id_col]
         if key in seen:
-            raise InputError(f"{ref.path} line {line}: {ref.id_col} '{key}' repeats line {seen[key]}")
+            raise InputError(f"{ref.path} line {line}: {ref.id_col} {key!r} repeats line {seen[key]}")
         seen[key] = line
     return keep
 
@@ -274,16 +301,19 @@ def _rows_with_ids(df: pd.DataFrame, ref: _RefFile, problems: _Problems) -> np.n
 def _rows_with_values(
     df: pd.DataFrame, ref: _RefFile, targets: Sequence[str], keep: np.ndarray, problems: _Problems
 ) -> np.ndarray:
-    """Rows (among ``keep``) whose targets are finite numbers; one report per bad row."""
+    """Rows (among ``keep``) whose targets are numbers in 0-100 % (a map is in percent, and
+    the loss holds it there); one report per bad row."""
     values = {t: _numbers(df[t]) for t in targets}
     ok = np.ones(len(df), dtype=bool)
     for i in np.flatnonzero(keep):
         for t in targets:
-            if not np.isfinite(values[t].iloc[i]):
+            value = values[t].iloc[i]
+            if not (np.isfinite(value) and 0.0 <= value <= 100.0):
                 row = df.iloc[i]
+                why = "not a number" if not np.isfinite(value) else "outside 0-100 %"
                 problems.report(
-                    f"{ref.path} line {row['_line']} ({ref.id_col} '{row[ref.id_col]}'): {t} is "
-                    f"{row[t]!r}, not a number"
+                    f"{ref.path} line {row['_line']} ({ref.id_col} {row[ref.id_col]!r}): {t} is "
+                    f"{row[t]!r}, {why}"
                 )
                 ok[i] = False
                 break
@@ -296,7 +326,7 @@ def _check_samples_agree(df: pd.DataFrame, ref: _RefFile, columns: Sequence[str]
         n_distinct = df.groupby("sample_id")[col].nunique()
         if (n_distinct > 1).any():
             sample = n_distinct[n_distinct > 1].index[0]
-            raise InputError(f"{ref.path}: sample_id '{sample}' has different {col} values on its rows")
+            raise InputError(f"{ref.path}: sample_id {sample!r} has different {col} values on its rows")
 
 
 def _match_scans(
@@ -306,9 +336,9 @@ def _match_scans(
     scans = set(scan_ids)
     in_csv = set(df[ref.id_col])
     for key in sorted(in_csv - scans):
-        problems.report(f"{ref.path}: {ref.id_col} '{key}' has no scan under {ref.root}")
+        problems.report(f"{ref.path}: {ref.id_col} {key!r} has no scan under {ref.root}")
     for key in sorted(scans - in_csv - reported):
-        problems.report(f"{ref.path}: scan '{key}' under {ref.root} has no reference row")
+        problems.report(f"{ref.path}: scan {key!r} under {ref.root} has no reference row")
     df = df[df[ref.id_col].isin(scans)]
     if df.empty:
         raise InputError(f"{ref.path}: no reference row matches a scan under {ref.root}")

@@ -150,6 +150,8 @@ def read_padded(x: Any, y0: int, x0: int, y1: int, x1: int, pad_mode: str = "ref
     lead = (slice(None),) * (len(x.shape) - 2)
     block = x[(*lead, slice(ys, ye), slice(xs, xe))]
     block = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(block))
+    if np.array_equal(sy, np.arange(y0, y1)) and np.array_equal(sx, np.arange(x0, x1)):
+        return block  # inside the image: no padding, no copy (training's whole images are)
     iy = torch.as_tensor(sy - ys, device=block.device)
     ix = torch.as_tensor(sx - xs, device=block.device)
     out = block.index_select(-2, iy).index_select(-1, ix)  # (..., y1 - y0, x1 - x0)

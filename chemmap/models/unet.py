@@ -345,7 +345,8 @@ class UNet(nn.Module):
         self.check_size(height, width)
         if self.front_end is not None:
             # Odd sizes: repeat the last row/column so the stride-2 kernel covers every pixel.
-            x = F.pad(x, (0, width % 2, 0, height % 2), mode="replicate")  # (B, C, 2h, 2w)
+            if height % 2 or width % 2:  # F.pad copies the input even when it adds nothing
+                x = F.pad(x, (0, width % 2, 0, height % 2), mode="replicate")  # (B, C, 2h, 2w)
             x = self._run(self.front_end, x)  # (B, C - 6, h, w)
         skips = []
         for down in self.encoder:

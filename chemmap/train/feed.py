@@ -5,7 +5,10 @@ workers print stays in Ray's log files. The one line per epoch a person wants to
 instead through a Ray queue: rank 0 puts it there (:func:`send`), and the driver, while
 ``trainer.fit()`` blocks, takes the lines out in a thread and prints them with the stage's
 ``log``. :meth:`EpochFeed.flush` prints what is left before the driver writes its own next
-line, so the order on the console is the order of events.
+line, so the order on the console is the order of events. The line that starts a fold also
+tells the driver which fold is training (:attr:`EpochFeed.fold`), for its error messages,
+and :func:`send_done` tells it which checkpoint a finished fold ended with
+(``on_fold_done``), so the driver writes that fold's results while the next one trains.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ class EpochFeed:
     Use as a context manager around the folds; pass :attr:`queue` to the workers.
     """
 
-    def __init__(self, log: Log) -> None:
+    def __init__(self, log: Log, on_fold_done: Callable[[int, str], None] | None = None) -> None:
         from ray.util.queue import Queue
 
         self.log = log
+        self.on_fold_done = on_fold_done  # (fold, checkpoint name), called in the feed's thread
+        self.fold: int | None = None  # the fold whose start line came last
         self.queue = Queue(actor_options={"num_cpus": 0})
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -55,8 +60,21 @@ class EpochFeed:
         """Print every line sent so far (call it after ``fit()`` returns)."""
         with self._lock:
             n = self.queue.size()
-            for line in self.queue.get_nowait_batch(n) if n else []:
-                self.log(str(line))
+            for item in self.queue.get_nowait_batch(n) if n else []:
+                if isinstance(item, dict):  # a fold ended (send_done)
+                    if self.on_fold_done is not None:
+                        self._fold_done(item["fold"], item["checkpoint"])
+                    continue
+                if isinstance(item, tuple):  # (fold, line): a fold starts
+                    self.fold, item = item
+                self.log(str(item))
+
+    def _fold_done(self, fold: int, checkpoint: str) -> None:
+        assert self.on_fold_done is not None
+        try:
+            self.on_fold_done(fold, checkpoint)
+        except Exception:  # the driver writes it again after training: a warning, not a failure
+            _logger.warning("could not write fold %s's results yet", fold, exc_info=True)
 
     def _run(self) -> None:
         while not self._stop.wait(_POLL_SECONDS):
@@ -66,16 +84,25 @@ class EpochFeed:
                 _logger.debug("epoch feed: could not read the queue", exc_info=True)
 
 
-def send(queue: Any, line: str) -> None:
+def send_done(queue: Any, fold: int, checkpoint: str) -> None:
+    """On rank 0: ``fold`` has ended with the checkpoint named ``checkpoint`` (its folder in the run)."""
+    try:
+        queue.put({"fold": fold, "checkpoint": checkpoint})
+    except Exception:  # the driver reads the fold from the last checkpoint after training
+        _logger.warning("epoch feed: could not tell the driver that fold %s ended", fold, exc_info=True)
+
+
+def send(queue: Any, line: str, fold: int | None = None) -> None:
     """On a worker: ``line`` to the driver's console (through ``queue``) and to Ray's worker log.
 
-    Without a queue (the loop run outside chemmap's trainer) the line is printed, as before.
+    ``fold``: the line starts that fold (:attr:`EpochFeed.fold`). Without a queue (the loop
+    run outside chemmap's trainer) the line is printed, as before.
     """
     if queue is None:
         print(line, flush=True)
         return
     _logger.info(line)  # Ray Train's worker log file (and the console with -v)
     try:
-        queue.put(line)
+        queue.put(line if fold is None else (fold, line))
     except Exception:  # a lost console line must not fail the fold
         _logger.warning("epoch feed: could not send a line to the driver", exc_info=True)

@@ -2,10 +2,11 @@
 
 Every input is checked before a worker starts: the dataset, the model's channel count
 against it, in patch mode the dataset's patch index against the model's geometry, the
-MLflow server and the Ray address (``cluster:``). Each fold is a ``TorchTrainer`` run
-named after the stage key and fold, with its checkpoints under ``cluster.storage_path``;
-running the stage again resumes each unfinished fold from its latest checkpoint, and
-logs into the same MLflow runs. The trained model is the ensemble of the folds' best
+MLflow server and the Ray address (``cluster:``). The folds train one after another in one
+``TorchTrainer`` run (one worker group: :func:`chemmap.train.loop.train_folds`) named after
+the stage key, with its checkpoints under ``cluster.storage_path``; running the stage again
+resumes the unfinished fold from its latest checkpoint and skips the finished ones, and
+logs into the same MLflow runs (one per fold). The trained model is the ensemble of the folds' best
 epochs, written as state dicts (``fold<k>/best.pt``) beside ``model.json``.
 """
 
@@ -34,7 +35,7 @@ from chemmap.models.unet import UNet, UNetConfig
 from chemmap.preprocess.store import Dataset
 from chemmap.stages import StageDir, stage_dir
 from chemmap.train.feed import EpochFeed
-from chemmap.train.loop import STATE_FILE, train_fold
+from chemmap.train.loop import STATE_FILE, train_folds
 
 Log = Callable[[str], None]
 
@@ -93,10 +94,11 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         check_ray_address(address, key)
     try:
-        if address:
-            ray.init(address=address, **console.ray_init_options())
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **console.ray_init_options())
+        with console.keep_sigterm_handler():
+            if address:
+                ray.init(address=address, **console.ray_init_options())
+            else:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, **console.ray_init_options())
     except (ConnectionError, RuntimeError, ValueError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"{key}: cannot connect to Ray at {address!r}: {msg}") from None
@@ -263,54 +265,115 @@ def _open_runs(
     return book, parent
 
 
-def _fit_fold(run: _Run, fold: int, run_id: str):
-    """One fold's ``TorchTrainer`` run (resumed from its checkpoints); its ``Result``."""
+def worker_config(
+    cfg: ChemmapConfig,
+    plan: TrainingPlan,
+    folds: list[int],
+    run_ids: dict[int, str | None] | None = None,
+    *,
+    geometry: Geometry | None = None,
+    debug: dict[str, Any] | None = None,
+    feed: EpochFeed | None = None,
+) -> dict[str, Any]:
+    """The ``train_loop_config`` of :func:`chemmap.train.loop.train_folds` for ``folds``.
+
+    ``run_ids``: each fold's MLflow run (None: not logged); ``geometry``: the model's (patch
+    mode); ``feed``: where rank 0's lines go (None: printed by the worker).
+    """
+    tcfg = cfg.train
+    run_ids = {fold: (run_ids or {}).get(fold) for fold in folds}
+    lines = {
+        fold: f"train: fold {fold}/{len(plan.folds)} on {tcfg.num_workers} worker(s) "
+        f"({'GPU' if tcfg.use_gpu else 'CPU'}, mode {tcfg.mode})"
+        + (f", MLflow run {run_ids[fold]}" if run_ids[fold] else "")
+        for fold in folds
+    }
+    return {
+        "store": str(plan.store),
+        "model": asdict(plan.unet),
+        "train": tcfg.model_dump(mode="json"),
+        "folds": list(folds),
+        "seed": cfg.seed,
+        "tracking_uri": cfg.tracking_uri,
+        "run_ids": run_ids,
+        "fold_lines": lines,
+        "threads": tcfg.torch_threads or max(1, (os.cpu_count() or 1) // tcfg.num_workers),
+        "geometry": asdict(geometry) if geometry is not None else None,
+        "debug": debug or {},
+        "epoch_feed": feed.queue if feed is not None else None,
+    }
+
+
+def _fit_folds(run: _Run, folds: list[int], run_ids: dict[int, str]):
+    """One ``TorchTrainer`` run training ``folds`` in turn (resumed from its checkpoints); its ``Result``.
+
+    One worker group for all folds (:func:`chemmap.train.loop.train_folds`): Ray Train starts
+    its workers once, not once per fold. ``train.max_failures`` counts for the whole run.
+    Checkpoints kept: each fold's last (scored highest, :func:`~chemmap.train.loop.checkpoint_score`)
+    and ``train.checkpoints_to_keep`` of the latest.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg, stage = run.cfg, run.plan.stage
     workers = cfg.train.num_workers
-    loop_config = {
-        "store": str(run.plan.store),
-        "model": asdict(run.plan.unet),
-        "train": cfg.train.model_dump(mode="json"),
-        "fold": fold,
-        "seed": cfg.seed,
-        "tracking_uri": cfg.tracking_uri,
-        "run_id": run_id,
-        "threads": cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // workers),
-        "geometry": asdict(run.geometry) if run.geometry is not None else None,
-        "debug": run.debug,
-        "epoch_feed": run.feed.queue if run.feed is not None else None,
-    }
+    loop_config = worker_config(
+        cfg, run.plan, folds, run_ids, geometry=run.geometry, debug=run.debug, feed=run.feed
+    )
     resources = cfg.cluster.resources_per_worker or ({"CPU": 1} if not cfg.train.use_gpu else None)
     trainer = TorchTrainer(
-        train_fold,
+        train_folds,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=f"{stage.key}-fold{fold}",
+            name=_run_name(stage),
             storage_path=_storage_path(cfg, stage),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep + len(folds),
+                checkpoint_score_attribute="keep",
+                checkpoint_score_order="max",
+            ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
     try:
         result = trainer.fit()
     except Exception as err:  # a training error: keep what is checkpointed, say where
+        fold = folds[0]
+        if run.feed is not None:
+            try:
+                run.feed.flush()
+            except Exception:  # the feed's actor may be gone with the failure
+                pass
+            fold = run.feed.fold if run.feed.fold in folds else fold
         raise RuntimeError(f"training fold {fold} failed: {err}") from err
     if result.checkpoint is None:
-        raise RuntimeError(f"training fold {fold} finished without a checkpoint")
+        raise RuntimeError(f"training folds {folds} finished without a checkpoint")
     return result
 
 
-def _save_fold(run: _Run, fold: int, run_id: str, result, seconds: float) -> dict[str, Any]:
-    """The fold's best weights, learning curve and ``result.json`` from its last checkpoint."""
+def _run_name(stage: StageDir) -> str:
+    """The Ray Train run of a training stage (:func:`clear_training` removes it by its prefix)."""
+    return f"{stage.key}-folds"
+
+
+def _checkpoint_path(run: _Run, name: str) -> str:
+    """Where the run's checkpoint folder ``name`` is: a local path, or a URL on object storage."""
+    return f"{_storage_path(run.cfg, run.plan.stage).rstrip('/')}/{_run_name(run.plan.stage)}/{name}"
+
+
+def _save_fold(run: _Run, fold: int, run_id: str, checkpoint: str) -> dict[str, Any]:
+    """The fold's best weights, learning curve and ``result.json`` from the checkpoint it ended with."""
+    from ray.train import Checkpoint
+
     fdir = run.plan.stage.path / f"fold{fold}"
-    with result.checkpoint.as_directory() as d:
+    fdir.mkdir(parents=True, exist_ok=True)
+    with Checkpoint(checkpoint).as_directory() as d:
         saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    if saved.get("fold") != fold:
+        raise RuntimeError(f"checkpoint {checkpoint} holds fold {saved.get('fold')}, not fold {fold}")
     st = saved["state"]
     with atomic_path(fdir / "best.pt") as tmp:
         torch.save(st["best_model"] if st["best_model"] is not None else saved["model"], tmp)
@@ -321,10 +384,10 @@ def _save_fold(run: _Run, fold: int, run_id: str, result, seconds: float) -> dic
         "best_val_rmse": st["best_rmse"],
         "best_epoch": st["best_epoch"],
         "epochs_run": st["epoch"] + 1,
-        "seconds": seconds,
+        "seconds": sum(h.get("epoch_seconds", 0.0) for h in st["history"]),  # its epochs
         "run_id": run_id,
         "weights": str(fdir / "best.pt"),
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": checkpoint,
         "history": st["history"],
     }
     run.book.client.log_metric(run_id, "best_val_rmse", st["best_rmse"])
@@ -333,25 +396,52 @@ def _save_fold(run: _Run, fold: int, run_id: str, result, seconds: float) -> dic
     return info
 
 
-def train_one_fold(run: _Run, fold: int) -> dict[str, Any]:
-    """Train one fold, or find it done; its ``result.json`` record."""
-    fdir = run.plan.stage.path / f"fold{fold}"
-    if (fdir / "result.json").is_file():
-        done = json.loads((fdir / "result.json").read_text())
-        run.log(f"train: fold {fold} done already (val RMSE {done['best_val_rmse']:.3f})")
-        return done
-    fdir.mkdir(parents=True, exist_ok=True)
-    run_id = run.book.run(f"fold{fold}", f"fold{fold}", parent=run.parent, tags={"chemmap.fold": fold})
-    tcfg = run.cfg.train
-    run.log(
-        f"train: fold {fold}/{len(run.plan.folds)} on {tcfg.num_workers} worker(s) "
-        f"({'GPU' if tcfg.use_gpu else 'CPU'}, mode {tcfg.mode}), MLflow run {run_id}"
-    )
-    t0 = time.perf_counter()
-    result = _fit_fold(run, fold, run_id)
-    if run.feed is not None:
-        run.feed.flush()  # the fold's last epoch lines before the driver's next line
-    return _save_fold(run, fold, run_id, result, time.perf_counter() - t0)
+def _result(run: _Run, fold: int) -> dict[str, Any] | None:
+    path = run.plan.stage.path / f"fold{fold}" / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_folds(run: _Run) -> dict[int, dict[str, Any]]:
+    """Train the folds not done yet in one Ray Train run; every fold's ``result.json`` record.
+
+    A fold's results are written as soon as it ends (through the epoch feed, while the next
+    fold trains), and otherwise from the run's last checkpoint once training is over.
+    """
+    results: dict[int, dict[str, Any]] = {}
+    for fold in run.plan.folds:
+        done = _result(run, fold)
+        if done is not None:
+            results[fold] = done
+            run.log(f"train: fold {fold} done already (val RMSE {done['best_val_rmse']:.3f})")
+    todo = [fold for fold in run.plan.folds if fold not in results]
+    if todo:
+        run_ids = {
+            fold: run.book.run(f"fold{fold}", f"fold{fold}", parent=run.parent, tags={"chemmap.fold": fold})
+            for fold in todo
+        }
+
+        def save(fold: int, name: str) -> None:
+            if fold in run_ids and _result(run, fold) is None:
+                _save_fold(run, fold, run_ids[fold], _checkpoint_path(run, name))
+
+        if run.feed is not None:
+            run.feed.on_fold_done = save
+        result = _fit_folds(run, todo, run_ids)
+        if run.feed is not None:
+            run.feed.flush()  # the last epoch lines (and folds) before the driver's next line
+        with result.checkpoint.as_directory() as d:
+            last = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        ended = {**(last.get("done") or {}), last["fold"]: Path(result.checkpoint.path).name}
+        for fold, name in ended.items():
+            save(fold, name)
+        for fold in todo:
+            record = _result(run, fold)
+            if record is None:
+                raise RuntimeError(
+                    f"training ended without fold {fold} (last checkpoint {result.checkpoint.path})"
+                )
+            results[fold] = record
+    return {fold: results[fold] for fold in run.plan.folds}
 
 
 def _finish(run: _Run, results: dict[int, dict[str, Any]], seconds: float) -> StageDir:
@@ -419,7 +509,11 @@ def train_ensemble(
     plan.stage.begin()
     book, parent = _open_runs(cfg, plan, dataset, runs.parent if runs is not None else None)
     t_start = time.perf_counter()
-    with EpochFeed(log) as feed:
-        run = _Run(cfg, plan, dataset.key, book, parent, geometry, debug or {}, log, feed)
-        results = {fold: train_one_fold(run, fold) for fold in plan.folds}
+    try:
+        with EpochFeed(log) as feed:
+            run = _Run(cfg, plan, dataset.key, book, parent, geometry, debug or {}, log, feed)
+            results = run_folds(run)
+    except BaseException as err:  # stopped or failed: its runs say so until a rerun resumes them
+        book.end_running("KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED")
+        raise
     return _finish(run, results, time.perf_counter() - t_start)

@@ -16,7 +16,7 @@ import torch
 from chemmap.errors import InputError
 from chemmap.inference.actors import score_on_ray
 from chemmap.inference.bundle import read_bundle
-from chemmap.inference.score import ScanScorer, read_map_zarr, score_folder
+from chemmap.inference.score import Engine, ScanScorer, read_map_zarr, score_folder
 from chemmap.io import discover_scans
 from chemmap.preprocess.store import Dataset
 from tests.inference.test_score import MODEL, _random_bundle, _read_csv
@@ -105,7 +105,9 @@ def test_the_accelerator_path_gives_the_maps_of_the_plain_model(setup, tmp_path)
     assert files.scan_id == sid
     outs = {}
     for device in ("cpu", "cpu:0"):
-        scorer = ScanScorer(bundle, scans_root, tmp_path / device, "m", "1", 1.0, device=device)
+        scorer = ScanScorer(
+            bundle, scans_root, tmp_path / device, "m", "1", 1.0, engine=Engine(device=device)
+        )
         assert scorer.score(files).status == "ok"
         outs[device] = read_map_zarr(tmp_path / device / f"{sid}.zarr")
         assert next(scorer.model.parameters()).device.type == torch.device(device).type == "cpu"

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from chemmap.inference.bundle import ModelBundle, read_bundle, write_bundle
 from chemmap.inference.ensemble import predict_map
 from chemmap.inference.flags import fit_spectral_model, scan_mean_spectrum
 from chemmap.inference.score import (
+    Engine,
+    ScanScorer,
     check_scan_id,
     read_map_zarr,
     read_sample_table,
@@ -46,7 +49,7 @@ from chemmap.inference.score_output import (
     read_lock,
     read_map_attrs,
 )
-from chemmap.io import open_scan
+from chemmap.io import discover_scans, open_scan
 from chemmap.io.envi import create_envi, find_data_file
 from chemmap.models.unet import UNet, UNetConfig
 from chemmap.preprocess.recipe import Recipe
@@ -152,6 +155,50 @@ def test_scored_maps_are_the_evaluated_maps_of_the_stored_cubes(setup, scored):
             f"{sid}/capture/{p}{sid}.{ext}" for p in ("", "WHITEREF_", "DARKREF_") for ext in ("hdr", "raw")
         )
         assert (out / f"{sid}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_a_blended_engine_maps_the_same_mask_and_is_recorded(setup, scored, tmp_path):
+    """``--mode gaussian``: the same mask, finite maps inside it; the mode is recorded with the
+    map, and a map of another mode is made again, not taken as done. (How blending blends:
+    tests/inference/test_stream.py.)"""
+    data, bundle, scans_root, _ = setup
+    _, out, _, _, _ = scored
+    sid = sorted(data.scan_ids)[0]
+    files = next(f for f in discover_scans(scans_root) if f.scan_id == sid)
+    blended = ScanScorer(
+        bundle, scans_root, tmp_path, **MODEL, tolerance_nm=1.0, engine=Engine("gaussian", tile_lines=32)
+    )
+    assert blended.score(files).status == "ok"
+    maps, mask, attrs = read_map_zarr(tmp_path / f"{sid}.zarr")
+    exact, exact_mask, exact_attrs = read_map_zarr(out / f"{sid}.zarr")
+    assert (
+        np.array_equal(mask, exact_mask)
+        and np.isfinite(maps[:, mask]).all()
+        and np.isnan(maps[:, ~mask]).all()
+    )
+    assert attrs["engine"] == {"mode": "gaussian", "amp": False} and exact_attrs["engine"]["mode"] == "exact"
+    # The tiny scan is smaller than one window with the model's halo: one window covers the
+    # tissue, so the blend is that window's output, the exact map (to float rounding).
+    np.testing.assert_allclose(maps[:, mask], exact[:, mask], rtol=0, atol=1e-5)
+    # The exact scorer finds the gaussian map out of date, and makes its own.
+    exact_scorer = ScanScorer(bundle, scans_root, tmp_path, **MODEL, tolerance_nm=1.0)
+    assert exact_scorer.score(files).status == "ok"
+    assert read_map_attrs(tmp_path / f"{sid}.zarr")["engine"]["mode"] == "exact"
+    assert exact_scorer.score(files).status == "skipped"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "nearest"}, "scoring mode must be one of"),
+        ({"amp": True}, "runs on a CUDA device only"),
+        ({"tile_lines": 0}, "tile lines must be a positive integer"),
+    ],
+)
+def test_a_bad_engine_setting_is_one_line(kwargs: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        Engine(**kwargs)
 
 
 @pytest.mark.slow
@@ -360,7 +407,9 @@ def test_a_killed_run_leaves_no_half_map_and_the_next_run_finishes_it(setup, tmp
     folder.mkdir()
     ids = sorted(data.scan_ids)[:4]
     for sid in ids:
-        (folder / sid).symlink_to(scans_root / sid)
+        shutil.copytree(
+            scans_root / sid, folder / sid, copy_function=os.link
+        )  # hard links: inside the folder
     out = tmp_path / "out"
     _kill_mid_write(bundle, folder, out)
     done = _complete_maps(out)
@@ -411,7 +460,9 @@ def test_two_scoring_processes_score_each_scan_once_and_leave_a_complete_summary
     folder = tmp_path / "scans"
     folder.mkdir()
     for sid in ids:
-        (folder / sid).symlink_to(scans_root / sid)
+        shutil.copytree(
+            scans_root / sid, folder / sid, copy_function=os.link
+        )  # hard links: inside the folder
     out, go = tmp_path / "out", tmp_path / "go"
     args = [sys.executable, "-c", _RACE_SCRIPT, str(bundle.path), str(folder), str(out), str(go)]
     procs = [
@@ -476,7 +527,9 @@ def test_a_dead_holders_lock_is_taken_over_and_a_live_ones_scan_is_left_busy(set
     folder = tmp_path / "scans"
     folder.mkdir()
     for sid in ids:
-        (folder / sid).symlink_to(scans_root / sid)
+        shutil.copytree(
+            scans_root / sid, folder / sid, copy_function=os.link
+        )  # hard links: inside the folder
     out = tmp_path / "out"
     _lock_file(out, a, HOST, _dead_pid())  # this host, its process gone
     held = acquire_lock(out, b)  # this host, a live process (this one)
@@ -645,7 +698,7 @@ def test_scan_ids_that_would_leave_the_output_folder_are_refused(setup, tmp_path
     assert set(rows) == {"good", "..", ".hidden"}
     assert (summary.ok, summary.errors) == (1, 2) and rows["good"]["status"] == "ok"
     for sid in ("..", ".hidden"):
-        assert rows[sid]["status"] == "error" and "not a safe file name" in rows[sid]["error"]
+        assert rows[sid]["status"] == "error" and "cannot name the scan's outputs" in rows[sid]["error"]
     assert sorted(p.name for p in out.iterdir()) == ["good.png", "good.zarr", "summary.csv"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
 

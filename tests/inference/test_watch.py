@@ -43,7 +43,9 @@ def setup(tiny_dataset, tmp_path_factory):
 def _link_scans(scans_root: Path, ids: list[str], folder: Path) -> Path:
     folder.mkdir(parents=True)
     for sid in ids:
-        (folder / sid).symlink_to(scans_root / sid)
+        shutil.copytree(
+            scans_root / sid, folder / sid, copy_function=os.link
+        )  # hard links: inside the folder
     return folder
 
 

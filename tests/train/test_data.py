@@ -24,6 +24,7 @@ from chemmap.preprocess.recipe import Recipe
 from chemmap.preprocess.store import Dataset
 from chemmap.train.data import (
     NOISE_BLOCK,
+    InputCache,
     Prefetcher,
     ScanView,
     Transform,
@@ -145,6 +146,36 @@ def test_views_read_through_the_dataset_model_input(data):
             raw = data.raw_window("a2", *t.source_window(h, w, *box))
             expected = t.apply(data.model_input(raw * np.float32(0.9) + np.float32(0.01)))
             np.testing.assert_array_equal(view.window(*box), expected)
+
+
+@pytest.mark.parametrize(
+    ("budget", "arrays"),
+    [(1 << 30, 6), (0, 0), (CHANNELS * 37 * 29 * 4, 1)],  # every scan's two arrays; none; the first read
+    ids=["all", "none", "one scan"],
+)
+def test_views_read_the_same_values_through_the_input_cache(data, budget, arrays):
+    """Whole views, windows across the border and masks: equal, bit for bit, with or without the cache.
+
+    Plain views (flips and transposes only) come from the cached model input; augmented ones
+    (gain, offset, noise) from the cached stored values; over the budget, from the store.
+    """
+    cache = InputCache(data, max_bytes=budget)
+    rng = np.random.default_rng(4)
+    for _ in range(2):  # the second pass reads what the first one cached
+        for scan_id in SCANS:
+            for t in TRANSFORMS:
+                for augment in ({}, {"gain": 1.1, "offset": -0.02, "noise": 0.05, "noise_key": (7, scan_id)}):
+                    ref, got = (
+                        ScanView(data, scan_id, t, **augment),
+                        ScanView(data, scan_id, t, **augment, cache=cache),
+                    )
+                    np.testing.assert_array_equal(got.full(), ref.full())
+                    np.testing.assert_array_equal(got.mask(), ref.mask())
+                    for box in _boxes(*ref.hw, rng, n=3):
+                        np.testing.assert_array_equal(got.window(*box), ref.window(*box), err_msg=str(box))
+                    got.full()[...] = 0  # a caller writing into what it got leaves the cache alone
+                    got.mask()[...] = False
+    assert cache.nbytes <= budget and len(cache._arrays) == arrays
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=str)

@@ -90,6 +90,62 @@ def test_stopped_run_resumes_from_its_checkpoint(ray_local, tiny_dataset, tmp_pa
     assert sorted(m.step for m in client.get_metric_history(runs["fold1"], "val_rmse")) == [0, 1, 2]
 
 
+def _weights(stage: StageDir, fold: int) -> tuple[dict, dict]:
+    """A fold's best weights and the weights of the checkpoint it ended with."""
+    import torch
+
+    result = json.loads((stage.path / f"fold{fold}" / "result.json").read_text())
+    best = torch.load(stage.path / f"fold{fold}" / "best.pt", weights_only=True)
+    last = torch.load(Path(result["checkpoint"]) / "state.pt", weights_only=True)
+    assert last["fold"] == fold
+    return best, last["model"]
+
+
+def _same(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_folds_share_one_worker_group_and_each_trains_as_it_would_alone(ray_local, tiny_dataset, tmp_path):
+    """Folds 1 and 2 in one Ray Train run, stopped in fold 2 and run again, against fold 2 alone.
+
+    Fold 1's results are written while fold 2 trains; the rerun skips fold 1 and resumes fold 2
+    from its checkpoint; fold 2's weights equal, bit for bit, those of a run of fold 2 alone
+    (each fold starts from its own seed; CPU training here is deterministic).
+    """
+    _, pre = tiny_dataset
+    both = [f"workdir={tmp_path / 'both'}", "train.folds=[1, 2]", "train.epochs=3", "train.max_failures=0"]
+    cfg = _cfg(tmp_path, *both, "train.early_stopping=10")
+    with pytest.raises(RuntimeError, match="fold 2 failed"):
+        train_ensemble(cfg, pre, debug={"stop_at_epoch": 1, "stop_in_fold": 2}, **QUIET)
+    (stage_dir,) = (tmp_path / "both" / "train").iterdir()
+    assert (stage_dir / "fold1" / "result.json").is_file() and not (stage_dir / "fold2").exists()
+    lines: list[str] = []
+    stage = train_ensemble(cfg, pre, progress=False, log=lines.append)
+    assert any(line.startswith("train: fold 1 done already") for line in lines)
+    assert not any(line.startswith("fold 2 epoch 1/3") for line in lines)  # resumed after epoch 0
+    result = json.loads((stage.path / "fold2" / "result.json").read_text())
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
+    checkpoints = stage.summary()["checkpoints"]
+    assert Path(checkpoints["1"]).name == "fold1_epoch_0002" and Path(checkpoints["1"]).is_dir()
+
+    alone = train_ensemble(
+        _cfg(
+            tmp_path,
+            f"workdir={tmp_path / 'alone'}",
+            "train.folds=[2]",
+            "train.epochs=3",
+            "train.early_stopping=10",
+        ),
+        pre,
+        **QUIET,
+    )
+    for got, expected in zip(_weights(stage, 2), _weights(alone, 2), strict=True):
+        assert _same(got, expected)
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_epoch_is_replaced(ray_local, tiny_dataset, tmp_path):
     _, pre = tiny_dataset
