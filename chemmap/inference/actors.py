@@ -36,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from chemmap.console import keep_sigterm_handler
 from chemmap.errors import InputError
 from chemmap.inference.bundle import ModelBundle, read_bundle
 from chemmap.inference.score import (
@@ -105,8 +106,6 @@ class ScanActor:
 
 def _connect(ray: Any, address: str | None) -> bool:
     """Connect to Ray (``address``, or a new local instance); False when already connected."""
-    from chemmap.console import keep_sigterm_handler
-
     if ray.is_initialized():
         return False
     with keep_sigterm_handler():
@@ -204,10 +203,8 @@ def score_on_ray(
     progress: bool = True,
     log: Log = print,
 ) -> ScoreSummary:
-    """Score every scan in a scanner's folder on Ray actors (see the module's docstring).
-
-    The outputs are those of :func:`chemmap.inference.score.score_folder`: the same maps,
-    pictures and rows (``seconds`` and ``scored_at`` aside), the same tables.
+    """Score every scan in a scanner's folder on Ray actors (see the module's docstring): the
+    outputs of :func:`chemmap.inference.score.score_folder` (``seconds``, ``scored_at`` aside).
 
     Args:
         bundle: the model folder (a path every worker sees), or a bundle read from one
@@ -215,11 +212,10 @@ def score_on_ray(
         input_dir, output_dir: the scanner's folder and where outputs go, on a file system
             every worker sees under the same names.
         model_name, model_version, raw_pattern, white_pattern, dark_pattern, samples_csv,
-            wavelength_tolerance_nm, stale_seconds, progress, log: as for ``score_folder``.
-        engine: as for ``score_folder``; its device is each actor's (``cuda`` with ``use_gpu``).
+            wavelength_tolerance_nm, stale_seconds, engine, progress, log: as for ``score_folder``
+            (the engine's device is each actor's: ``cuda`` with ``use_gpu``).
         ray_address: the cluster (``"auto"``, ``"ray://head:10001"``...); None: the Ray this
-            process is connected to, else a new local one. A Ray started here is shut down
-            at the end.
+            process is connected to, else a new local one (shut down at the end).
         num_actors: actors to start (default: one per CPU of the cluster, or per GPU with
             ``use_gpu``; never more than there are scans).
         use_gpu: one GPU per actor; the model runs there, maps come back to the CPU.
