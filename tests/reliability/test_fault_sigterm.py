@@ -20,16 +20,10 @@ from chemmap.inference.score_output import read_map_zarr
 from chemmap.preprocess.store import Dataset
 from tests.inference.test_score import _random_bundle, _read_csv
 from tests.reliability.faultkit import (
-    CI,
     Chemmap,
-    complete,
-    read_json,
-    reap,
     run,
     scanner_folder,
-    sets,
     wait_until,
-    with_dataset,
 )
 
 TRAIN = ["train.epochs=3", "train.folds=[1]", "train.early_stopping=10"]
