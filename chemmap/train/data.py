@@ -117,7 +117,8 @@ class InputCache:
         self._masks: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def _whole(self, scan_id: str, plain: bool) -> np.ndarray | None:
+    def whole(self, scan_id: str, plain: bool) -> np.ndarray | None:
+        """The whole scan (read-only; see :meth:`window`), or None if it is over the budget."""
         key = (scan_id, plain)
         with self._lock:
             if key in self._arrays:
@@ -142,7 +143,7 @@ class InputCache:
         ``plain``: the model input (0 outside the scan); otherwise the stored values (NaN
         outside, as :meth:`~chemmap.preprocess.store.Dataset.raw_window`). Always a new array.
         """
-        whole = self._whole(scan_id, plain)
+        whole = self.whole(scan_id, plain)
         if whole is None:
             raw = self.data.raw_window(scan_id, y0, x0, y1, x1)
             return self.data.model_input(raw) if plain else raw
@@ -276,6 +277,10 @@ class ScanView:
         """Model input for a window of the view, ``(C, y1-y0, x1-x0)``; 0 outside the scan."""
         if self.cache is not None and self.plain:
             box = self.transform.source_window(*self.src_shape, y0, x0, y1, x1)
+            cached = self.cache.whole(self.scan_id, plain=True)
+            if cached is not None and box == (0, 0, *self.src_shape):  # a whole view: one copy, flipped
+                out = self.transform.apply(cached)
+                return out if out is not cached else cached.copy()
             return self.transform.apply(self.cache.window(self.scan_id, *box, plain=True))
         return self.transform.apply(self.data.model_input(self.raw_window(y0, x0, y1, x1)))
 

@@ -100,16 +100,15 @@ class Chemmap:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, pattern: str, timeout: float = SLOW) -> re.Match:
-        """The first match of ``pattern`` (a regex, multiline) in the output, once it is there.
-
-        Fails when the process ends without it or ``timeout`` passes.
+    def wait_for(self, pattern: str, timeout: float = SLOW, after: int = 0) -> re.Match:
+        """The first match of ``pattern`` (a regex, multiline) in the output from character
+        ``after`` on, once it is there. Fails when the process ends without it or ``timeout`` passes.
         """
         rx = re.compile(pattern, re.M)
         deadline = time.monotonic() + timeout
         while True:
             text = self.text()
-            if m := rx.search(text):
+            if m := rx.search(text, after):
                 return m
             if self.proc.poll() is not None:
                 raise AssertionError(
@@ -289,3 +288,16 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.proc = None
+
+
+def recorded_checkpoints(workdir: Path) -> list[dict]:
+    """The metrics of the checkpoints Ray Train has recorded for the training under ``workdir``:
+    what a restart resumes from. A checkpoint is recorded a little after its epoch is reported
+    (and its line printed), later still on a loaded machine; [] while none is."""
+    out = []
+    for snap in workdir.glob("train/*/ray/*/checkpoint_manager_snapshot.json"):
+        try:
+            out += [c.get("metrics", {}) for c in json.loads(snap.read_text()).get("checkpoint_results", [])]
+        except (OSError, ValueError):
+            pass  # being written
+    return out

@@ -20,13 +20,56 @@ from chemmap.inference.score_output import read_map_zarr
 from chemmap.preprocess.store import Dataset
 from tests.inference.test_score import _random_bundle, _read_csv
 from tests.reliability.faultkit import (
+    CI,
     Chemmap,
+    complete,
+    read_json,
+    reap,
+    recorded_checkpoints,
     run,
     scanner_folder,
+    sets,
     wait_until,
+    with_dataset,
 )
 
-TRAIN = ["train.epochs=3", "train.folds=[1]", "train.early_stopping=10"]
+TRAIN = ["train.epochs=5", "train.folds=[1]", "train.early_stopping=10"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_chemmap_run_at_once_and_a_rerun_resumes_the_fold(tiny_dataset, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    work = with_dataset(tiny_dataset, tmp_path / "w")
+    args = ["run", CI, *sets(work, *TRAIN), "--from", "train", "--to", "train", "--quiet"]
+    with Chemmap(args, tmp_path / "stopped.log") as c:
+        wait_until(lambda: recorded_checkpoints(work), what="a recorded checkpoint")  # something to resume
+        kids = c.descendants()
+        t0 = time.monotonic()
+        c.send(signal.SIGTERM)
+        rc = c.wait(120)
+        seconds = time.monotonic() - t0
+        text = c.text()
+    assert rc == 128 + signal.SIGTERM, text[-3000:]
+    assert text.rstrip().splitlines()[-1].startswith("stopped by SIGTERM: what was finished is kept")
+    assert "Traceback" not in text and "SIGTERM received" not in text  # no stack dump from Ray
+    left = reap(kids, grace=30)
+    assert left == [], f"the stopped run left {left} running"  # Ray went down with it
+    (stage,) = (work / "train").iterdir()
+    assert not complete(stage)
+    runs = read_json(stage / "mlflow_runs.json")
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    assert {client.get_run(r).info.status for r in runs.values()} == {"KILLED"}
+    pipeline = [r for r in client.search_runs([client.get_experiment_by_name("pork_belly").experiment_id])]
+    assert [r.info.status for r in pipeline if r.data.tags.get("chemmap.stage") == "pipeline"] == ["KILLED"]
+
+    rc, again = run(args, tmp_path / "again.log")
+    assert rc == 0, again[-3000:]
+    assert "fold 1 epoch 1/5" not in again and "fold 1 epoch 5/5" in again  # resumed, not restarted
+    assert complete(stage) and read_json(stage / "mlflow_runs.json") == runs
+    assert [h["epoch"] for h in read_json(stage / "fold1" / "result.json")["history"]] == [0, 1, 2, 3, 4]
+    assert {client.get_run(r).info.status for r in runs.values()} == {"FINISHED"}
+    print(f"\nchemmap run exited {seconds:.1f} s after SIGTERM")
 
 
 def _done(out) -> list[str]:
