@@ -60,8 +60,18 @@ class DataSource:
 
 
 def synth_dir(cfg: ChemmapConfig) -> StageDir:
-    """The synth stage's folder for ``cfg.synth`` (its scans are under ``scans/``)."""
-    return stage_dir(cfg.workdir_path, "synth", cfg.synth.model_dump(mode="json"))
+    """The synth stage's folder for ``cfg.synth`` (its scans are under ``scans/``).
+
+    The key holds the scanner's version: scans of another version's physics are never reused.
+    """
+    return stage_dir(cfg.workdir_path, "synth", cfg.synth.model_dump(mode="json"), scanner_inputs())
+
+
+def scanner_inputs(version: int | None = None) -> list[str]:
+    """The synth stage's inputs: the built-in scanner's version (``SYNTH_VERSION`` by default)."""
+    from chemmap.synth.scanner import SYNTH_VERSION
+
+    return [f"scanner-v{SYNTH_VERSION if version is None else version}"]
 
 
 def synth_stage(

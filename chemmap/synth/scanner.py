@@ -38,22 +38,24 @@ from chemmap.files import atomic_path, write_json_atomic
 from chemmap.io.envi import create_envi
 from chemmap.io.references import shuffled_splits
 from chemmap.synth import physics as ph
-from chemmap.synth.scene import Scene, make_scene, smooth_field
+from chemmap.synth.scene import Scene, Tissues, make_scene, smooth_field
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
     from chemmap.config import SynthConfig
 
-# Bumped whenever the physics or the layout changes: a finished folder of another version is stale.
-SYNTH_VERSION = 1
+# Bumped whenever the physics or the layout changes: a finished folder of another version is stale,
+# and the synth stage's key holds it (chemmap.pipeline.synth_dir), so no cached scan of another
+# version is reused. 2: scanner v2 (issue 14; see chemmap.synth.physics).
+SYNTH_VERSION = 2
 SUCCESS_FILE = "_SUCCESS.json"
 # Elements (pixels x bands) per block of lines: ~4 M float32 = 16 MB per temporary array.
 BLOCK_ELEMENTS = 4_000_000
 
 # Purposes of the random streams (the last word of each SeedSequence). Word 5 is the splits'
 # stream, drawn by chemmap.io.references.shuffled_splits (its SPLIT_STREAM).
-_CAMERA, _SAMPLE, _SCENE, _PIXELS, _REFS, _LAB = 0, 1, 2, 3, 4, 6
+_CAMERA, _SAMPLE, _SCENE, _PIXELS, _REFS, _LAB, _BULK = 0, 1, 2, 3, 4, 6, 7
 
 # Called with the number of lines just written (a progress bar's advance).
 Tick = Callable[[int], None]
@@ -141,6 +143,7 @@ class _Camera:
     dark: np.ndarray  # (bands, samples) float32, dark level (counts)
     dead: np.ndarray  # (bands, samples) bool
     basis: np.ndarray  # (k, bands) float32: rows of the absorbance model (see _BASIS)
+    electrons_per_count: float  # photo-electrons behind a count (the camera's shot noise)
 
 
 # Rows of the basis matrix; the per-pixel coefficient of each is given in _coefficients.
@@ -174,14 +177,22 @@ def _camera(spec: SynthSpec) -> _Camera:
             np.log(wl / ph.SCATTER_REF_NM),
         ]
     ).astype(np.float32)
-    return _Camera(wl=wl, white=white, dark=dark, dead=dead, basis=basis)
+    return _Camera(
+        wl=wl,
+        white=white,
+        dark=dark,
+        dead=dead,
+        basis=basis,
+        electrons_per_count=ph.electrons_per_count(spec.instrument),
+    )
 
 
 @dataclass
 class _Sample:
     """Sample-level (animal-level) draws, shared by all scans of a sample."""
 
-    water_share: float
+    tissues: Tissues
+    lean_lightness: float  # multiplies lean's scatter (pale to dark pork)
     myoglobin: float
     fat_shift: float
     water_shift: float
@@ -198,8 +209,16 @@ def _sample(spec: SynthSpec, i: int) -> _Sample:
     # The sides of a belly differ (skin vs flesh side); their mean is the sample's fat.
     sides = fat + rng.normal(0.0, 3.0, spec.scans_per_sample)
     sides = sides - sides.mean() + fat
-    return _Sample(
+    adipose_fat = rng.normal(ph.ADIPOSE_FAT_PCT, ph.ADIPOSE_FAT_BELLY_SD)
+    lean_fat = ph.LEAN_FAT_PCT * np.exp(rng.normal(0.0, ph.LEAN_FAT_BELLY_LOG_SD))
+    tissues = Tissues(
+        adipose_fat=float(np.clip(adipose_fat, *ph.ADIPOSE_FAT_RANGE_PCT)),
+        lean_fat=float(np.clip(lean_fat, *ph.LEAN_FAT_RANGE_PCT)),
         water_share=float(rng.normal(ph.WATER_SHARE_OF_LEAN, ph.WATER_SHARE_SD)),
+    )
+    return _Sample(
+        tissues=tissues,
+        lean_lightness=float(np.exp(rng.normal(0.0, ph.LEAN_LIGHTNESS_BELLY_SD))),
         myoglobin=float(np.exp(rng.normal(0.0, ph.MYOGLOBIN_SD))),
         fat_shift=float(rng.normal(0.0, ph.FAT_SHIFT_SD_NM)),
         water_shift=float(rng.normal(0.0, ph.WATER_SHIFT_SD_NM)),
@@ -216,6 +235,7 @@ class _ScanFields:
     """Per-scan smooth fields and defects, each ``(lines, samples)``."""
 
     m_smooth: np.ndarray  # multiplicative scatter factor, smooth over the scan
+    lean_smooth: np.ndarray  # lean's lightness, smooth over the scan (muscle to muscle)
     path_smooth: np.ndarray  # optical path length factor, smooth over the scan
     belt: np.ndarray  # reflectance of the belt under the slab
     hot: np.ndarray  # bool, hot pixels: spikes that saturate every band
@@ -227,11 +247,14 @@ def _scan_fields(spec: SynthSpec, i: int, j: int) -> _ScanFields:
     size = min(nl, ns)
     m_smooth = np.exp(ph.SCATTER_M_SMOOTH_SD * smooth_field(rng, (nl, ns), size / 5.0))
     path_smooth = np.exp(ph.PATH_SMOOTH_SD * smooth_field(rng, (nl, ns), size / 5.0))
+    lean_smooth = np.exp(ph.LEAN_LIGHTNESS_WITHIN_SD * smooth_field(rng, (nl, ns), size / 4.0))
     belt = ph.BELT_REFLECTANCE + ph.BELT_REFLECTANCE_SD * rng.standard_normal((nl, ns))
     hot = np.zeros((nl, ns), bool)
     n_hot = 1 + rng.poisson(ph.HOT_PIXELS_PER_MPX * nl * ns / 1e6)
     hot.flat[rng.choice(nl * ns, size=min(n_hot, nl * ns), replace=False)] = True
-    return _ScanFields(m_smooth=m_smooth, path_smooth=path_smooth, belt=belt, hot=hot)
+    return _ScanFields(
+        m_smooth=m_smooth, lean_smooth=lean_smooth, path_smooth=path_smooth, belt=belt, hot=hot
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,60 +266,90 @@ def _block_lines(spec: SynthSpec, nb: int) -> int:
     return int(max(1, min(spec.lines, BLOCK_ELEMENTS // max(1, spec.samples * nb))))
 
 
-def _coefficients(smp: _Sample, scene: Scene, fld: _ScanFields, sl: slice, g: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class _PixelDraws:
+    """Per-pixel random draws of a block, each ``(P,)`` float32, independent between pixels."""
+
+    path: np.ndarray  # standard normal: optical path length
+    texture: np.ndarray  # standard normal: multiplicative scatter (micro-texture)
+    offset: np.ndarray  # standard normal: additive scatter
+    slope: np.ndarray  # standard normal: wavelength slope of the scatter
+    tilt: np.ndarray  # standard normal: facet tilt (shading)
+    specular: np.ndarray  # standard exponential: share of facets mirroring the lights
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, n: int) -> _PixelDraws:
+        g = rng.standard_normal((5, n), dtype=np.float32)
+        return cls(*g, rng.standard_exponential(n, dtype=np.float32))
+
+
+def _shading(tilt: np.ndarray) -> np.ndarray:
+    """Light received by a facet tilted ``TILT_SD_RAD * tilt`` against a flat one (cosine law)."""
+    t0 = ph.LIGHT_INCIDENCE_RAD
+    return np.maximum(np.cos(t0 + ph.TILT_SD_RAD * tilt) / np.cos(t0), 0.05)
+
+
+def _coefficients(smp: _Sample, scene: Scene, fld: _ScanFields, sl: slice, d: _PixelDraws) -> np.ndarray:
     """Per-pixel weights of the rows of ``_BASIS``: float32 ``(P, k)``, absorbance = ``coef @ basis``.
 
-    Args:
-        g: float32 ``(5, P)`` standard normal draws of the block's pixels (rows 0, 1, 3 used here).
+    The ``log_m`` row carries the multiplicative terms: tissue scatter and shading.
     """
-    ad = scene.adipose[sl].reshape(-1)
+    lean = scene.lean[sl].reshape(-1)
     fat = scene.fat[sl].reshape(-1) / 100.0
     water = scene.water[sl].reshape(-1) / 100.0
     protein = scene.protein[sl].reshape(-1) / 100.0
     path = (
         smp.path
         * fld.path_smooth[sl].reshape(-1)
-        * np.exp(ph.PATH_PIXEL_SD * g[0])
+        * np.exp(ph.PATH_PIXEL_SD * d.path)
         * (1.0 - ph.PATH_EDGE_LOSS * scene.edge[sl].reshape(-1))
     )
-    m = (
-        (ph.SCATTER_M_LEAN + (ph.SCATTER_M_FAT - ph.SCATTER_M_LEAN) * ad)
-        * smp.m
-        * fld.m_smooth[sl].reshape(-1)
-        * np.exp(ph.SCATTER_M_PIXEL_SD * g[1])
+    tissue_m = (
+        lean * ph.SCATTER_M_LEAN * smp.lean_lightness * fld.lean_smooth[sl].reshape(-1)
+        + scene.adipose[sl].reshape(-1) * ph.SCATTER_M_FAT
+        + scene.rind[sl].reshape(-1) * ph.SCATTER_M_RIND
+        + scene.membrane[sl].reshape(-1) * ph.SCATTER_M_MEMBRANE
     )
-    b = smp.b + ph.SCATTER_B_PIXEL_SD * g[3]
+    m = tissue_m * smp.m * fld.m_smooth[sl].reshape(-1) * np.exp(ph.SCATTER_M_PIXEL_SD * d.texture)
+    b = smp.b + ph.SCATTER_B_PIXEL_SD * d.slope
     return np.stack(
         [
             path * fat,
             path * water,
             path * protein,
-            path * (1.0 - ad) * smp.myoglobin,
+            path * lean * smp.myoglobin,
             -path * fat * smp.fat_shift,
             -path * water * smp.water_shift,
-            -np.log(m),
+            -np.log(m * _shading(d.tilt)),
             b,
         ],
         axis=1,
     ).astype(np.float32)  # (P, k)
 
 
-def _additive_scatter(smp: _Sample, adipose: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Additive scatter per pixel ``(P,)``: by tissue, by sample, by pixel (row 2 of ``g``)."""
+def _additive_scatter(smp: _Sample, scene: Scene, sl: slice, d: _PixelDraws) -> np.ndarray:
+    """Diffuse additive scatter per pixel ``(P,)`` (before shading): by tissue, sample, pixel."""
+    collagen = scene.rind[sl].reshape(-1) + scene.membrane[sl].reshape(-1)
     return (
-        ph.SCATTER_A_LEAN
-        + (ph.SCATTER_A_FAT - ph.SCATTER_A_LEAN) * adipose
+        scene.lean[sl].reshape(-1) * ph.SCATTER_A_LEAN
+        + scene.adipose[sl].reshape(-1) * ph.SCATTER_A_FAT
+        + collagen * ph.SCATTER_A_COLLAGEN
         + smp.a
-        + ph.SCATTER_A_PIXEL_SD * g[2]
+        + ph.SCATTER_A_PIXEL_SD * d.offset
     )
 
 
 def _reflectance(
-    cam: _Camera, smp: _Sample, scene: Scene, fld: _ScanFields, sl: slice, g: np.ndarray
+    cam: _Camera, smp: _Sample, scene: Scene, fld: _ScanFields, sl: slice, d: _PixelDraws
 ) -> np.ndarray:
-    """Reflectance of the block's pixels, float32 ``(P, bands)``: meat, belt at the rim, glare."""
-    a = _additive_scatter(smp, scene.adipose[sl].reshape(-1), g)
-    refl = _coefficients(smp, scene, fld, sl, g) @ cam.basis  # (P, bands) absorbance incl. scatter
+    """Reflectance of the block's pixels, float32 ``(P, bands)``: meat, belt at the rim, glare.
+
+    Meat: ``shade * (m (λ/λ0)^-b exp(-L Σ c ε) + a) + specular``; the shading multiplies both
+    diffuse terms (it is in the ``log_m`` row of the basis, and applied to ``a`` here).
+    """
+    a = _additive_scatter(smp, scene, sl, d) * _shading(d.tilt)
+    a += ph.FRESNEL_WATER * ph.SPECULAR_MEAN_SHARE * d.specular
+    refl = _coefficients(smp, scene, fld, sl, d) @ cam.basis  # (P, bands) absorbance incl. scatter
     np.negative(refl, out=refl)
     np.exp(refl, out=refl)
     refl += a[:, None]
@@ -317,7 +370,7 @@ def _counts(sig: np.ndarray, cam: _Camera, hot: np.ndarray, rng: np.random.Gener
     sig *= white_t[None]
     np.maximum(sig, 0.0, out=sig)
     noise = rng.standard_normal(sig.shape, dtype=np.float32)
-    noise *= np.sqrt(sig / ph.ELECTRONS_PER_COUNT + ph.READ_NOISE_COUNTS**2)
+    noise *= np.sqrt(sig / cam.electrons_per_count + ph.READ_NOISE_COUNTS**2)
     sig += noise
     sig += dark_t[None]
     sig[:, dead_t] = dark_t[dead_t][None, :]
@@ -343,9 +396,7 @@ def _write_raw(
     for l0 in range(0, nl, step):
         l1 = min(nl, l0 + step)
         sl = slice(l0, l1)
-        # Five draws per pixel; the fifth is unused but drawn, as every later draw depends on it.
-        g = rng.standard_normal((5, (l1 - l0) * ns), dtype=np.float32)
-        refl = _reflectance(cam, smp, scene, fld, sl, g)
+        refl = _reflectance(cam, smp, scene, fld, sl, _PixelDraws.draw(rng, (l1 - l0) * ns))
         raw[l0:l1] = _counts(refl.reshape(l1 - l0, ns, nb), cam, fld.hot[sl], rng)
         if tick is not None:
             tick(l1 - l0)
@@ -356,7 +407,7 @@ def _reference_counts(cam: _Camera, level: np.ndarray | None, rng: np.random.Gen
     shape = (ph.REF_LINES, *cam.dark.shape)
     sig = np.zeros(shape, np.float32) if level is None else np.repeat(level[None], ph.REF_LINES, 0)
     noise = rng.standard_normal(sig.shape, dtype=np.float32)
-    sig = sig + noise * np.sqrt(sig / ph.REF_ELECTRONS_PER_COUNT + ph.READ_NOISE_COUNTS**2)
+    sig = sig + noise * np.sqrt(sig / cam.electrons_per_count + ph.READ_NOISE_COUNTS**2)
     sig += cam.dark[None]
     sig[:, cam.dead] = np.broadcast_to(cam.dark[None], sig.shape)[:, cam.dead]
     return np.clip(np.rint(sig), 0, ph.CEILING).astype(np.uint16)
@@ -387,7 +438,7 @@ def _write_scan(
     """Simulate and write one scan (raw + white + dark); return its scene and id."""
     sid = scan_id(i, j)
     rng_scene = _rng(spec.seed, _SCENE, i, j)
-    scene = make_scene(rng_scene, spec.lines, spec.samples, smp.side_fat[j], smp.water_share)
+    scene = make_scene(rng_scene, spec.lines, spec.samples, smp.side_fat[j], smp.tissues)
     cap = out / sid / "capture"
     extra = {"ceiling": ph.CEILING, "sensor type": f"chemmap synthetic {spec.instrument}"}
     raw = create_envi(
@@ -478,18 +529,37 @@ def _simulate_scans(
         return [run(job) for job in jobs]
 
 
-def _lab_values(spec: SynthSpec, results: Sequence[_ScanResult]) -> np.ndarray:
-    """Lab values ``(n_samples, 3)``: fat, protein, water (%) per sample.
-
-    The mean of the sample's true maps over all its scans' masked pixels, plus lab error,
-    clipped to 0-100 %.
-    """
+def surface_composition(spec: SynthSpec, results: Sequence[_ScanResult]) -> np.ndarray:
+    """Mean fat, protein, water (%) of each sample's scanned surfaces, ``(n_samples, 3)``."""
     sums = np.zeros((spec.n_samples, 3))
     counts = np.zeros(spec.n_samples)
     for r in results:
         sums[r.sample] += r.sums
         counts[r.sample] += r.n_pixels
-    truth_mean = sums / np.maximum(counts, 1)[:, None]
+    return sums / np.maximum(counts, 1)[:, None]
+
+
+def bulk_composition(spec: SynthSpec, results: Sequence[_ScanResult]) -> np.ndarray:
+    """What the lab would find without error: fat, protein, water (%) of each whole sample.
+
+    The surfaces' fat plus a per-sample difference (``SURFACE_TO_BULK_SD_FAT_PCT``); water and
+    protein share the rest of the fat-free, ash-free mass as on the surfaces.
+    """
+    surface = surface_composition(spec, results)
+    diff = _rng(spec.seed, _BULK).standard_normal(spec.n_samples) * ph.SURFACE_TO_BULK_SD_FAT_PCT
+    fat = np.clip(surface[:, 0] + diff, 0.5, 95.0)
+    rest = 100.0 - ph.ASH_PCT
+    scale = (rest - fat) / np.maximum(rest - surface[:, 0], 1e-6)
+    return np.stack([fat, surface[:, 1] * scale, surface[:, 2] * scale], axis=1)
+
+
+def _lab_values(spec: SynthSpec, results: Sequence[_ScanResult]) -> np.ndarray:
+    """Lab values ``(n_samples, 3)``: fat, protein, water (%) per sample.
+
+    The whole ground sample (:func:`bulk_composition`: the mean of its true maps over all its
+    scans' masked pixels, plus its surface-to-bulk difference), plus lab error, clipped to 0-100 %.
+    """
+    truth_mean = bulk_composition(spec, results)
     lab_rng = _rng(spec.seed, _LAB)
     err = lab_rng.standard_normal((spec.n_samples, 3)) * np.array(
         [ph.LAB_SD_FAT_PCT, ph.LAB_SD_PROTEIN_PCT, ph.LAB_SD_WATER_PCT]
