@@ -81,3 +81,24 @@ def keep_sigterm_handler() -> Iterator[None]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stage_bar(description: str, total: int, enabled: bool = True) -> Iterator[Any]:
+    """One progress bar for a stage whose work comes in parts: yields ``tick()``, one step each.
+
+    A stage shows one bar however many loops it runs (e.g. evaluate's out-of-fold maps, then
+    its test scans); with ``enabled`` false the ticks do nothing.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+    with bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)

@@ -182,6 +182,7 @@ def out_of_fold(
     *,
     channels: Sequence[int] | None = None,
     progress: bool = True,
+    tick: Callable[[], Any] | None = None,
 ) -> dict[str, OutOfFold]:
     """Every training scan mapped by the models that did not see its fold.
 
@@ -191,6 +192,8 @@ def out_of_fold(
         unet_by_fold: fold -> the fold's U-Net (outputs: the dataset's targets; ``channels``
             picks ``targets`` among them); folds without one have no U-Net maps.
 
+        progress: a bar of its own over the samples; ``tick``: a caller's bar (one call per sample).
+
     Returns:
         target -> :class:`OutOfFold`.
     """
@@ -198,7 +201,7 @@ def out_of_fold(
     channels = list(range(len(targets))) if channels is None else list(channels)
     index = [data.targets.index(t) for t in targets]
     ids = data.ids(training_splits(data))
-    for sid in track(ids, description="out-of-fold maps", disable=not progress):
+    for sid in track(ids, description="out-of-fold maps", disable=not progress or tick is not None):
         info = data.samples[sid]
         for scan_id in info.scans:
             truth = data.truth(scan_id) or {}
@@ -220,6 +223,8 @@ def out_of_fold(
                 scan = {"mask": mask, "truth": truth[t].astype(np.float64), "cube": cube}
                 _add_scan(out[t], info.split, scan, pls_maps[j], lab, umap)
                 out[t].scans += 1
+        if tick is not None:
+            tick()
     return out
 
 

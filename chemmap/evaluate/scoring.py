@@ -11,7 +11,7 @@ writes its maps (``maps/<scan>.zarr``), so a scan scored later can be compared w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,6 +253,7 @@ def score_test_split(
     folder: Path,
     *,
     progress: bool = True,
+    tick: Callable[[], Any] | None = None,
 ) -> TestScores:
     """Every method on every test scan (split 0); the first :data:`N_MAP_FIGURES` samples are drawn."""
     test_ids = data.ids([0])
@@ -266,7 +267,8 @@ def score_test_split(
         tallies={t: {} for t in targets},
     )
     best = models.choices[targets[0]].best_label_free
-    for k, sid in enumerate(track(test_ids, description="evaluate", disable=not progress)):
+    bar = track(test_ids, description="evaluate", disable=not progress or tick is not None)
+    for k, sid in enumerate(bar):
         for scan_id in data.samples[sid].scans:
             maps = _score_scan(data, sid, scan_id, models, targets, scores, k)
             _write_test_map(folder, data, scan_id, maps, targets)
@@ -274,6 +276,8 @@ def score_test_split(
                 truth = (data.truth(scan_id) or {}).get(targets[0])
                 title = f"{scan_id}: {targets[0]} (lab {reference[k, 0]:.1f} %)"
                 scores.figures.append(_draw(scan_id, maps[targets[0]], truth, best, title, folder))
+        if tick is not None:
+            tick()
     scores.predictions["unet"] = np.array(
         [[scores.tallies[t]["unet"].sample_means()[sid] for t in targets] for sid in test_ids]
     )

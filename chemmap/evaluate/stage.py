@@ -29,6 +29,7 @@ import numpy as np
 
 from chemmap import tracking
 from chemmap.config import ChemmapConfig, dump_config
+from chemmap.console import stage_bar
 from chemmap.errors import InputError
 from chemmap.evaluate.baselines import SIGMAS, setting_key
 from chemmap.evaluate.metrics import TISSUE_FAT_THRESHOLD, paired_bootstrap, regression_metrics
@@ -157,6 +158,7 @@ def choose_settings(
     targets: Sequence[str],
     *,
     progress: bool = True,
+    tick: Callable[[], Any] | None = None,
 ) -> tuple[dict[str, Choices], float]:
     """The protocol: out-of-fold maps of the training splits, and the settings they choose.
 
@@ -165,7 +167,14 @@ def choose_settings(
     """
     pls_by_fold = fold_pls_models(data, spectra, targets, fit_pls)
     oof = out_of_fold(
-        data, targets, pls_by_fold, members, models.geometry, channels=models.channels, progress=progress
+        data,
+        targets,
+        pls_by_fold,
+        members,
+        models.geometry,
+        channels=models.channels,
+        progress=progress,
+        tick=tick,
     )
     return {t: choose(oof[t]) for t in targets}, oof[targets[0]].unet_rmsecv()
 
@@ -455,9 +464,12 @@ def _evaluate(
     write_json_atomic(out / "pls.json", pls.to_dict(include_cv_predictions=False))
     models, members = load_models(data, training_stage, pls, targets)
     log(f"evaluate: {len(members)} fold models vs PLS ({pls.n_components[0]} components) and map baselines")
-    choices, rmsecv_unet = choose_settings(data, spectra, models, members, targets, progress=progress)
-    models = replace(models, choices=choices)
-    scores = score_test_split(data, spectra, models, targets, out, progress=progress)
+    # One bar for the stage: the training splits' out-of-fold maps, then the test split.
+    n_samples = len(data.ids(training_splits(data))) + len(data.ids([0]))
+    with stage_bar("evaluate", n_samples, enabled=progress) as tick:
+        choices, rmsecv_unet = choose_settings(data, spectra, models, members, targets, tick=tick)
+        models = replace(models, choices=choices)
+        scores = score_test_split(data, spectra, models, targets, out, tick=tick)
     return Evaluation(
         scores=scores,
         metrics=aggregate_metrics(scores, targets, models.folds),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from math import gamma
+from typing import Any
 
 import numpy as np
 
@@ -189,6 +190,63 @@ def _varying(
     return np.clip(f, *bounds).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class _Tissue:
+    """The fields that make a scan's tissue shares and fat, before the adipose threshold is set."""
+
+    z: np.ndarray  # the layers field (adipose where above the threshold)
+    rind: np.ndarray  # rind share
+    lines_share: np.ndarray  # membrane share where the pixel is lean
+    lean_fat: np.ndarray  # %, intramuscular fat of the lean here
+    adipose_fat: np.ndarray  # %, lipid of the adipose tissue here
+
+    def shares(self, threshold: float, tau: float, sel: Any = slice(None)) -> tuple[np.ndarray, ...]:
+        """``(lean, adipose, membrane)`` shares of the pixels ``sel`` for this threshold."""
+        ad = _sigmoid((self.z[sel] - threshold) / tau)
+        membrane = (1.0 - self.rind[sel]) * self.lines_share[sel] * (1.0 - ad)  # fascia lies in the lean
+        meat = 1.0 - self.rind[sel] - membrane
+        return meat * (1.0 - ad), meat * ad, membrane
+
+    def fat(self, lean: np.ndarray, adipose: np.ndarray, membrane: np.ndarray, sel: Any = slice(None)):
+        """Fat (%) of pixels with these shares."""
+        return (
+            lean * self.lean_fat[sel]
+            + adipose * self.adipose_fat[sel]
+            + self.rind[sel] * ph.RIND_FAT_PCT
+            + membrane * ph.MEMBRANE_FAT_PCT
+        )
+
+    def threshold(self, mask: np.ndarray, target_fat_pct: float) -> tuple[float, float]:
+        """``(threshold, tau)`` whose mean fat over ``mask`` is the target (bisection)."""
+        inside = self.z[mask] if mask.any() else self.z.ravel()
+        sel = mask if mask.any() else np.ones(self.z.shape, bool)
+        # Soft threshold: the transition is ~1-2 px wide (tissue boundaries are sharp at mm scale).
+        tau = 0.04 * float(np.std(inside) or 1.0)
+        lo, hi = float(inside.min()) - 10 * tau, float(inside.max()) + 10 * tau
+        for _ in range(40):  # fat falls as the threshold rises
+            mid = 0.5 * (lo + hi)
+            if float(np.mean(self.fat(*self.shares(mid, tau, sel), sel))) > target_fat_pct:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi), tau
+
+
+def _glare(rng: np.random.Generator, adipose: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Specular glare: small clusters on adipose pixels (wet fat surface facing the lights)."""
+    glare = np.zeros(mask.shape, np.float32)
+    fat_px = np.flatnonzero((adipose > 0.7) & mask)
+    n_glare = rng.binomial(fat_px.size, ph.GLARE_PIXEL_SHARE) if fat_px.size else 0
+    if n_glare:
+        from scipy import ndimage
+
+        seeds = rng.choice(fat_px, size=n_glare, replace=False)
+        glare.flat[seeds] = rng.uniform(*ph.GLARE_STRENGTH, size=n_glare)
+        grown = ndimage.grey_dilation(glare, size=(2, 2))
+        glare = np.where(mask, np.maximum(glare, 0.5 * grown), 0.0).astype(np.float32)
+    return glare
+
+
 def make_scene(
     rng: np.random.Generator, lines: int, samples: int, target_fat_pct: float, tissues: Tissues
 ) -> Scene:
@@ -214,56 +272,17 @@ def make_scene(
     )
     lean_fat = _varying(rng, shape, tissues.lean_fat, ph.LEAN_FAT_WITHIN_SD, ph.LEAN_FAT_RANGE_PCT)
     rind = _rind(rng, slab, pitch)
-    lines_share = _membrane_lines(rng, lines, samples, pitch)
-
-    def shares(threshold: float, tau: float, sel: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, ...]:
-        ad = _sigmoid((z[sel] - threshold) / tau)
-        membrane = (1.0 - rind[sel]) * lines_share[sel] * (1.0 - ad)  # fascia lies in the lean
-        meat = 1.0 - rind[sel] - membrane
-        return meat * (1.0 - ad), meat * ad, membrane
-
-    def fat_of(lean: np.ndarray, adipose: np.ndarray, membrane: np.ndarray, sel) -> np.ndarray:
-        return (
-            lean * lean_fat[sel]
-            + adipose * adipose_fat[sel]
-            + rind[sel] * ph.RIND_FAT_PCT
-            + membrane * ph.MEMBRANE_FAT_PCT
-        )
-
-    inside = z[mask] if mask.any() else z.ravel()
-    sel = mask if mask.any() else np.ones(shape, bool)
-    # Soft threshold: the transition is ~1-2 px wide (tissue boundaries are sharp at mm scale).
-    tau = 0.04 * float(np.std(inside) or 1.0)
-    lo, hi = float(inside.min()) - 10 * tau, float(inside.max()) + 10 * tau
-    for _ in range(40):  # bisection on the threshold for the target mean (fat falls as it rises)
-        mid = 0.5 * (lo + hi)
-        if float(np.mean(fat_of(*shares(mid, tau, sel), sel))) > target_fat_pct:
-            lo = mid
-        else:
-            hi = mid
-    lean, adipose, membrane = shares(0.5 * (lo + hi), tau)
-    fat = fat_of(lean, adipose, membrane, slice(None))
+    tissue = _Tissue(z, rind, _membrane_lines(rng, lines, samples, pitch), lean_fat, adipose_fat)
+    lean, adipose, membrane = tissue.shares(*tissue.threshold(mask, target_fat_pct))
+    fat = tissue.fat(lean, adipose, membrane)
     rest = 100.0 - ph.ASH_PCT  # water + protein + fat of each tissue
     water = (
         tissues.water_share * (lean * (rest - lean_fat) + adipose * (rest - adipose_fat))
         + rind * ph.RIND_WATER_PCT
         + membrane * ph.MEMBRANE_WATER_PCT
     )
-    protein = rest - fat - water
     # Rim: the slab thins over the outer ~6 % of its size.
     rim = max(2.0, 0.06 * min(lines, samples))
-    edge = np.clip(1.0 - slab.depth / rim, 0.0, 1.0)
-    # Specular glare: small clusters on adipose pixels (wet fat surface facing the lights).
-    glare = np.zeros(shape, np.float32)
-    fat_px = np.flatnonzero((adipose > 0.7) & mask)
-    n_glare = rng.binomial(fat_px.size, ph.GLARE_PIXEL_SHARE) if fat_px.size else 0
-    if n_glare:
-        from scipy import ndimage
-
-        seeds = rng.choice(fat_px, size=n_glare, replace=False)
-        glare.flat[seeds] = rng.uniform(*ph.GLARE_STRENGTH, size=n_glare)
-        grown = ndimage.grey_dilation(glare, size=(2, 2))
-        glare = np.where(mask, np.maximum(glare, 0.5 * grown), 0.0).astype(np.float32)
     f32 = partial(np.asarray, dtype=np.float32)
     return Scene(
         coverage=slab.coverage,
@@ -273,9 +292,9 @@ def make_scene(
         rind=rind,
         membrane=f32(membrane),
         fat=f32(fat),
-        protein=f32(protein),
+        protein=f32(rest - fat - water),
         water=f32(water),
-        edge=f32(edge),
-        glare=glare,
+        edge=f32(np.clip(1.0 - slab.depth / rim, 0.0, 1.0)),
+        glare=_glare(rng, adipose, mask),
         pitch_mm=float(pitch),
     )
