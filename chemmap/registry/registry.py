@@ -598,6 +598,13 @@ def _cache_name(name: str) -> str:
     return f"{safe.strip('.') or 'model'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+def _version_identity(tracking_uri: str, name: str, version: str) -> str:
+    """A short hash of what makes a registered version this one: its registry, run and source."""
+    mv = tracking.client(tracking_uri).get_model_version(name, version)
+    who = [tracking_uri, name, str(version), mv.run_id, mv.source, str(mv.creation_timestamp)]
+    return hashlib.sha256("\n".join(map(str, who)).encode()).hexdigest()[:12]
+
+
 def _download(tracking_uri: str, uri: str, dest: Path, source: str) -> None:
     """Download a model version's artifacts into ``dest``, complete and checked or not at all."""
     import mlflow
@@ -625,8 +632,10 @@ def fetch_bundle(tracking_uri: str, model_uri: str, cache_dir: str | Path) -> tu
     Args:
         tracking_uri: the MLflow tracking (and registry) URI.
         model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
-        cache_dir: downloads go to ``cache_dir/<name>/<version>/`` (renamed into place when
-            complete and checked; a complete earlier download is checked and reused).
+        cache_dir: downloads go to ``cache_dir/<name>/<version>-<identity>/`` (renamed into
+            place when complete and checked; a complete earlier download is checked and reused).
+            The identity hashes the tracking URI and the version's run and source, so version 1
+            of another registry (or of a registry made again) is never taken for this one.
 
     Returns:
         ``(bundle, name, version)``.
@@ -638,7 +647,7 @@ def fetch_bundle(tracking_uri: str, model_uri: str, cache_dir: str | Path) -> tu
     """
     name, version = resolve(tracking_uri, model_uri)
     source = f"{model_uri} (version {version})"
-    dest = Path(cache_dir) / _cache_name(name) / version
+    dest = Path(cache_dir) / _cache_name(name) / f"{version}-{_version_identity(tracking_uri, name, version)}"
     if dest.is_dir():
         try:
             return _check_model_folder(dest, source), name, version

@@ -31,7 +31,7 @@ from tests.inference.test_score import _read_csv
 from tests.registry import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
-STRICT = 90.0  # a second registration's flags.percentile; the default is 99
+STRICT = 60.0  # a second registration's flags.percentile; the default is 99
 
 
 def _copy_scan(capture: Path, scan_id: str, dest_root: Path, new_id: str) -> None:
@@ -108,7 +108,7 @@ def test_flags_percentile_keys_the_register_stage_and_sets_the_registered_limits
         assert model == fit_spectral_model(registered.data, percentile=percentile)
     loose = read_bundle(default.path / "bundle").spectral_model
     tight = read_bundle(strict.path / "bundle").spectral_model
-    assert tight.t2_limit < loose.t2_limit and tight.q_limit < loose.q_limit  # measured 5.15 < 8.12
+    assert tight.t2_limit < loose.t2_limit and tight.q_limit < loose.q_limit  # measured (scanner v2) 0.95 < 4.74
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_chemmap_score_flags_a_frozen_scan_and_not_the_same_belly_as_recorded(re
     assert len(normal) == 2 and sorted(rows) == sorted([*normal, *(f"frozen_{s}" for s in normal)])
     for sid in normal:
         assert rows[sid]["status"] == "ok" and rows[sid]["flags"] == "", rows[sid]
-        # measured: Q 0.0424 and 0.0371 frozen, 0.0172 and 0.0163 as recorded; limit 0.0325
+        # measured (scanner v2): Q 0.0176 frozen (belly0006_a), 0.0018 and 0.0003 as recorded; limit 0.0087
         frozen = rows[f"frozen_{sid}"]
         assert frozen["status"] == "ok" and f"q>{model.q_limit:.4g}" in frozen["flags"].split(";"), frozen
         assert float(frozen["q"]) > 2.0 * float(rows[sid]["q"])
@@ -143,8 +143,11 @@ def test_a_lower_flags_percentile_flags_more_of_the_same_scans(registered, score
         named = row["flags"].split(";") if row["flags"] else []
         assert (f"t2>{model.t2_limit:.4g}" in named) == (float(row["t2"]) > model.t2_limit)
         assert (f"q>{model.q_limit:.4g}" in named) == (float(row["q"]) > model.q_limit)
-    newly = [sid for sid in tight if tight[sid]["flags"] and not loose[sid]["flags"]]
-    assert newly == ["belly0005_a"]  # measured: T² 6.31, above the 90th percentile's 5.15
+    flagged_loose = {sid for sid, row in loose.items() if row["flags"]}
+    flagged_tight = {sid for sid, row in tight.items() if row["flags"]}
+    assert flagged_loose <= flagged_tight
+    # measured (scanner v2): both bellies as recorded, T² 2.45 and 3.23 above the 60th percentile's 0.95
+    assert flagged_tight - flagged_loose == {"belly0005_a", "belly0006_a"}
 
 
 def test_flags_percentile_is_checked_where_it_is_read():

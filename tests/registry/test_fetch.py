@@ -16,9 +16,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from chemmap import tracking
 from chemmap.errors import InputError
 from chemmap.inference.bundle import read_bundle
-from chemmap.registry.registry import CODE_FILE, _cache_name, fetch_bundle
+from chemmap.registry.registry import CODE_FILE, _cache_name, fetch_bundle, log_model, register
 from tests.registry import helpers
 
 pytestmark = pytest.mark.slow  # shares the registry of conftest.py; three more models logged
@@ -70,13 +71,31 @@ def _refused(registered, name: str, cache: Path, marker: Path) -> str:
 def test_the_champion_downloads_once_reads_and_is_reused(registered, tmp_path):
     bundle, name, version = fetch_bundle(registered.uri, f"models:/{helpers.NAME}@champion", tmp_path)
     assert (name, version) == (helpers.NAME, "2")
-    assert bundle.path.parent.parent == tmp_path / helpers.NAME / "2"
+    folder = bundle.path.parent.parent  # <cache>/<name>/<version>-<identity>
+    assert folder.parent == tmp_path / helpers.NAME and folder.name.startswith("2-")
     assert bundle.manifest == read_bundle(registered.root / "bundle-better").manifest
-    assert (tmp_path / helpers.NAME / "2" / CODE_FILE.name).read_bytes() == CODE_FILE.read_bytes()
-    stamp = (tmp_path / helpers.NAME / "2").stat()
+    assert (folder / CODE_FILE.name).read_bytes() == CODE_FILE.read_bytes()
+    stamp = folder.stat()
     again, _, _ = fetch_bundle(registered.uri, f"models:/{helpers.NAME}/2", tmp_path)
-    assert again.path == bundle.path and (tmp_path / helpers.NAME / "2").stat().st_ino == stamp.st_ino
-    assert sorted(os.listdir(tmp_path / helpers.NAME)) == ["2"]  # no temporary folder left behind
+    assert again.path == bundle.path and folder.stat().st_ino == stamp.st_ino
+    assert os.listdir(tmp_path / helpers.NAME) == [folder.name]  # no temporary folder left behind
+
+
+def test_version_1_of_another_registry_is_not_taken_from_the_cache(registered, tmp_path):
+    """Two registries (or one made again) both have a version 1 of the name: the cache keeps them apart."""
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    client = tracking.client(uri)
+    run = helpers.new_run(client, "other-registry", tmp_path / "artifacts")
+    other = log_model(
+        uri, run, registered.root / "bundle-better", bands=len(registered.data.recipe.raw_wavelengths)
+    )
+    register(uri, helpers.NAME, other, evaluation=registered.evaluations["better"], tags={})
+    cache = tmp_path / "cache"
+    first, _, v1 = fetch_bundle(registered.uri, f"models:/{helpers.NAME}/1", cache)
+    second, _, v2 = fetch_bundle(uri, f"models:/{helpers.NAME}/1", cache)
+    assert v1 == v2 == "1" and first.path != second.path
+    assert first.manifest == read_bundle(registered.root / "bundle-first").manifest
+    assert second.manifest == read_bundle(registered.root / "bundle-better").manifest
 
 
 def test_a_changed_cached_copy_is_downloaded_again(registered, tmp_path):
