@@ -108,7 +108,8 @@ def test_flags_percentile_keys_the_register_stage_and_sets_the_registered_limits
         assert model == fit_spectral_model(registered.data, percentile=percentile)
     loose = read_bundle(default.path / "bundle").spectral_model
     tight = read_bundle(strict.path / "bundle").spectral_model
-    assert tight.t2_limit < loose.t2_limit and tight.q_limit < loose.q_limit  # measured (scanner v2) 0.95 < 4.74
+    # measured (scanner v2): T² limits 0.95 < 4.74
+    assert tight.t2_limit < loose.t2_limit and tight.q_limit < loose.q_limit
 
 
 @pytest.fixture(scope="module")

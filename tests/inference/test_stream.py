@@ -429,10 +429,11 @@ def _peak_bytes(lines: int) -> int:
     tracemalloc.start()
     try:
         raw, out = Lines(lines, samples), Sink((1, lines, samples))
+        # Without reader threads: their timing would move the peak by a block or two.
         stream_scan(
             model, _recipe(), raw, *_refs(samples), saturation=CEILING, out=out, tile=32, block_lines=16,
-            prefetch=False,  # reader threads' timing would move the peak by a block or two
-        )
+            prefetch=False,
+        )  # fmt: skip
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
