@@ -143,6 +143,12 @@ class LossSection(_Section):
     smooth: float = Field(20.0, ge=0)
     out_of_range: float = Field(1e-3, ge=0)  # sum of squared excursions below 0 / above 100 %
     l2: float = Field(1e-3, ge=0)  # sum of squared conv weights, once per optimiser step
+    # The smoothness term's form (chemmap.models.loss.Smoothness): the penalty of a neighbour
+    # difference (quadratic: the paper's; huber and tv preserve edges) and which pairs count
+    # (both pixels in the mask, or the paper's anchor pixel).
+    smooth_penalty: Literal["quadratic", "huber", "tv"] = "quadratic"
+    smooth_delta: float = Field(5.0, gt=0)  # percent: where huber turns linear (tv's scale)
+    smooth_pairs: Literal["both", "anchor"] = "both"
 
 
 class AugmentSection(_Section):
@@ -201,6 +207,7 @@ class ModelSection(_Section):
     front_end: bool = False  # the paper's Conv3d(1, 1, (7, 2, 2), stride (1, 2, 2))
     encoder: Literal["plain", "resnet"] = "plain"
     checkpointing: bool = False  # recompute blocks in backward: less memory, more time
+    spectral_path: bool = False  # add a per-pixel linear map of the spectra (a 1x1 conv at full resolution)
     # Given only to check them: they must equal the dataset's channels and the number of targets.
     in_channels: int | None = Field(None, ge=1)
     out_channels: int | None = Field(None, ge=1)

@@ -24,6 +24,15 @@ The smoothness weight decides how much detail survives, and only the mean is
 supervised, so validation RMSE cannot choose it; DESIGN.md notes that weight 1 halved
 the per-pixel error of weight 20 on synthetic data. The default stays the paper's 20:
 set ``LossConfig(smooth=...)`` from the training config.
+
+Departures from the paper, and options it does not have (docs/loss.md has the details and
+what each weight means at another image size or pixel pitch):
+
+- the loss is computed on the full-resolution map (after the model's x2 up-sampling), not
+  on the model's half-resolution output grid;
+- a smoothness pair counts when both its pixels are in the mask (``pairs="both"``); the
+  paper's code counts it by its anchor pixel (``pairs="anchor"``, an option);
+- the smoothness penalty may be edge-preserving (:class:`Smoothness`: ``huber``, ``tv``).
 """
 
 from __future__ import annotations
@@ -40,14 +49,70 @@ TERMS = ("mean", "smooth", "out_of_range")
 UPPER = 100.0  # percent: fat (or any constituent) cannot exceed 100 %
 
 
+PENALTIES = ("quadratic", "huber", "tv")
+PAIRS = ("both", "anchor")
+
+
+@dataclass(frozen=True)
+class Smoothness:
+    """How a pair of neighbouring pixels is penalised, and which pairs count.
+
+    Attributes:
+        penalty: of the difference ``d`` (percent) between the pair: ``"quadratic"`` ``d**2``
+            (the paper); ``"huber"`` ``d**2`` up to ``delta`` and ``2 delta |d| - delta**2``
+            beyond (the same near 0, linear across an edge, so a fat/lean boundary costs its
+            contrast, not its square); ``"tv"`` ``2 delta |d|`` (total variation, scaled to
+            meet Huber's linear part, so ``delta`` keeps one meaning).
+        delta: percent, where Huber turns linear.
+        pairs: ``"both"`` pixels in the mask (chemmap's default), or ``"anchor"``: the pair's
+            first pixel (the upper, or the left one) in the mask, as the paper's code masks it.
+    """
+
+    penalty: str = "quadratic"
+    delta: float = 5.0
+    pairs: str = "both"
+
+    def __post_init__(self) -> None:
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"smooth penalty must be one of {PENALTIES}, got {self.penalty!r}.")
+        if self.pairs not in PAIRS:
+            raise ValueError(f"smooth pairs must be one of {PAIRS}, got {self.pairs!r}.")
+        if not self.delta > 0:
+            raise ValueError(f"smooth delta must be > 0, got {self.delta!r}.")
+
+    @classmethod
+    def of(cls, weights: Any) -> Smoothness:
+        """The smoothness a loss config (or training config's loss section) asks for."""
+        return cls(
+            penalty=getattr(weights, "smooth_penalty", "quadratic"),
+            delta=float(getattr(weights, "smooth_delta", 5.0)),
+            pairs=getattr(weights, "smooth_pairs", "both"),
+        )
+
+    def cost(self, d: torch.Tensor) -> torch.Tensor:
+        """The penalty of differences ``d`` (elementwise)."""
+        if self.penalty == "quadratic":
+            return d**2
+        a = d.abs()
+        if self.penalty == "tv":
+            return 2.0 * self.delta * a
+        return torch.where(a <= self.delta, d**2, 2.0 * self.delta * a - self.delta**2)
+
+
+QUADRATIC = Smoothness()
+
+
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of the loss terms (the paper's values by default)."""
+    """Weights of the loss terms (the paper's values by default), and the smoothness's form."""
 
     mean: float = 1.0  # squared error of the masked mean against the lab value
     smooth: float = 20.0  # neighbouring-pixel differences / N (paper: 20; DESIGN.md: 1 may be better)
     out_of_range: float = 1e-3  # squared excursions below 0 and above 100, summed over pixels
     l2: float = 1e-3  # squared conv weights, once per optimiser step (see l2_penalty)
+    smooth_penalty: str = "quadratic"  # see Smoothness
+    smooth_delta: float = 5.0
+    smooth_pairs: str = "both"
 
 
 class TermWeights(Protocol):
@@ -142,34 +207,40 @@ def mean_term(p: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return mean_error(masked_sum(p, mask), _as_mask(mask, p).sum((-2, -1)), y)
 
 
-def neighbour_sum(p: torch.Tensor, mask: torch.Tensor, axis: int) -> torch.Tensor:
-    """Sum of ``(p_a - p_b) ** 2`` over neighbouring pairs along one axis, both in the mask -> (B, T).
+def neighbour_sum(
+    p: torch.Tensor, mask: torch.Tensor, axis: int, smooth: Smoothness = QUADRATIC
+) -> torch.Tensor:
+    """Sum of the penalty of ``p_b - p_a`` over neighbouring pairs along one axis -> (B, T).
 
     Args:
         p: ``(B, T, H, W)`` maps.
         mask: ``(B, 1|T, H, W)`` mask.
         axis: -2 for vertical pairs (along y), -1 for horizontal pairs (along x).
+        smooth: the penalty and which pairs count (default: ``(p_a - p_b) ** 2``, both in the
+            mask).
     """
     p = _as_bthw(p)
     m = _as_mask(mask, p)
     k = p.shape[axis] - 1  # pairs per line
-    both = m.narrow(axis, 1, k) * m.narrow(axis, 0, k)  # (B, ., H-1, W) or (B, ., H, W-1): pair in the mask
+    counted = m.narrow(axis, 0, k)  # the anchor: the upper or left pixel of the pair
+    if smooth.pairs == "both":
+        counted = counted * m.narrow(axis, 1, k)  # (B, ., H-1, W) or (B, ., H, W-1)
     step = p.narrow(axis, 1, k) - p.narrow(axis, 0, k)  # (B, T, H-1, W) or (B, T, H, W-1)
-    return (step**2 * both).sum((-2, -1))  # (B, T)
+    return (smooth.cost(step) * counted).sum((-2, -1))  # (B, T)
 
 
-def smooth_sum(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over in-mask neighbouring pairs along y and x of ``(p_a - p_b) ** 2`` -> (B, T).
+def smooth_sum(p: torch.Tensor, mask: torch.Tensor, smooth: Smoothness = QUADRATIC) -> torch.Tensor:
+    """Sum over counted neighbouring pairs along y and x of the pair's penalty -> (B, T).
 
     Not yet divided by N (a sample's scans, or the patched gradient's patches, add it first).
     """
-    return neighbour_sum(p, mask, -2) + neighbour_sum(p, mask, -1)
+    return neighbour_sum(p, mask, -2, smooth) + neighbour_sum(p, mask, -1, smooth)
 
 
-def smooth_term(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def smooth_term(p: torch.Tensor, mask: torch.Tensor, smooth: Smoothness = QUADRATIC) -> torch.Tensor:
     """Smoothness per sample and target, divided by N -> (B, T)."""
     p = _as_bthw(p)
-    return smooth_sum(p, mask) / pixel_count(_as_mask(mask, p))
+    return smooth_sum(p, mask, smooth) / pixel_count(_as_mask(mask, p))
 
 
 def out_of_range_term(p: torch.Tensor, mask: torch.Tensor, upper: float = UPPER) -> torch.Tensor:
@@ -211,7 +282,7 @@ def sample_loss(
     config = LossConfig() if config is None else config
     terms = {
         "mean": mean_term(p, mask, y),
-        "smooth": smooth_term(p, mask),
+        "smooth": smooth_term(p, mask, Smoothness.of(config)),
         "out_of_range": out_of_range_term(p, mask),
     }
     out = {name: value.sum(1).mean() for name, value in terms.items()}  # sum targets, mean batch

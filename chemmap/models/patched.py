@@ -35,7 +35,9 @@ import torch
 from torch import nn
 
 from chemmap.models.loss import (
+    QUADRATIC,
     LossConfig,
+    Smoothness,
     TermWeights,
     masked_sum,
     mean_error,
@@ -155,7 +157,13 @@ def mean_term_of(total: torch.Tensor, count: torch.Tensor, y: torch.Tensor) -> M
     return MeanTerm(value.detach(), coef, count)
 
 
-def patch_terms(p: torch.Tensor, mask: torch.Tensor, core: tuple[int, int], coef: torch.Tensor) -> PatchTerms:
+def patch_terms(
+    p: torch.Tensor,
+    mask: torch.Tensor,
+    core: tuple[int, int],
+    coef: torch.Tensor,
+    smooth: Smoothness = QUADRATIC,
+) -> PatchTerms:
     """A patch's share of the sample's sums, from its core and one seam row and column.
 
     Args:
@@ -163,11 +171,13 @@ def patch_terms(p: torch.Tensor, mask: torch.Tensor, core: tuple[int, int], coef
         mask: ``(h + 1, w + 1)`` mask alike.
         core: ``(h, w)``, the core's size; the core is ``p[:, :h, :w]``.
         coef: ``(T,)`` :attr:`MeanTerm.coef`.
+        smooth: the smoothness term's form; a pair belongs to the patch of its upper (or left)
+            pixel, its anchor, so ``pairs="anchor"`` sums the same pairs as the whole image.
     """
     h, w = core
     p, mask = p[None], mask[None]  # (1, T, h+1, w+1), (1, h+1, w+1)
-    vertical = neighbour_sum(p[..., : h + 1, :w], mask[..., : h + 1, :w], -2)  # upper pixel in the core
-    horizontal = neighbour_sum(p[..., :h, : w + 1], mask[..., :h, : w + 1], -1)  # left pixel in the core
+    vertical = neighbour_sum(p[..., : h + 1, :w], mask[..., : h + 1, :w], -2, smooth)  # upper pixel in core
+    horizontal = neighbour_sum(p[..., :h, : w + 1], mask[..., :h, : w + 1], -1, smooth)  # left pixel in core
     core_p, core_m = p[..., :h, :w], mask[..., :h, :w]  # (1, T, h, w), (1, h, w)
     return PatchTerms(
         mean=(masked_sum(core_p, core_m)[0] * coef).sum(),
@@ -183,7 +193,13 @@ def _backward_patch(run: _Pass, box: Box, mean: MeanTerm) -> PatchTerms:
     seam = (y0, x0, min(y1 + 1, height), min(x1 + 1, width))  # the core and one seam row and column
     window = plan_window(run.model, run.geometry, height, width, seam, run.halo)
     p = window.crop(_forward_window(run.model, run.read_window, window.read), seam)  # (T, h+1, w+1)
-    part = patch_terms(p, run.mask[seam[0] : seam[2], seam[1] : seam[3]], (y1 - y0, x1 - x0), mean.coef)
+    part = patch_terms(
+        p,
+        run.mask[seam[0] : seam[2], seam[1] : seam[3]],
+        (y1 - y0, x1 - x0),
+        mean.coef,
+        Smoothness.of(run.weights),
+    )
     normalised = {"mean": part.mean, "smooth": part.smooth / mean.count, "out_of_range": part.out_of_range}
     (run.scale * weighted_total(normalised, run.weights)).backward()
     return PatchTerms(part.mean.detach(), part.smooth.detach(), part.out_of_range.detach())

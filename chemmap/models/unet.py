@@ -57,6 +57,11 @@ class UNetConfig:
     front_end: bool = False  # paper's Conv3d(1, 1, (7, 2, 2), stride (1, 2, 2)) before the U-Net
     encoder: str = "plain"  # "plain" double convolutions or "resnet" residual blocks
     checkpointing: bool = False  # recompute each block in backward: less memory, more time
+    # A per-pixel linear map of the input spectra (a 1x1 convolution at the input's full
+    # resolution) added to the U-Net's output: the U-Net then predicts a residual over a
+    # PLS-like map, and full-resolution spectral detail does not pass through the stride-2
+    # front-end and the up-sampling. Zero at the start.
+    spectral_path: bool = False
 
     def __post_init__(self) -> None:
         if self.in_channels < 1:
@@ -265,7 +270,12 @@ class UNet(nn.Module):
             Up(widths[level + 1], widths[level], config) for level in range(config.depth - 1)
         )
         self.head = nn.Conv2d(widths[0], config.out_channels, 1)
+        self.spectral: nn.Conv2d | None = None
         self.reset_parameters()
+        if config.spectral_path:  # made after the rest is drawn: the U-Net starts as without it
+            self.spectral = nn.Conv2d(config.in_channels, config.out_channels, 1)
+            nn.init.zeros_(self.spectral.weight)
+            nn.init.zeros_(self.spectral.bias)
 
     def reset_parameters(self) -> None:
         """Kaiming-normal convolution weights, zero biases; norm layers at weight 1, bias 0."""
@@ -277,6 +287,9 @@ class UNet(nn.Module):
             elif isinstance(module, nn.BatchNorm2d | nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if self.spectral is not None:  # zero: the model starts as the plain U-Net
+            nn.init.zeros_(self.spectral.weight)
+            nn.init.zeros_(self.spectral.bias)
 
     # ------------------------------------------------------------------ geometry
 
@@ -343,6 +356,7 @@ class UNet(nn.Module):
             raise ValueError(f"expected input (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}.")
         height, width = x.shape[-2:]
         self.check_size(height, width)
+        spectra = x
         if self.front_end is not None:
             # Odd sizes: repeat the last row/column so the stride-2 kernel covers every pixel.
             if height % 2 or width % 2:  # F.pad copies the input even when it adds nothing
@@ -360,6 +374,9 @@ class UNet(nn.Module):
             # Back to the input's grid; align_corners=False keeps pixel k on input pixel k + margin.
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)  # (B, T, 2h', 2w')
             x = x[..., : height - 2 * self.margin, : width - 2 * self.margin]  # (B, T, H', W')
+        if self.spectral is not None:
+            m = self.margin
+            x = x + self.spectral(spectra[..., m : height - m, m : width - m])  # (B, T, H', W')
         return x
 
     def extra_repr(self) -> str:

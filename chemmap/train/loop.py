@@ -38,7 +38,7 @@ import torch
 
 from chemmap import tracking
 from chemmap.config import AugmentSection, LossSection, TrainSection
-from chemmap.models.loss import LossConfig, l2_penalty, weighted_total
+from chemmap.models.loss import LossConfig, Smoothness, l2_penalty, weighted_total
 from chemmap.models.patched import patched_backward, patched_sum
 from chemmap.models.tiling import Geometry, canvas_pads, forward_full, predict_full, read_padded
 from chemmap.models.unet import UNet, UNetConfig
@@ -432,8 +432,10 @@ def whole_step(f: Fold, batch: list[LoadedSample], sums: EpochSums) -> None:
         last = j == bs - 1
         sync = contextlib.nullcontext() if (last or not hasattr(f.model, "no_sync")) else f.model.no_sync()
         with sync, _autocast(f.device, f.train.amp):
+            form = Smoothness.of(f.train.loss)
             parts = [
-                scan_sums(forward_map(f.model, x.to(f.device)).float(), m.to(f.device)) for x, m in s.inputs
+                scan_sums(forward_map(f.model, x.to(f.device)).float(), m.to(f.device), form)
+                for x, m in s.inputs
             ]
             terms = sample_loss(parts, _target(f, s.sample_id), f.train.loss)
             loss = terms["loss"] * (s.weight / bs)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from chemmap.models.loss import (
+    QUADRATIC,
+    Smoothness,
     TermWeights,
     masked_sum,
     mean_error,
@@ -39,19 +41,20 @@ class ScanSums:
     out_of_range: torch.Tensor
 
 
-def scan_sums(pred: torch.Tensor, mask: torch.Tensor) -> ScanSums:
+def scan_sums(pred: torch.Tensor, mask: torch.Tensor, smooth: Smoothness = QUADRATIC) -> ScanSums:
     """Per-scan sums of one map.
 
     Args:
         pred: ``(T, H, W)`` predicted maps (percent).
         mask: ``(H, W)`` bool, the sample's pixels at the map's resolution; may be empty
             for one of a sample's scans, not for all.
+        smooth: the smoothness term's form (:meth:`Smoothness.of` the loss config).
     """
     p, m = pred[None], mask[None].to(pred.dtype)  # (1, T, H, W), (1, H, W)
     return ScanSums(
         total=masked_sum(p, m)[0],
         count=m.sum(),
-        smooth=smooth_sum(p, m)[0],
+        smooth=smooth_sum(p, m, smooth)[0],
         out_of_range=out_of_range_term(p, m)[0],
     )
 

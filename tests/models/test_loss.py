@@ -10,6 +10,7 @@ from torch import nn
 
 from chemmap.models.loss import (
     LossConfig,
+    Smoothness,
     l2_penalty,
     mean_term,
     out_of_range_term,
@@ -92,3 +93,61 @@ def test_l2_counts_conv_weights_only() -> None:
     assert l2_penalty(model).item() == pytest.approx(expected.item())
     everything = sum((p**2).sum() for p in model.parameters())
     assert l2_penalty(model).item() < everything.item()  # biases and LayerNorm weights left out
+
+
+# ----------------------------------------------------------------------------- the smoothness's forms
+
+
+def _pairs(anchor: bool) -> list[int]:
+    """Neighbour differences of P counted with both pixels in M, or with the anchor in M."""
+    horizontal = [12 - 10, -3 - 12, 104 - 11, 9 - 104, 7 - 8]  # both in the mask
+    vertical = [11 - 10, 8 - 11, 104 - 12, 7 - 104, 9 + 3]
+    if anchor:  # the anchor (left or upper pixel) in the mask, the other out: 7 -> 50, 9 -> 50
+        horizontal.append(50 - 7)
+        vertical.append(50 - 9)
+    return horizontal + vertical
+
+
+@pytest.mark.parametrize("anchor", [False, True])
+def test_the_paper_counts_a_pair_by_its_anchor_pixel(anchor: bool) -> None:
+    cfg = Smoothness(pairs="anchor" if anchor else "both")
+    assert smooth_term(P, M, cfg).item() == sum(d**2 for d in _pairs(anchor)) / N
+
+
+def test_huber_is_quadratic_up_to_delta_and_linear_beyond() -> None:
+    delta = 4.0
+    expected = sum(d**2 if abs(d) <= delta else 2 * delta * abs(d) - delta**2 for d in _pairs(False)) / N
+    assert smooth_term(P, M, Smoothness(penalty="huber", delta=delta)).item() == expected
+    # TV: 2 delta |d|, meeting Huber's linear part (the same slope)
+    assert (
+        smooth_term(P, M, Smoothness(penalty="tv", delta=delta)).item()
+        == sum(2 * delta * abs(d) for d in _pairs(False)) / N
+    )
+
+
+def test_a_fat_lean_edge_costs_its_contrast_under_huber_and_its_square_under_the_paper() -> None:
+    """Doubling an edge's contrast quadruples the paper's penalty and only doubles Huber's."""
+    edge = torch.zeros(1, 1, 4, 4)
+    edge[..., 2:] = 40.0
+    mask = torch.ones(1, 4, 4)
+    quad = [smooth_term(edge * k, mask).item() for k in (1, 2)]
+    hub = [smooth_term(edge * k, mask, Smoothness(penalty="huber", delta=1.0)).item() for k in (1, 2)]
+    assert quad[1] == pytest.approx(4 * quad[0])
+    assert hub[1] == pytest.approx(2 * hub[0], rel=0.02)
+
+
+def test_sample_loss_takes_the_smoothness_form_from_the_config() -> None:
+    y = torch.tensor([[20.0]])
+    cfg = LossConfig(smooth=1.0, smooth_penalty="huber", smooth_delta=4.0, smooth_pairs="anchor")
+    got = sample_loss(P, M, y, cfg)["smooth"].item()
+    assert got == smooth_term(P, M, Smoothness(penalty="huber", delta=4.0, pairs="anchor")).item()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"penalty": "l1"}, "penalty must be one of"), ({"pairs": "one"}, "pairs must be one of"),
+     ({"delta": 0.0}, "delta must be > 0")],
+)  # fmt: skip
+def test_a_bad_smoothness_is_one_clear_error(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Smoothness(**kwargs)

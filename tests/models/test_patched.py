@@ -115,3 +115,23 @@ def test_windows_must_cover_the_mask_once() -> None:
     with pytest.raises(ValueError, match="exactly once"):
         read = functools.partial(read_padded, x)
         patched_backward(model, read, [(0, 0, 16, 16)], irregular_mask(), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"smooth_penalty": "huber", "smooth_delta": 0.5},
+        {"smooth_penalty": "tv", "smooth_delta": 2.0},
+        {"smooth_pairs": "anchor"},
+        {"smooth_penalty": "huber", "smooth_delta": 0.5, "smooth_pairs": "anchor"},
+    ],
+)
+def test_patched_gradient_equals_whole_image_gradient_for_every_smoothness(form: dict) -> None:
+    """Edge-preserving penalties and the paper's anchor pairs split over patches exactly too."""
+    torch.manual_seed(0)
+    model = UNet(in_channels=3, depth=3, features=4, pad=False).double()
+    cfg = LossConfig(mean=1.0, smooth=20.0, out_of_range=1e-2, **form)
+    err, whole, patched = compare(model, cfg)
+    assert err < EXACT
+    for name in ("mean", "smooth", "out_of_range", "total"):
+        assert patched[name] == pytest.approx(whole[name], rel=EXACT), name

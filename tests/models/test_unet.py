@@ -238,3 +238,53 @@ def test_spectral_front_end_equals_its_conv3d_with_gradients(shape: tuple[int, .
     ref = torch.autograd.grad(theirs, [x, fe.conv.weight, fe.conv.bias], g)
     for a, b in zip(grads, ref, strict=True):
         assert rel(a, b) < EXACT
+
+
+# ----------------------------------------------------------------------------- the spectral path
+
+
+@pytest.mark.parametrize("kwargs", [{"pad": True}, {"pad": False, "front_end": True, "in_channels": 9}])
+def test_the_spectral_path_starts_at_zero_and_adds_a_per_pixel_linear_map(kwargs: dict) -> None:
+    base = {"in_channels": 3, "depth": 3, "features": 4, **kwargs}
+    torch.manual_seed(0)
+    plain = UNet(**base).double().eval()
+    torch.manual_seed(0)
+    model = UNet(**base, spectral_path=True).double().eval()
+    h, w = plain.valid_size(44), plain.valid_size(52)
+    x = torch.randn(2, base["in_channels"], h, w, dtype=torch.float64)
+    assert torch.equal(model(x), plain(x))  # zero at the start; the rest initialised as before
+    with torch.no_grad():
+        model.spectral.weight.normal_()
+        model.spectral.bias.fill_(3.0)
+    m = model.margin
+    linear = (
+        torch.einsum("tc,bchw->bthw", model.spectral.weight[:, :, 0, 0], x[..., m : h - m, m : w - m]) + 3.0
+    )
+    assert rel(model(x), plain(x) + linear) < EXACT
+    # Changing one pixel's spectrum moves its output by the linear map's change (plus the U-Net's)
+    i, j = (h - 2 * m) // 2, (w - 2 * m) // 2  # an output pixel, on input pixel (i + m, j + m)
+    y = x.clone()
+    y[0, :, i + m, j + m] += 1.0
+    with torch.no_grad():
+        direct = float(model.spectral.weight[0, :, 0, 0].sum())
+        through_unet = float(plain(y)[0, 0, i, j] - plain(x)[0, 0, i, j])
+        got = float(model(y)[0, 0, i, j] - model(x)[0, 0, i, j])
+    assert got == pytest.approx(direct + through_unet, rel=1e-9)
+
+
+def test_the_spectral_path_keeps_tiles_exact() -> None:
+    from chemmap.models.tiling import model_geometry, predict_tiled
+
+    torch.manual_seed(0)
+    model = (
+        UNet(in_channels=9, depth=3, features=4, front_end=True, pad=False, spectral_path=True)
+        .double()
+        .eval()
+    )
+    with torch.no_grad():
+        model.spectral.weight.normal_()
+    geometry = model_geometry(model)
+    x = torch.randn(9, 61, 70, dtype=torch.float64)
+    full = predict_full(model, x)
+    tiled = predict_tiled(model, x, core=16, halo=geometry.radius, geometry=geometry)
+    assert rel(tiled, full) < EXACT

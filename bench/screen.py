@@ -1,0 +1,158 @@
+"""Screen U-Net variants on development datasets, judged on out-of-fold truth only (issue 15 §3).
+
+The evaluation protocol (docs/evaluation.md): settings are explored and chosen on the
+out-of-fold maps of the training splits, never on the test split. This script runs the
+default pipeline (synth -> preprocess -> train -> evaluate) for each variant on each
+development dataset with a reduced fold set, and reads from each evaluation's
+``metrics.json`` only what the training splits say:
+
+- the U-Net's out-of-fold per-pixel RMSE against the true maps (``oof_pixel_rmse``);
+- the out-of-fold per-pixel RMSE of the label-free baseline the protocol chose (the one a
+  variant has to beat), and of PLS per pixel;
+- the U-Net's RMSECV of the sample means (mean fat), beside PLS's.
+
+The test split's figures are in those files too; this script does not read them.
+
+    .venv/bin/python bench/screen.py                          # default variants, dev seeds 1 2, folds 1 2
+    .venv/bin/python bench/screen.py --variant base= --variant tv=train.loss.smooth_penalty=tv
+    .venv/bin/python bench/screen.py --tiny                   # configs/ci.yaml, 1 seed: a smoke run
+
+Development seeds must not be the reporting seeds of ``bench/acceptance.py`` (100-104).
+Writes ``screen.json`` and ``screen.md`` into ``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.acceptance import REPORTING_SEEDS, dataset_config  # noqa: E402
+
+DEV_SEEDS = (1, 2)
+# name -> config overrides on top of the pipeline (and of the screening's fold set).
+VARIANTS: dict[str, list[str]] = {
+    "base": [],
+    "anchor_pairs": ["train.loss.smooth_pairs=anchor"],
+    "huber": ["train.loss.smooth_penalty=huber", "train.loss.smooth_delta=5"],
+    "tv": ["train.loss.smooth_penalty=tv", "train.loss.smooth_delta=5"],
+    "spectral_path": ["model.spectral_path=true"],
+    "spectral_path_huber": [
+        "model.spectral_path=true",
+        "train.loss.smooth_penalty=huber",
+        "train.loss.smooth_delta=5",
+    ],
+}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``name=key=value,key=value`` (or ``name=`` for none) -> ``(name, overrides)``."""
+    name, _, sets = text.partition("=")
+    if not name:
+        raise SystemExit(f"--variant {text!r}: expected NAME=key=value,key=value (or NAME=)")
+    return name, [s for s in sets.split(",") if s]
+
+
+def oof_figures(metrics: dict[str, Any], target: str) -> dict[str, Any]:
+    """The out-of-fold figures of one evaluation (one target): nothing from the test split."""
+    many = isinstance(metrics["maps"].get("unet", {}).get("oof_pixel_rmse"), dict)
+
+    def of(value: Any) -> Any:
+        return value.get(target) if many and isinstance(value, dict) else value
+
+    maps = metrics["maps"]
+    best = of(metrics.get("protocol", {})).get("best_label_free") if metrics.get("protocol") else None
+    return {
+        "unet_oof_pixel_rmse": of(maps["unet"]["oof_pixel_rmse"]),
+        "best_label_free": best,
+        "best_oof_pixel_rmse": of(maps[best]["oof_pixel_rmse"]) if best in maps else None,
+        "pls_oof_pixel_rmse": of(maps.get("pls", {}).get("oof_pixel_rmse")),
+        "unet_rmsecv": metrics.get("rmsecv_unet_training"),
+        "pls_rmsecv": of(metrics.get("rmsecv", {})).get("pls")
+        if isinstance(metrics.get("rmsecv"), dict)
+        else None,
+    }
+
+
+def _log_without_test_figures(line: str) -> None:
+    """The pipeline's lines, less the evaluate stage's test-split figures: screening never sees them."""
+    if not line.startswith(("evaluate: test", "evaluate: per-pixel")):
+        print(f"  {line}", flush=True)
+
+
+def run_one(config: Path, seed: int, sets: list[str], target: str | None) -> dict[str, Any]:
+    from chemmap.pipeline import run
+
+    cfg = dataset_config(config, seed, sets)
+    t0 = time.perf_counter()
+    out = run(cfg, until="evaluate", progress=False, log=_log_without_test_figures)
+    metrics = json.loads((Path(out["evaluate"]) / "metrics.json").read_text())
+    return {
+        "seed": seed,
+        **oof_figures(metrics, target or cfg.targets[0]),
+        "seconds": time.perf_counter() - t0,
+        "evaluate": str(out["evaluate"]),
+    }
+
+
+def table(results: dict[str, list[dict[str, Any]]], seeds: list[int]) -> str:
+    """Markdown: per variant, each dataset's U-Net and best-baseline OOF per-pixel RMSE, and the mean."""
+    head = ["variant", *(f"seed {s}: U-Net / best baseline" for s in seeds), "mean U-Net", "U-Net RMSECV"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, rows in results.items():
+        cells = [
+            f"{r['unet_oof_pixel_rmse']:.2f} / {r['best_oof_pixel_rmse']:.2f} ({r['best_label_free']})"
+            for r in rows
+        ]
+        mean = sum(r["unet_oof_pixel_rmse"] for r in rows) / len(rows)
+        cv = [r["unet_rmsecv"] for r in rows if r["unet_rmsecv"] is not None]
+        lines.append(
+            "| " + " | ".join([name, *cells, f"{mean:.2f}", " / ".join(f"{c:.2f}" for c in cv)]) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=ROOT / "pipelines" / "pork_belly.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(DEV_SEEDS))
+    ap.add_argument("--folds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--variant", action="append", default=[], help="NAME=key=value,... (repeatable)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value for every run")
+    ap.add_argument("--target", default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "screen")
+    ap.add_argument("--tiny", action="store_true", help="configs/ci.yaml, one seed, two variants")
+    args = ap.parse_args()
+    variants = dict(parse_variant(v) for v in args.variant) or dict(VARIANTS)
+    seeds = list(args.seeds)
+    if args.tiny:
+        args.config = ROOT / "configs" / "ci.yaml"
+        seeds, variants = seeds[:1], {k: variants[k] for k in list(variants)[:2]}
+    if set(seeds) & set(REPORTING_SEEDS):
+        raise SystemExit(
+            f"seeds {sorted(set(seeds) & set(REPORTING_SEEDS))} are reporting seeds: develop on others"
+        )
+    common = [*args.sets, f"train.folds=[{','.join(map(str, args.folds))}]"]
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    record = {"config": str(args.config), "seeds": seeds, "folds": args.folds, "variants": variants}
+    args.out.mkdir(parents=True, exist_ok=True)
+    from chemmap.files import write_json_atomic
+
+    for seed in seeds:  # every variant on one dataset first: a partial screen is still a comparison
+        for name, sets in variants.items():
+            print(f"== {name}, seed {seed}: {' '.join(sets) or '(the pipeline as configured)'}", flush=True)
+            results[name].append(run_one(args.config, seed, [*common, *sets], args.target))
+            write_json_atomic(args.out / "screen.json", {**record, "results": results})
+    md = table(results, seeds)
+    print(md)
+    (args.out / "screen.md").write_text(md + "\n")
+
+
+if __name__ == "__main__":
+    main()
