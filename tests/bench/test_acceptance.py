@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 
+from bench import acceptance  # the script's own functions (bench/ is importable from the repo root)
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _acceptance():
-    spec = importlib.util.spec_from_file_location("bench_acceptance", ROOT / "bench" / "acceptance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-acceptance = _acceptance()
 
 
 def test_log_ratio_interval_on_known_numbers():

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+from bench import screen  # the script's own functions (bench/ is importable from the repo root)
+
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _screen():
-    spec = importlib.util.spec_from_file_location("bench_screen", ROOT / "bench" / "screen.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-screen = _screen()
 
 METRICS = {
     "maps": {
