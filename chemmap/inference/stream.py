@@ -205,7 +205,7 @@ def _settings(
     batch: int,
     device: str | torch.device,
     amp: bool,
-    channels_last: bool,
+    channels_last: bool | None,
     block_lines: int,
     prefetch: bool,
     sigma_scale: float,
@@ -227,6 +227,8 @@ def _settings(
         raise InputError(f"device {dev} requested, but CUDA is not available here")
     if amp and dev.type != "cuda":
         raise InputError(f"amp=True (bf16 autocast) runs on a CUDA device only, got device {dev}")
+    if channels_last is None:  # CPU: 1.2-2.1x faster (docs/benchmarks.md, Scoring)
+        channels_last = dev.type == "cpu"
     return _Settings(
         mode,
         region,
@@ -944,7 +946,7 @@ def stream_scan(
     batch: int = BATCH,
     device: str | torch.device = "cpu",
     amp: bool = False,
-    channels_last: bool = False,
+    channels_last: bool | None = None,
     geometry: Geometry | None = None,
     mask_file: Path | None = None,
     block_lines: int | None = None,
@@ -973,7 +975,7 @@ def stream_scan(
             gaussian: sigma of the weights as a share of the window side.
         batch: windows per model call (exact: border windows of another shape go apart).
         device: where the model runs (e.g. ``"cuda"``).
-        amp, channels_last: bf16 autocast, CUDA only, and channels-last memory format (opt-in).
+        amp, channels_last: bf16 autocast (CUDA only) and channels-last format (None: on CPU only).
             The U-Net heads (1x1 convolutions) run outside autocast on float32 input: the map is
             float32 from bf16 features (up-sampling and ensemble mean in float32).
         geometry: the model's tiling geometry (measured with :func:`model_geometry` if None).

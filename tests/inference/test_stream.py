@@ -170,11 +170,22 @@ def test_prefetch_batching_and_channels_last_change_nothing() -> None:
     a = stream_scan(
         _unet(), *args, saturation=CEILING, region="scan", tile=32, batch=1, prefetch=False, block_lines=7
     )
+    model = _unet()
     b = stream_scan(
-        _unet(), *args, saturation=CEILING, region="scan", tile=(32, 64), batch=8, block_lines=50,
-        channels_last=True,
+        model, *args, saturation=CEILING, region="scan", tile=(32, 64), batch=8, block_lines=50,
+        channels_last=False,
     )  # fmt: skip
     assert rel(a.maps, b.maps) < FP32 and a.windows == 20 and b.windows == 10
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert convs and not any(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
+def test_channels_last_is_the_cpu_default() -> None:
+    """On the CPU the model runs channels-last unless told not to (faster there, same maps)."""
+    model = _unet()
+    stream_scan(model, _recipe(), Lines(LINES, SAMPLES), *_refs(SAMPLES), saturation=CEILING, tile=32)
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
 
 
 def test_a_halo_one_stride_short_is_not_exact() -> None:
