@@ -149,6 +149,14 @@ class LossSection(_Section):
     smooth_penalty: Literal["quadratic", "huber", "tv"] = "quadratic"
     smooth_delta: float = Field(5.0, gt=0)  # percent: where huber turns linear (tv's scale)
     smooth_pairs: Literal["both", "anchor"] = "both"
+    # With model.spectral_path (issue 15): the spectral path's own mean term, (y - its masked
+    # mean)^2, and a penalty on the U-Net's residual over it (map - spectral map), summed over
+    # the mask / N: the U-Net then departs from the per-pixel spectral map only where the
+    # smoothness term pays for it (a learned, edge-aware denoiser of that map). 0: off.
+    spectral: float = Field(0.0, ge=0)
+    residual: float = Field(0.0, ge=0)
+    residual_penalty: Literal["quadratic", "huber"] = "huber"
+    residual_delta: float = Field(5.0, gt=0)  # percent: where huber turns linear
 
 
 class AugmentSection(_Section):
@@ -183,6 +191,10 @@ class TrainSection(_Section):
     max_failures: int = Field(2, ge=0)  # dead workers replaced, training resumes from checkpoint
     prefetch: int = Field(2, ge=0)  # samples read ahead by a background thread
     torch_threads: int | None = None  # per worker on CPU; None: cores / workers
+    # With model.spectral_path: "ridge" starts the path at a ridge regression of the lab values
+    # on the fold's training mean spectra (penalty by leave-one-out), and the U-Net's head at
+    # zero, so training starts from the per-pixel spectral map; "zero": the path starts at 0.
+    spectral_init: Literal["zero", "ridge"] = "zero"
 
 
 class MlflowSection(_Section):
@@ -283,6 +295,21 @@ class ChemmapConfig(_Section):
     flags: FlagsSection = FlagsSection()
     score: ScoreSection = ScoreSection()
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _spectral_terms_need_the_path(self) -> ChemmapConfig:
+        loss, train = self.train.loss, self.train
+        asked = {
+            "train.loss.spectral": loss.spectral > 0,
+            "train.loss.residual": loss.residual > 0,
+            "train.spectral_init": train.spectral_init != "zero",
+        }
+        wants = [key for key, on in asked.items() if on]
+        if wants and not self.model.spectral_path:
+            raise ValueError(f"{wants[0]} needs model.spectral_path: true")
+        if wants and train.mode != "whole":
+            raise ValueError(f"{wants[0]} is implemented for train.mode: whole only, got {train.mode!r}")
+        return self
 
     @field_validator("targets")
     @classmethod

@@ -271,6 +271,9 @@ class UNet(nn.Module):
         )
         self.head = nn.Conv2d(widths[0], config.out_channels, 1)
         self.spectral: nn.Conv2d | None = None
+        # Training with the spectral path's own terms sets this: forward then returns the map
+        # and the spectral path's map stacked, (B, 2 T, H', W') (see forward).
+        self.emit_parts = False
         self.reset_parameters()
         if config.spectral_path:  # made after the rest is drawn: the U-Net starts as without it
             self.spectral = nn.Conv2d(config.in_channels, config.out_channels, 1)
@@ -376,8 +379,31 @@ class UNet(nn.Module):
             x = x[..., : height - 2 * self.margin, : width - 2 * self.margin]  # (B, T, H', W')
         if self.spectral is not None:
             m = self.margin
-            x = x + self.spectral(spectra[..., m : height - m, m : width - m])  # (B, T, H', W')
+            path = self.spectral(spectra[..., m : height - m, m : width - m])  # (B, T, H', W')
+            x = x + path
+            if self.emit_parts:
+                return torch.cat([x, path], dim=1)  # (B, 2 T, H', W'): the map, then the path's
         return x
+
+    def start_from_spectral(self, coef: torch.Tensor, intercept: torch.Tensor) -> None:
+        """Start as the per-pixel linear map ``x @ coef + intercept`` of the input spectra.
+
+        The spectral path takes ``coef`` ``(in_channels, T)`` and ``intercept`` ``(T,)``, in the
+        model's input units; the U-Net's head starts at zero, so the model's map is the path's
+        until training moves the U-Net away from it (its other weights keep their draw).
+        """
+        if self.spectral is None:
+            raise ValueError("start_from_spectral needs a U-Net built with spectral_path=True.")
+        t, c = self.config.out_channels, self.config.in_channels
+        if tuple(coef.shape) != (c, t) or tuple(intercept.shape) != (t,):
+            raise ValueError(f"expected coef ({c}, {t}) and intercept ({t},), got "
+                             f"{tuple(coef.shape)} and {tuple(intercept.shape)}.")  # fmt: skip
+        with torch.no_grad():
+            self.spectral.weight.copy_(coef.T.reshape(t, c, 1, 1))
+            self.spectral.bias.copy_(intercept)
+            nn.init.zeros_(self.head.weight)
+            if self.head.bias is not None:
+                nn.init.zeros_(self.head.bias)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in asdict(self.config).items())

@@ -40,12 +40,13 @@ from chemmap import tracking
 from chemmap.config import AugmentSection, LossSection, TrainSection
 from chemmap.models.loss import LossConfig, Smoothness, l2_penalty, weighted_total
 from chemmap.models.patched import patched_backward, patched_sum
+from chemmap.models.ridge import ridge_loo
 from chemmap.models.tiling import Geometry, canvas_pads, forward_full, predict_full, read_padded
 from chemmap.models.unet import UNet, UNetConfig
 from chemmap.preprocess.store import Dataset, PatchIndex
 from chemmap.train.data import InputCache, Prefetcher, ScanView, sample_views, shard_for_rank
 from chemmap.train.feed import send, send_done
-from chemmap.train.objective import sample_loss, scan_sums
+from chemmap.train.objective import residual_form, sample_loss, scan_sums
 
 STATE_FILE = "state.pt"
 
@@ -387,6 +388,8 @@ def build_fold(
     state = _restore(net, opt, sched, saved) if saved is not None else None
     if state is None:
         _start_at_training_mean(net, data, train_ids)
+        if tcfg.spectral_init == "ridge":
+            _start_from_ridge(net, data, train_ids)
     # DDP over the workers (moves to the worker's device). Gradients as views into DDP's buckets:
     # no copy into the bucket before the all-reduce nor back after it (1-2 ms of a 35 ms step on
     # two CPU workers), the same sums.
@@ -425,6 +428,43 @@ def _target(f: Fold, sample_id: str) -> torch.Tensor:
     return torch.tensor(f.data.samples[sample_id].targets, dtype=torch.float32, device=f.device)
 
 
+def _wants_parts(loss: Any) -> bool:
+    """Whether the loss has the spectral path's own terms (the model must emit its map too)."""
+    return getattr(loss, "spectral", 0.0) > 0 or getattr(loss, "residual", 0.0) > 0
+
+
+def _scan_sums(f: Fold, x: torch.Tensor, m: torch.Tensor, form: Smoothness, residual: Smoothness):
+    """One view's :func:`scan_sums`, with the spectral path's map when the loss asks for it."""
+    parts = _wants_parts(f.train.loss)
+    f.net.emit_parts = parts
+    try:
+        out = forward_map(f.model, x.to(f.device)).float()  # (T, H, W), or (2 T, H, W) with parts
+    finally:
+        f.net.emit_parts = False
+    pred, path = out.chunk(2) if parts else (out, None)
+    return scan_sums(pred, m.to(f.device), form, path, residual)
+
+
+def _start_from_ridge(model: UNet, data: Dataset, train_ids: list[str]) -> None:
+    """The spectral path at a ridge fit of the training samples' lab values on their mean inputs."""
+    spectra, labels = [], []
+    for sid in train_ids:
+        total, count = np.zeros(data.n_channels), 0
+        for scan in data.samples[sid].scans:
+            mask = data.mask(scan)
+            total += data.cube(scan)[...][:, mask].sum(axis=1, dtype=np.float64)
+            count += int(mask.sum())
+        spectra.append(data.recipe.normalize(total / max(count, 1)))  # the model's input units
+        labels.append(data.samples[sid].targets)
+    y = np.asarray(labels, np.float64)
+    if not np.isfinite(y).all():
+        raise ValueError("train.spectral_init: ridge needs every training sample's lab values (NaN found)")
+    fit = ridge_loo(np.asarray(spectra), y)
+    dtype = next(model.parameters()).dtype
+    coef, intercept = (torch.as_tensor(a, dtype=dtype) for a in (fit.coef, fit.intercept))
+    model.start_from_spectral(coef, intercept)
+
+
 def whole_step(f: Fold, batch: list[LoadedSample], sums: EpochSums) -> None:
     """Gradients of one optimiser step from whole views; DDP synchronises on the last backward."""
     bs = len(batch)
@@ -432,11 +472,8 @@ def whole_step(f: Fold, batch: list[LoadedSample], sums: EpochSums) -> None:
         last = j == bs - 1
         sync = contextlib.nullcontext() if (last or not hasattr(f.model, "no_sync")) else f.model.no_sync()
         with sync, _autocast(f.device, f.train.amp):
-            form = Smoothness.of(f.train.loss)
-            parts = [
-                scan_sums(forward_map(f.model, x.to(f.device)).float(), m.to(f.device), form)
-                for x, m in s.inputs
-            ]
+            form, residual = Smoothness.of(f.train.loss), residual_form(f.train.loss)
+            parts = [_scan_sums(f, x, m, form, residual) for x, m in s.inputs]
             terms = sample_loss(parts, _target(f, s.sample_id), f.train.loss)
             loss = terms["loss"] * (s.weight / bs)
             if last and f.train.loss.l2:

@@ -39,9 +39,25 @@ class ScanSums:
     count: torch.Tensor
     smooth: torch.Tensor
     out_of_range: torch.Tensor
+    path_total: torch.Tensor | None = None  # (T,) sum of the spectral path's masked map
+    residual: torch.Tensor | None = None  # (T,) penalty of (map - spectral path's map), summed
 
 
-def scan_sums(pred: torch.Tensor, mask: torch.Tensor, smooth: Smoothness = QUADRATIC) -> ScanSums:
+def residual_form(weights: object) -> Smoothness:
+    """The residual penalty of a loss config: Smoothness's costs (quadratic, or huber at ``delta``)."""
+    return Smoothness(
+        penalty=getattr(weights, "residual_penalty", "huber"),
+        delta=float(getattr(weights, "residual_delta", 5.0)),
+    )
+
+
+def scan_sums(
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    smooth: Smoothness = QUADRATIC,
+    path: torch.Tensor | None = None,
+    residual: Smoothness = QUADRATIC,
+) -> ScanSums:
     """Per-scan sums of one map.
 
     Args:
@@ -49,13 +65,20 @@ def scan_sums(pred: torch.Tensor, mask: torch.Tensor, smooth: Smoothness = QUADR
         mask: ``(H, W)`` bool, the sample's pixels at the map's resolution; may be empty
             for one of a sample's scans, not for all.
         smooth: the smoothness term's form (:meth:`Smoothness.of` the loss config).
+        path: ``(T, H, W)`` the spectral path's own map (a U-Net with ``emit_parts``), or None.
+        residual: the penalty of ``pred - path`` per pixel (:func:`residual_form`).
     """
     p, m = pred[None], mask[None].to(pred.dtype)  # (1, T, H, W), (1, H, W)
+    extra = {}
+    if path is not None:
+        q = path[None]  # (1, T, H, W)
+        extra = {"path_total": masked_sum(q, m)[0], "residual": masked_sum(residual.cost(p - q), m)[0]}
     return ScanSums(
         total=masked_sum(p, m)[0],
         count=m.sum(),
         smooth=smooth_sum(p, m, smooth)[0],
         out_of_range=out_of_range_term(p, m)[0],
+        **extra,
     )
 
 
@@ -70,7 +93,8 @@ def sample_loss(sums: list[ScanSums], target: torch.Tensor, w: TermWeights) -> d
 
     Returns:
         ``loss`` (weighted total without L2) and each unweighted term (``mse``, ``smooth``,
-        ``oor``), plus ``mean_pred`` (T,).
+        ``oor``; with the spectral path's sums also ``spectral``, its own mean term, and
+        ``residual``, the penalty of the map's departure from it / N), plus ``mean_pred`` (T,).
 
     Raises:
         ValueError: if the sample has no in-mask pixel in any scan.
@@ -81,4 +105,11 @@ def sample_loss(sums: list[ScanSums], target: torch.Tensor, w: TermWeights) -> d
     smooth = (torch.stack([s.smooth for s in sums]).sum(0) / n).sum()
     oor = torch.stack([s.out_of_range for s in sums]).sum(0).sum()
     loss = weighted_total({"mean": mse, "smooth": smooth, "out_of_range": oor}, w)
-    return {"loss": loss, "mse": mse, "smooth": smooth, "oor": oor, "mean_pred": total / n}
+    terms = {"loss": loss, "mse": mse, "smooth": smooth, "oor": oor, "mean_pred": total / n}
+    if all(s.path_total is not None and s.residual is not None for s in sums):
+        path = torch.stack([s.path_total for s in sums]).sum(0)  # type: ignore[misc]
+        terms["spectral"] = mean_error(path[None], n.reshape(1, 1), target.to(path.dtype)[None]).sum()
+        terms["residual"] = (torch.stack([s.residual for s in sums]).sum(0) / n).sum()  # type: ignore[misc]
+        spectral, residual = getattr(w, "spectral", 0.0), getattr(w, "residual", 0.0)
+        terms["loss"] = loss + spectral * terms["spectral"] + residual * terms["residual"]
+    return terms

@@ -288,3 +288,26 @@ def test_the_spectral_path_keeps_tiles_exact() -> None:
     full = predict_full(model, x)
     tiled = predict_tiled(model, x, core=16, halo=geometry.radius, geometry=geometry)
     assert rel(tiled, full) < EXACT
+
+
+def test_a_unet_started_from_a_spectral_fit_maps_each_pixel_linearly_and_can_emit_both_maps() -> None:
+    torch.manual_seed(0)
+    model = UNet(in_channels=9, out_channels=2, depth=3, features=4, front_end=True, spectral_path=True)
+    model = model.double().eval()
+    coef, intercept = torch.randn(9, 2, dtype=torch.float64), torch.tensor([30.0, 5.0], dtype=torch.float64)
+    model.start_from_spectral(coef, intercept)
+    h, w = model.valid_size(40), model.valid_size(36)
+    x = torch.randn(1, 9, h, w, dtype=torch.float64)
+    linear = torch.einsum("ct,bchw->bthw", coef, x) + intercept[None, :, None, None]
+    assert rel(model(x), linear) < EXACT  # the U-Net's head starts at zero
+    model.emit_parts = True
+    with torch.no_grad():
+        model.head.weight.normal_()
+        both = model(x)
+    assert both.shape == (1, 4, h, w) and rel(both[:, 2:], linear) < EXACT
+    assert rel(both[:, :2] - both[:, 2:], both[:, :2] - linear) < EXACT
+    assert not torch.equal(both[:, :2], linear)
+    with pytest.raises(ValueError, match="expected coef"):
+        model.start_from_spectral(coef.T, intercept)
+    with pytest.raises(ValueError, match="spectral_path=True"):
+        UNet(in_channels=9, depth=3, features=4).start_from_spectral(coef[:, :1], intercept[:1])

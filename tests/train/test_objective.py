@@ -110,3 +110,27 @@ def test_patched_gradient_of_a_two_scan_sample_equals_the_whole_sample_gradient(
         patched_backward(model, read, win, m, y, cfg, geometry=geo, sample_totals=totals)
     patched = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert rel(patched, whole) < EXACT
+
+
+@pytest.mark.parametrize("penalty", ["quadratic", "huber"])
+def test_the_spectral_path_terms(penalty: str) -> None:
+    """Its own mean term and the residual penalty, summed over a sample's scans / N."""
+    from chemmap.train.objective import residual_form
+
+    maps, masks = scans(3, 1, [(9, 11), (6, 13)])
+    paths, _ = scans(4, 1, [(9, 11), (6, 13)])
+    y = torch.tensor([30.0], dtype=torch.float64)
+    cfg = LossSection(smooth=3.0, spectral=0.5, residual=0.2, residual_penalty=penalty, residual_delta=4.0)
+    form = residual_form(cfg)
+    trio = list(zip(maps, paths, masks, strict=True))
+    terms = sample_loss([scan_sums(p, m, path=q, residual=form) for p, q, m in trio], y, cfg)
+    n = sum(int(m.sum()) for m in masks)
+    path_mean = sum(float(q[0][m].detach().sum()) for _, q, m in trio) / n
+    d = torch.cat([(p - q)[0][m] for p, q, m in trio])
+    cost = d**2 if penalty == "quadratic" else torch.where(d.abs() <= 4, d**2, 8 * d.abs() - 16)
+    assert float(terms["spectral"]) == pytest.approx((30.0 - path_mean) ** 2, rel=1e-12)
+    assert float(terms["residual"]) == pytest.approx(float(cost.sum()) / n, rel=1e-12)
+    plain = sample_loss([scan_sums(p, m) for p, _, m in trio], y, cfg)
+    assert "spectral" not in plain
+    expected = plain["loss"] + 0.5 * terms["spectral"] + 0.2 * terms["residual"]
+    assert float(terms["loss"]) == pytest.approx(float(expected), rel=1e-12)

@@ -286,3 +286,50 @@ def test_with_ray_address_set_training_joins_that_cluster_not_a_local_one(tiny_d
     assert (
         res.stderr.strip().splitlines()[-1].startswith("error: RAY_ADDRESS: cannot reach Ray at 127.0.0.1:9")
     )
+
+
+def test_a_ridge_start_gives_each_training_sample_its_fit_as_its_map_mean(tiny_dataset, tmp_path):
+    """Linear per pixel, so the map's masked mean is the fit on the sample's mean input."""
+    import numpy as np
+    import torch
+
+    from chemmap.models.ridge import ridge_loo
+    from chemmap.models.tiling import predict_full
+    from chemmap.train.loop import _start_from_ridge
+
+    _, pre = tiny_dataset
+    cfg = _cfg(tmp_path, "model.spectral_path=true", "train.spectral_init=ridge")
+    data = Dataset(pre.path / "dataset.zarr")
+    net = UNet(model_config(cfg, data.n_channels, len(cfg.targets))).double().eval()
+    train_ids = data.ids([1, 2, 3, 4])
+    _start_from_ridge(net, data, train_ids)
+    means, spectra = [], []
+    for sid in train_ids:
+        (scan,) = data.samples[sid].scans
+        mask = data.mask(scan)
+        x = torch.from_numpy(data.model_input(data.cube(scan)[...]).astype(np.float64))
+        means.append(float(predict_full(net, x)[0][torch.from_numpy(mask)].mean()))
+        spectra.append(data.recipe.normalize(data.cube(scan)[...][:, mask].mean(1, dtype=np.float64)))
+    labels = np.array([data.samples[s].targets for s in train_ids])
+    fit = ridge_loo(np.array(spectra), labels)
+    assert np.allclose(means, (np.array(spectra) @ fit.coef + fit.intercept)[:, 0], atol=1e-3)
+    assert np.corrcoef(means, labels[:, 0])[0, 1] > 0.5  # and it does fit the lab values
+
+
+@pytest.mark.slow
+def test_training_with_the_spectral_path_terms_moves_the_path(ray_local, tiny_dataset, tmp_path):
+    """Both new terms reach the gradient: the path leaves its ridge start, and the fold finishes."""
+    import torch
+
+    _, pre = tiny_dataset
+    sets = [
+        "model.spectral_path=true",
+        "train.spectral_init=ridge",
+        "train.loss.spectral=1",
+        "train.loss.residual=0.5",
+    ]
+    stage = train_ensemble(_cfg(tmp_path, *sets, "train.num_workers=1"), pre, **QUIET)
+    best = torch.load(stage.path / "fold1" / "best.pt", weights_only=True)
+    state = best.get("model", best)
+    assert float(state["head.weight"].abs().sum()) > 0  # the U-Net left its zero start
+    assert float(state["spectral.weight"].abs().sum()) > 0
