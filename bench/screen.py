@@ -36,6 +36,13 @@ sys.path.insert(0, str(ROOT))
 from bench.acceptance import REPORTING_SEEDS, dataset_config  # noqa: E402
 
 DEV_SEEDS = (1, 2)
+_DENOISE = [
+    "model.spectral_path=true",
+    "train.spectral_init=ridge",
+    "train.loss.spectral=1",
+    "train.loss.residual=2",
+]
+_HUBER = ["train.loss.residual_penalty=huber", "train.loss.smooth_penalty=huber"]
 # name -> config overrides on top of the pipeline (and of the screening's fold set).
 VARIANTS: dict[str, list[str]] = {
     "base": [],
@@ -48,6 +55,17 @@ VARIANTS: dict[str, list[str]] = {
         "train.loss.smooth_penalty=huber",
         "train.loss.smooth_delta=5",
     ],
+    "paper_per_mm": ["train.loss.smooth=0.11"],
+    # The spectral path as a prior the U-Net denoises (docs/loss.md): a ridge start, its own
+    # mean term, and a penalty on the U-Net's residual over it; smoothness / residual = 0.5
+    # is a low-pass of about 1 px (sqrt(2 * 0.5)), the width the protocol chose for the
+    # Gaussian-smoothed PLS map on development seed 1.
+    "denoise_quadratic": [*_DENOISE, "train.loss.residual_penalty=quadratic"],
+    "denoise_huber": [*_DENOISE, "train.loss.residual_penalty=huber", "train.loss.smooth_penalty=huber"],
+    # The same with the mean term 100x: the regularisers' energy (hundreds per sample at the
+    # ridge start) no longer outweighs the mean's (a few %²), so the mean does not drift.
+    "denoise_huber_mean100": [*_DENOISE, *_HUBER, "train.loss.mean=100"],
+    "denoise_huber_mean100_s2": [*_DENOISE, *_HUBER, "train.loss.mean=100", "train.loss.smooth=2"],
 }
 
 

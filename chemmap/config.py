@@ -183,6 +183,10 @@ class TrainSection(_Section):
     plateau_patience: int = Field(4, ge=1)  # ReduceLROnPlateau on validation loss
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     early_stopping: int = Field(10, ge=1)  # epochs without improvement of validation RMSE
+    # The weights a fold keeps: "best" validation RMSE of the sample means (with early
+    # stopping), or "last" epoch's (no early stopping): for losses whose regularisers go on
+    # shaping the maps after the means have stopped improving (issue 15's denoising prior).
+    keep_weights: Literal["best", "last"] = "best"
     folds: list[int] | None = None  # which CV folds to train; None: all (1..5)
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     loss: LossSection = LossSection()

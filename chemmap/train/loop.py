@@ -577,14 +577,15 @@ def update_state(f: Fold, metrics: dict[str, float]) -> bool:
     epoch, val_rmse = int(metrics["epoch"]), metrics["val_rmse"]
     state = f.state
     f.sched.step(metrics["val_loss"])
-    if val_rmse < state["best_rmse"] - 1e-9:
+    last = f.train.keep_weights == "last"  # every epoch replaces the kept weights; no early stopping
+    if last or val_rmse < state["best_rmse"] - 1e-9:
         state.update(best_rmse=val_rmse, best_epoch=epoch, bad_epochs=0)
         state["best_model"] = copy.deepcopy({k: v.detach().cpu() for k, v in f.net.state_dict().items()})
     else:
         state["bad_epochs"] += 1
     state["epoch"] = epoch
     state["history"].append(metrics)
-    stop = state["bad_epochs"] >= f.train.early_stopping  # metrics are reduced over ranks
+    stop = not last and state["bad_epochs"] >= f.train.early_stopping  # metrics are reduced over ranks
     metrics["stop"] = int(stop)
     return stop
 

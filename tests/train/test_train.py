@@ -333,3 +333,17 @@ def test_training_with_the_spectral_path_terms_moves_the_path(ray_local, tiny_da
     state = best.get("model", best)
     assert float(state["head.weight"].abs().sum()) > 0  # the U-Net left its zero start
     assert float(state["spectral.weight"].abs().sum()) > 0
+
+
+@pytest.mark.slow
+def test_keep_weights_last_trains_every_epoch_and_keeps_the_last(ray_local, tiny_dataset, tmp_path):
+    """No early stopping, and the kept weights are the last epoch's, whatever its validation RMSE."""
+    import torch
+
+    _, pre = tiny_dataset
+    sets = ["train.keep_weights=last", "train.epochs=3", "train.early_stopping=1", "train.num_workers=1"]
+    stage = train_ensemble(_cfg(tmp_path, *sets), pre, **QUIET)
+    result = json.loads((stage.path / "fold1" / "result.json").read_text())
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2] and result["best_epoch"] == 2
+    best, last = _weights(stage, 1)
+    assert all(torch.equal(best[k], last[k]) for k in best)
