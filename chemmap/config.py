@@ -224,9 +224,20 @@ class ModelSection(_Section):
     encoder: Literal["plain", "resnet"] = "plain"
     checkpointing: bool = False  # recompute blocks in backward: less memory, more time
     spectral_path: bool = False  # add a per-pixel linear map of the spectra (a 1x1 conv at full resolution)
+    # With spectral_path: a K x K kernel-predicting head that filters the path's map per
+    # pixel, steered by the U-Net's features (chemmap.models.unet.UNetConfig); 0: none.
+    kernel_head: int = Field(0, ge=0)
     # Given only to check them: they must equal the dataset's channels and the number of targets.
     in_channels: int | None = Field(None, ge=1)
     out_channels: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _kernel_head_filters_the_path(self) -> ModelSection:
+        if self.kernel_head and (self.kernel_head < 3 or self.kernel_head % 2 == 0):
+            raise ValueError(f"kernel_head must be 0 or an odd size >= 3, got {self.kernel_head}")
+        if self.kernel_head and not self.spectral_path:
+            raise ValueError("kernel_head filters the spectral path's map: it needs spectral_path: true")
+        return self
 
 
 class FlagsSection(_Section):

@@ -62,8 +62,20 @@ class UNetConfig:
     # PLS-like map, and full-resolution spectral detail does not pass through the stride-2
     # front-end and the up-sampling. Zero at the start.
     spectral_path: bool = False
+    # With spectral_path: K > 0 (odd) adds a kernel-predicting head at the output's full
+    # resolution: from the U-Net's last features (up-sampled with the map) a 1x1 convolution
+    # predicts, per pixel, K*K weights a_k, and the map gains sum_k a_k (S(p + k) - S(p)),
+    # S the spectral path's map: a per-pixel, context-steered filter of the per-pixel
+    # spectral map (edge-aware smoothing is in its reach; the half-resolution U-Net alone
+    # cannot change S pixel by pixel). Zero at the start, like the path.
+    kernel_head: int = 0
 
     def __post_init__(self) -> None:
+        if self.kernel_head and (self.kernel_head < 3 or self.kernel_head % 2 == 0 or not self.spectral_path):
+            raise ValueError(
+                f"kernel_head must be 0 or an odd size >= 3 with spectral_path=True, got "
+                f"kernel_head={self.kernel_head}, spectral_path={self.spectral_path}."
+            )
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}.")
         if self.front_end and self.in_channels < FRONT_END_BANDS:
@@ -275,10 +287,15 @@ class UNet(nn.Module):
         # and the spectral path's map stacked, (B, 2 T, H', W') (see forward).
         self.emit_parts = False
         self.reset_parameters()
+        self.kernel: nn.Conv2d | None = None
         if config.spectral_path:  # made after the rest is drawn: the U-Net starts as without it
             self.spectral = nn.Conv2d(config.in_channels, config.out_channels, 1)
             nn.init.zeros_(self.spectral.weight)
             nn.init.zeros_(self.spectral.bias)
+        if config.kernel_head:
+            self.kernel = nn.Conv2d(widths[0], config.out_channels * config.kernel_head**2, 1)
+            nn.init.zeros_(self.kernel.weight)
+            nn.init.zeros_(self.kernel.bias)
 
     def reset_parameters(self) -> None:
         """Kaiming-normal convolution weights, zero biases; norm layers at weight 1, bias 0."""
@@ -290,9 +307,10 @@ class UNet(nn.Module):
             elif isinstance(module, nn.BatchNorm2d | nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        if self.spectral is not None:  # zero: the model starts as the plain U-Net
-            nn.init.zeros_(self.spectral.weight)
-            nn.init.zeros_(self.spectral.bias)
+        for extra in (self.spectral, getattr(self, "kernel", None)):  # zero: the plain U-Net at the start
+            if extra is not None:
+                nn.init.zeros_(extra.weight)
+                nn.init.zeros_(extra.bias)
 
     # ------------------------------------------------------------------ geometry
 
@@ -372,18 +390,40 @@ class UNet(nn.Module):
         x = skips.pop()
         for up in reversed(self.decoder):
             x = self._run(up, skips.pop(), x)  # (B, F * 2**level, H_l, W_l)
+        features = x  # (B, F, h', w')
         x = self.head(x)  # (B, out_channels, h', w')
         if self.front_end is not None:
-            # Back to the input's grid; align_corners=False keeps pixel k on input pixel k + margin.
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)  # (B, T, 2h', 2w')
-            x = x[..., : height - 2 * self.margin, : width - 2 * self.margin]  # (B, T, H', W')
+            x = self._to_input_grid(x, height, width)  # (B, T, H', W')
         if self.spectral is not None:
             m = self.margin
             path = self.spectral(spectra[..., m : height - m, m : width - m])  # (B, T, H', W')
             x = x + path
+            if self.kernel is not None:
+                if self.front_end is not None:
+                    features = self._to_input_grid(features, height, width)  # (B, F, H', W')
+                x = x + self._steered(path, self.kernel(features))
             if self.emit_parts:
                 return torch.cat([x, path], dim=1)  # (B, 2 T, H', W'): the map, then the path's
         return x
+
+    def _to_input_grid(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Half resolution back to the input's grid (x2 bilinear); ``align_corners=False`` keeps
+        pixel k on input pixel k + margin."""
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)  # (B, C, 2h', 2w')
+        return x[..., : height - 2 * self.margin, : width - 2 * self.margin]  # (B, C, H', W')
+
+    def _steered(self, path: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_k a_k (S(p + k) - S(p))`` over the K x K neighbours ``k`` of each pixel.
+
+        Args:
+            path: ``(B, T, H, W)`` the spectral path's map S; replicated past its border.
+            weights: ``(B, T * K * K, H, W)`` the a_k, neighbours in row-major order per target.
+        """
+        b, t, h, w = path.shape
+        k = self.config.kernel_head
+        padded = F.pad(path, (k // 2,) * 4, mode="replicate")  # (B, T, H + K - 1, W + K - 1)
+        shifted = F.unfold(padded, k).view(b, t, k * k, h, w)  # (B, T, K*K, H, W)
+        return ((shifted - path[:, :, None]) * weights.view(b, t, k * k, h, w)).sum(2)  # (B, T, H, W)
 
     def start_from_spectral(self, coef: torch.Tensor, intercept: torch.Tensor) -> None:
         """Start as the per-pixel linear map ``x @ coef + intercept`` of the input spectra.

@@ -311,3 +311,70 @@ def test_a_unet_started_from_a_spectral_fit_maps_each_pixel_linearly_and_can_emi
         model.start_from_spectral(coef.T, intercept)
     with pytest.raises(ValueError, match="spectral_path=True"):
         UNet(in_channels=9, depth=3, features=4).start_from_spectral(coef[:, :1], intercept[:1])
+
+
+def _steered_reference(model: UNet, x: torch.Tensor) -> torch.Tensor:
+    """The kernel head written out pixel by pixel: U-Net + S + sum_k a_k (S(p + k) - S(p))."""
+    k, m = model.config.kernel_head, model.margin
+    h, w = x.shape[-2] - 2 * m, x.shape[-1] - 2 * m
+    feats = {}
+    hook = model.head.register_forward_hook(lambda mod, inp, out: feats.setdefault("f", inp[0]))
+    full = model(x)
+    hook.remove()
+    f = feats["f"]
+    if model.front_end is not None:
+        f = F.interpolate(f, scale_factor=2, mode="bilinear", align_corners=False)[..., :h, :w]
+    a = model.kernel(f)[0]  # (K*K, h, w)
+    s = model.spectral(x[..., m : m + h, m : m + w])[0, 0]  # (h, w)
+    unet_and_path = full[0, 0] - model._steered(s[None, None], a[None])[0, 0]
+    expected = torch.empty_like(s)
+    for i in range(h):
+        for j in range(w):
+            acc = 0.0
+            offsets = range(-(k // 2), k // 2 + 1)
+            for n, (di, dj) in enumerate(itertools.product(offsets, offsets)):  # row-major
+                ii, jj = min(max(i + di, 0), h - 1), min(max(j + dj, 0), w - 1)
+                acc = acc + a[n, i, j] * (s[ii, jj] - s[i, j])
+            expected[i, j] = unet_and_path[i, j] + acc
+    return full[0, 0], expected
+
+
+@pytest.mark.parametrize("kwargs", [{"pad": True}, {"pad": False, "front_end": True, "in_channels": 9}])
+def test_the_kernel_head_starts_at_zero_and_filters_the_spectral_map_per_pixel(kwargs: dict) -> None:
+    base = {"in_channels": 3, "depth": 2, "features": 4, "spectral_path": True, **kwargs}
+    torch.manual_seed(0)
+    plain = UNet(**base).double().eval()
+    torch.manual_seed(0)
+    model = UNet(**base, kernel_head=3).double().eval()
+    h, w = plain.valid_size(14), plain.valid_size(12)
+    x = torch.randn(1, base["in_channels"], h, w, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))  # zero at the start
+        for conv in (model.spectral, model.kernel):
+            conv.weight.normal_()
+            conv.bias.normal_()
+        got, expected = _steered_reference(model, x)
+    assert rel(got, expected) < EXACT
+
+
+def test_the_kernel_head_keeps_tiles_exact_and_its_geometry() -> None:
+    from chemmap.models.geometry import unet_geometry
+    from chemmap.models.tiling import model_geometry, predict_tiled
+
+    torch.manual_seed(0)
+    config = UNetConfig(in_channels=9, depth=3, features=4, front_end=True, spectral_path=True, kernel_head=5)
+    model = UNet(config).double().eval()
+    with torch.no_grad():
+        for conv in (model.spectral, model.kernel):
+            conv.weight.normal_()
+    geometry = model_geometry(model)
+    assert geometry == unet_geometry(config)  # the head's 2 px lie inside the U-Net's field
+    x = torch.randn(9, 61, 70, dtype=torch.float64)
+    tiled = predict_tiled(model, x, core=16, halo=geometry.radius, geometry=geometry)
+    assert rel(tiled, predict_full(model, x)) < EXACT
+
+
+@pytest.mark.parametrize("kwargs", [{"kernel_head": 4, "spectral_path": True}, {"kernel_head": 3}])
+def test_a_bad_kernel_head_is_one_clear_error(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="kernel_head"):
+        UNetConfig(in_channels=3, **kwargs)
