@@ -122,10 +122,10 @@ def test_the_spectral_path_terms(penalty: str) -> None:
     y = torch.tensor([30.0], dtype=torch.float64)
     cfg = LossSection(smooth=3.0, spectral=0.5, residual=0.2, residual_penalty=penalty, residual_delta=4.0)
     form = residual_form(cfg)
-    trio = list(zip(maps, paths, masks, strict=True))
+    trio = [(p.detach(), q.detach(), m) for p, q, m in zip(maps, paths, masks, strict=True)]  # values only
     terms = sample_loss([scan_sums(p, m, path=q, residual=form) for p, q, m in trio], y, cfg)
     n = sum(int(m.sum()) for m in masks)
-    path_mean = sum(float(q[0][m].detach().sum()) for _, q, m in trio) / n
+    path_mean = sum(float(q[0][m].sum()) for _, q, m in trio) / n
     d = torch.cat([(p - q)[0][m] for p, q, m in trio])
     cost = d**2 if penalty == "quadratic" else torch.where(d.abs() <= 4, d**2, 8 * d.abs() - 16)
     assert float(terms["spectral"]) == pytest.approx((30.0 - path_mean) ** 2, rel=1e-12)
