@@ -227,6 +227,7 @@ class ModelSection(_Section):
     # With spectral_path: a K x K kernel-predicting head that filters the path's map per
     # pixel, steered by the U-Net's features (chemmap.models.unet.UNetConfig); 0: none.
     kernel_head: int = Field(0, ge=0)
+    kernel_guide: int = Field(0, ge=0)  # full-resolution guide channels for the kernel head (pad: true)
     # Given only to check them: they must equal the dataset's channels and the number of targets.
     in_channels: int | None = Field(None, ge=1)
     out_channels: int | None = Field(None, ge=1)
@@ -237,6 +238,8 @@ class ModelSection(_Section):
             raise ValueError(f"kernel_head must be 0 or an odd size >= 3, got {self.kernel_head}")
         if self.kernel_head and not self.spectral_path:
             raise ValueError("kernel_head filters the spectral path's map: it needs spectral_path: true")
+        if self.kernel_guide and not (self.kernel_head and self.pad):
+            raise ValueError("kernel_guide steers the kernel head: it needs kernel_head and pad: true")
         return self
 
 

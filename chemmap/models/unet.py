@@ -69,8 +69,17 @@ class UNetConfig:
     # spectral map (edge-aware smoothing is in its reach; the half-resolution U-Net alone
     # cannot change S pixel by pixel). Zero at the start, like the path.
     kernel_head: int = 0
+    # With kernel_head and pad=True: G > 0 full-resolution guide channels, a 3x3 convolution
+    # of the input spectra (+ ReLU) beside the up-sampled features that steer the kernel, so
+    # the weights can follow an edge at the input's resolution, not only the half one.
+    kernel_guide: int = 0
 
     def __post_init__(self) -> None:
+        if self.kernel_guide and (self.kernel_guide < 0 or not self.kernel_head or not self.pad):
+            raise ValueError(
+                f"kernel_guide needs kernel_head and pad=True, got kernel_guide={self.kernel_guide}, "
+                f"kernel_head={self.kernel_head}, pad={self.pad}."
+            )
         if self.kernel_head and (self.kernel_head < 3 or self.kernel_head % 2 == 0 or not self.spectral_path):
             raise ValueError(
                 f"kernel_head must be 0 or an odd size >= 3 with spectral_path=True, got "
@@ -292,8 +301,16 @@ class UNet(nn.Module):
             self.spectral = nn.Conv2d(config.in_channels, config.out_channels, 1)
             nn.init.zeros_(self.spectral.weight)
             nn.init.zeros_(self.spectral.bias)
+        self.guide: nn.Sequential | None = None
+        if config.kernel_guide:  # drawn like the body's convolutions (reset_parameters' rule)
+            self.guide = nn.Sequential(
+                nn.Conv2d(config.in_channels, config.kernel_guide, 3, padding=1), nn.ReLU(inplace=True)
+            )
+            nn.init.kaiming_normal_(self.guide[0].weight)
+            nn.init.zeros_(self.guide[0].bias)
         if config.kernel_head:
-            self.kernel = nn.Conv2d(widths[0], config.out_channels * config.kernel_head**2, 1)
+            steer = widths[0] + config.kernel_guide
+            self.kernel = nn.Conv2d(steer, config.out_channels * config.kernel_head**2, 1)
             nn.init.zeros_(self.kernel.weight)
             nn.init.zeros_(self.kernel.bias)
 
@@ -401,6 +418,8 @@ class UNet(nn.Module):
             if self.kernel is not None:
                 if self.front_end is not None:
                     features = self._to_input_grid(features, height, width)  # (B, F, H', W')
+                if self.guide is not None:  # pad=True: the input's grid is the output's
+                    features = torch.cat([features, self.guide(spectra)], dim=1)  # (B, F + G, H, W)
                 x = x + self._steered(path, self.kernel(features))
             if self.emit_parts:
                 return torch.cat([x, path], dim=1)  # (B, 2 T, H', W'): the map, then the path's

@@ -357,16 +357,19 @@ def test_the_kernel_head_starts_at_zero_and_filters_the_spectral_map_per_pixel(k
     assert rel(got, expected) < EXACT
 
 
-def test_the_kernel_head_keeps_tiles_exact_and_its_geometry() -> None:
+@pytest.mark.parametrize("guide", [0, 3])
+def test_the_kernel_head_keeps_tiles_exact_and_its_geometry(guide: int) -> None:
     from chemmap.models.geometry import unet_geometry
     from chemmap.models.tiling import model_geometry, predict_tiled
 
     torch.manual_seed(0)
-    config = UNetConfig(in_channels=9, depth=3, features=4, front_end=True, spectral_path=True, kernel_head=5)
+    head = {"spectral_path": True, "kernel_head": 5, "kernel_guide": guide}
+    config = UNetConfig(in_channels=9, depth=3, features=4, front_end=True, **head)
     model = UNet(config).double().eval()
     with torch.no_grad():
         for conv in (model.spectral, model.kernel):
             conv.weight.normal_()
+    assert (model.guide is not None) == bool(guide) and model.kernel.in_channels == 4 + guide
     geometry = model_geometry(model)
     assert geometry == unet_geometry(config)  # the head's 2 px lie inside the U-Net's field
     x = torch.randn(9, 61, 70, dtype=torch.float64)
@@ -374,7 +377,15 @@ def test_the_kernel_head_keeps_tiles_exact_and_its_geometry() -> None:
     assert rel(tiled, predict_full(model, x)) < EXACT
 
 
-@pytest.mark.parametrize("kwargs", [{"kernel_head": 4, "spectral_path": True}, {"kernel_head": 3}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_head": 4, "spectral_path": True},
+        {"kernel_head": 3},
+        {"kernel_guide": 2, "spectral_path": True},
+        {"kernel_guide": 2, "kernel_head": 3, "spectral_path": True, "pad": False},
+    ],
+)
 def test_a_bad_kernel_head_is_one_clear_error(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="kernel_head"):
         UNetConfig(in_channels=3, **kwargs)
