@@ -66,6 +66,28 @@ VARIANTS: dict[str, list[str]] = {
     # ridge start) no longer outweighs the mean's (a few %²), so the mean does not drift.
     "denoise_huber_mean100": [*_DENOISE, *_HUBER, "train.loss.mean=100"],
     "denoise_huber_mean100_s2": [*_DENOISE, *_HUBER, "train.loss.mean=100", "train.loss.smooth=2"],
+    "denoise_huber_mean100_last": [*_DENOISE, *_HUBER, "train.loss.mean=100", "train.keep_weights=last"],
+    # A kernel-predicting head filters the spectral map per pixel (the half-resolution
+    # U-Net cannot): K x K, and full-resolution guide channels beside the features.
+    **{
+        f"kernel{k}_r{r}{tail}": [
+            *_DENOISE[:3],
+            f"train.loss.residual={r}",
+            *_HUBER,
+            "train.loss.mean=100",
+            "train.keep_weights=last",
+            f"model.kernel_head={k}",
+            *extra,
+        ]
+        for k, r, tail, extra in [
+            (5, 2, "", []),
+            (5, 1, "", []),
+            (5, 2, "_constlr", ["train.plateau_patience=100"]),
+            (7, 2, "", []),
+            (3, 2, "", []),
+            (5, 2, "_guide16", ["model.kernel_guide=16"]),
+        ]
+    },
 }
 
 

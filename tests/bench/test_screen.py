@@ -54,3 +54,12 @@ def test_reporting_seeds_are_refused():
         timeout=120,
     )
     assert res.returncode != 0 and "reporting seeds" in res.stderr
+
+
+def test_every_named_variant_is_a_valid_pipeline_config():
+    from bench.screen import VARIANTS
+    from chemmap.config import load_config
+
+    for name, sets in VARIANTS.items():
+        cfg = load_config(ROOT / "pipelines" / "pork_belly.yaml", sets)
+        assert cfg.model.spectral_path or not name.startswith(("denoise", "kernel")), name
