@@ -1,0 +1,27 @@
+"""bench/energy.py on the CI preset's dataset: it runs, prints its three figures, refuses the test split."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_energy_script_runs_on_a_development_dataset(tiny_dataset):
+    _, pre = tiny_dataset
+    cmd = [sys.executable, str(ROOT / "bench" / "energy.py"), str(pre.path / "dataset.zarr"), "--scans", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    figures = dict(re.findall(r"^(.+): per-pixel RMSE ([0-9.]+)$", out, flags=re.M))
+    assert set(figures) == {"ridge map", "median 5x5", "energy minimiser"}
+    assert all(float(v) > 0 for v in figures.values())
+
+
+def test_the_test_split_is_refused(tiny_dataset):
+    _, pre = tiny_dataset
+    script, store = str(ROOT / "bench" / "energy.py"), str(pre.path / "dataset.zarr")
+    cmd = [sys.executable, script, store, "--eval-folds", "0"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode != 0 and "test split" in res.stderr
