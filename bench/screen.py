@@ -88,6 +88,17 @@ VARIANTS: dict[str, list[str]] = {
             (5, 2, "_guide16", ["model.kernel_guide=16"]),
         ]
     },
+    # The kernel head with a weaker mean term (the regularisers' share of each step grows).
+    **{
+        f"kernel5_r2_mean{w}": [
+            *_DENOISE,
+            *_HUBER,
+            f"train.loss.mean={w}",
+            "train.keep_weights=last",
+            "model.kernel_head=5",
+        ]
+        for w in (10, 3, 1)
+    },
 }
 
 
