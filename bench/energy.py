@@ -62,6 +62,35 @@ def minimise(s: np.ndarray, mask: np.ndarray, y: float, args: argparse.Namespace
     return t.detach().numpy()[0, 0]
 
 
+def energies(t: np.ndarray, s: np.ndarray, mask: np.ndarray, args: argparse.Namespace) -> tuple[float, float]:
+    """The weighted smoothness and residual energies of map ``t`` against the spectral map ``s``."""
+    import torch
+
+    from chemmap.models.loss import Smoothness, smooth_sum
+
+    form = Smoothness(penalty=args.penalty, delta=args.delta)
+    tt, st = (torch.tensor(a, dtype=torch.float64)[None, None] for a in (t, s))
+    m = torch.tensor(mask, dtype=torch.float64)[None]
+    n = m.sum()
+    smooth = float(smooth_sum(tt[0], m, form).sum() / n)
+    return args.smooth * smooth, args.residual * float((form.cost(tt - st)[0] * m).sum() / n)
+
+
+def fold_model(train_dir: Path, fold: int, data):
+    """A trained fold's U-Net (float64, eval mode) from a training stage folder."""
+    import torch
+    import yaml
+
+    from chemmap.models.unet import UNet, UNetConfig
+
+    section = yaml.safe_load((train_dir / "config.yaml").read_text())["model"]
+    given = {k: v for k, v in section.items() if k not in ("in_channels", "out_channels") and v is not None}
+    net = UNet(UNetConfig(in_channels=data.n_channels, out_channels=len(data.targets), **given))
+    state = torch.load(train_dir / f"fold{fold}" / "best.pt", weights_only=True)
+    net.load_state_dict(state.get("model", state))
+    return net.double().eval()
+
+
 def main() -> None:
     from scipy.ndimage import median_filter
 
@@ -80,6 +109,8 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=5.0)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--train-dir", type=Path, help="a training stage: also score its fold model")
+    ap.add_argument("--fold", type=int, default=1, help="with --train-dir: the fold model (validated on it)")
     args = ap.parse_args()
     if 0 in args.fit_folds + args.eval_folds:
         raise SystemExit("split 0 is the test split: use CV folds only")
@@ -89,6 +120,10 @@ def main() -> None:
         np.array([mean_input(data, s) for s in fit_ids]), np.array([data.samples[s].targets for s in fit_ids])
     )
     errors: dict[str, list[np.ndarray]] = {"ridge map": [], "median 5x5": [], "energy minimiser": []}
+    spent: dict[str, list[tuple[float, float]]] = {}
+    net = fold_model(args.train_dir, args.fold, data) if args.train_dir else None
+    if net is not None and net.spectral is None:
+        raise SystemExit(f"{args.train_dir}: the model has no spectral path")
     for sid in data.ids(args.eval_folds)[: args.scans]:
         for scan in data.samples[sid].scans:
             mask, truth = data.mask(scan), data.truth(scan)
@@ -103,11 +138,33 @@ def main() -> None:
             filled = np.where(mask, s, np.median(s[mask]))
             errors["ridge map"].append((s - truth)[ok])
             errors["median 5x5"].append((np.clip(median_filter(filled, size=5), 0, 100) - truth)[ok])
-            t = minimise(s, mask, float(data.samples[sid].targets[0]), args)
+            y = float(data.samples[sid].targets[0])
+            t = minimise(s, mask, y, args)
             errors["energy minimiser"].append((t - truth)[ok])
+            if net is not None:
+                _score_model(net, data, scan, mask, y, truth, ok, args, errors, spent)
     print(f"ridge leave-one-out RMSE {fit.loo_rmse[0]:.2f} on {len(fit_ids)} samples")
     for name, parts in errors.items():
         print(f"{name}: per-pixel RMSE {np.sqrt(np.mean(np.concatenate(parts) ** 2)):.2f}")
+    for name, values in spent.items():
+        smooth, residual = np.mean(values, axis=0)
+        print(f"{name}: weighted smoothness {smooth:.1f}, residual {residual:.1f} per image")
+
+
+def _score_model(net, data, scan, mask, y, truth, ok, args, errors, spent) -> None:
+    """The fold model's map, and the minimiser started from the model's own spectral map."""
+    import torch
+
+    from chemmap.models.tiling import predict_full
+
+    x = torch.from_numpy(data.model_input(data.cube(scan)[...]).astype(np.float64))  # (C, H, W)
+    with torch.no_grad():
+        t_net = predict_full(net, x)[0].numpy()
+        s_net = net.spectral(x[None])[0, 0].numpy()
+    t_min = minimise(s_net, mask, y, args)
+    for name, t in (("U-Net", t_net), ("minimiser from the U-Net's spectral map", t_min)):
+        errors.setdefault(name, []).append((t - truth)[ok])
+        spent.setdefault(name, []).append(energies(t, s_net, mask, args))
 
 
 if __name__ == "__main__":

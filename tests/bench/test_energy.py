@@ -25,3 +25,25 @@ def test_the_test_split_is_refused(tiny_dataset):
     cmd = [sys.executable, script, store, "--eval-folds", "0"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert res.returncode != 0 and "test split" in res.stderr
+
+
+def test_a_fold_model_is_scored_beside_the_minimiser(tiny_dataset, tmp_path):
+    """--train-dir: the fold model's map and the minimiser from its spectral map, with their energies."""
+    import torch
+    import yaml
+
+    from chemmap.models.unet import UNet, UNetConfig
+    from chemmap.preprocess.store import Dataset
+
+    _, pre = tiny_dataset
+    data = Dataset(pre.path / "dataset.zarr")
+    model = {"depth": 2, "features": 4, "front_end": True, "spectral_path": True, "kernel_head": 3}
+    (tmp_path / "fold1").mkdir()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": model}))
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(in_channels=data.n_channels, **model))
+    torch.save({"model": net.state_dict()}, tmp_path / "fold1" / "best.pt")
+    script, store = str(ROOT / "bench" / "energy.py"), str(pre.path / "dataset.zarr")
+    cmd = [sys.executable, script, store, "--scans", "2", "--train-dir", str(tmp_path), "--eval-folds", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "U-Net: per-pixel RMSE" in out and "minimiser from the U-Net's spectral map: weighted" in out
