@@ -29,12 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 def mean_input(data, sample_id: str) -> np.ndarray:
     """A sample's mean model input over its masked pixels (normalised channels)."""
-    total, count = np.zeros(data.n_channels), 0
-    for scan in data.samples[sample_id].scans:
-        mask = data.mask(scan)
-        total += data.cube(scan)[...][:, mask].sum(1, dtype=np.float64)
-        count += int(mask.sum())
-    return data.recipe.normalize(total / count)
+    return data.recipe.normalize(data.mean_spectrum(sample_id))
 
 
 def minimise(s: np.ndarray, mask: np.ndarray, y: float, args: argparse.Namespace) -> np.ndarray:

@@ -100,15 +100,7 @@ def mean_spectra(data: Dataset) -> dict[str, np.ndarray]:
     Returns:
         ``{sample_id: (C,)}`` float64, in the stored (physical) units, not normalised.
     """
-    spectra: dict[str, np.ndarray] = {}
-    for sid, info in data.samples.items():
-        total, count = np.zeros(data.n_channels), 0
-        for scan in info.scans:
-            mask = data.mask(scan)
-            total = total + data.cube(scan)[...][:, mask].sum(axis=1, dtype=np.float64)
-            count += int(mask.sum())
-        spectra[sid] = total / max(count, 1)
-    return spectra
+    return {sid: data.mean_spectrum(sid) for sid in data.samples}
 
 
 def fit_pls(

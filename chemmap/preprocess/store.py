@@ -109,6 +109,15 @@ class Dataset:
     def mask(self, scan_id: str) -> np.ndarray:
         return self.root[f"scans/{scan_id}/mask"][...]
 
+    def mean_spectrum(self, sample_id: str) -> np.ndarray:
+        """A sample's mean stored spectrum ``(C,)`` float64 over the masked pixels of all its scans."""
+        total, count = np.zeros(self.n_channels), 0
+        for scan in self.samples[sample_id].scans:
+            mask = self.mask(scan)
+            total = total + self.cube(scan)[...][:, mask].sum(axis=1, dtype=np.float64)
+            count += int(mask.sum())
+        return total / max(count, 1)
+
     def raw_window(self, scan_id: str, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         """Stored (physical-unit) values of a window ``(C, y1-y0, x1-x0)``; outside the scan NaN."""
         h, w = self.shape(scan_id)

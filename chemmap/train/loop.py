@@ -447,16 +447,8 @@ def _scan_sums(f: Fold, x: torch.Tensor, m: torch.Tensor, form: Smoothness, resi
 
 def _start_from_ridge(model: UNet, data: Dataset, train_ids: list[str]) -> None:
     """The spectral path at a ridge fit of the training samples' lab values on their mean inputs."""
-    spectra, labels = [], []
-    for sid in train_ids:
-        total, count = np.zeros(data.n_channels), 0
-        for scan in data.samples[sid].scans:
-            mask = data.mask(scan)
-            total += data.cube(scan)[...][:, mask].sum(axis=1, dtype=np.float64)
-            count += int(mask.sum())
-        spectra.append(data.recipe.normalize(total / max(count, 1)))  # the model's input units
-        labels.append(data.samples[sid].targets)
-    y = np.asarray(labels, np.float64)
+    spectra = [data.recipe.normalize(data.mean_spectrum(sid)) for sid in train_ids]  # input units
+    y = np.asarray([data.samples[sid].targets for sid in train_ids], np.float64)
     if not np.isfinite(y).all():
         raise ValueError("train.spectral_init: ridge needs every training sample's lab values (NaN found)")
     fit = ridge_loo(np.asarray(spectra), y)
