@@ -106,14 +106,14 @@ class Repeated:
         self.shape = (bands, lines * times, samples)
         self.dtype = raw.dtype
 
-    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        _, rows = key
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        bands, rows, *cols = key  # (bands, lines) or (bands, lines, samples), slices
         l0, l1, _ = rows.indices(self.shape[1])
         n, parts = self.raw.shape[1], []
         while l0 < l1:
             a = l0 % n
             b = min(n, a + l1 - l0)
-            parts.append(np.asarray(self.raw[:, a:b]))  # (bands, b - a, samples)
+            parts.append(np.asarray(self.raw[(bands, slice(a, b), *cols)]))  # (bands, b - a, samples)
             l0 += b - a
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 

@@ -359,8 +359,9 @@ def resample_flags(flags: np.ndarray, wavelengths: Sequence[float], target: Sequ
 
 
 class ResampledLines:
-    """A raw scan ``(bands, lines, samples)`` read by blocks of lines (``raw[:, l0:l1]``), each
-    block moved to the recipe's raw bands as it is read; saturated counts stay saturated.
+    """A raw scan ``(bands, lines, samples)`` read by blocks of lines (``raw[b0:b1, l0:l1]``, columns
+    too if asked), each block moved to the recipe's raw bands as it is read (then ``b0:b1`` of
+    them); saturated counts stay saturated.
 
     A value interpolated from a saturated count stays at or above ``saturation``.
     """
@@ -370,11 +371,12 @@ class ResampledLines:
         self.shape = (len(target), int(raw.shape[1]), int(raw.shape[2]))
         self.dtype = np.dtype(np.float32)
 
-    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        block = np.asarray(self.raw[key])  # (bands, r, samples), the scan's own bands
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        bands, *place = key  # the recipe's bands asked for; lines (and samples) of the scan
+        block = np.asarray(self.raw[(slice(None), *place)])  # (bands, r, samples), the scan's own bands
         out = resample_bands(block, self.wavelengths, self.target)
         saturated = resample_flags(block >= self.saturation, self.wavelengths, self.target)
-        return np.where(saturated, np.maximum(out, np.float32(self.saturation)), out)
+        return np.where(saturated, np.maximum(out, np.float32(self.saturation)), out)[bands]
 
 
 def resample_references(

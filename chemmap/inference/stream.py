@@ -1,7 +1,8 @@
 """Streamed tiled scoring: a raw scan of any length -> its maps, without ever holding the cube.
 
-The scan is read a block of lines at a time (``raw[:, l0:l1]``), twice, through the one path
-for a scan (:mod:`chemmap.preprocess.scan`):
+The scan is read a block of lines at a time (``raw[b0:b1, l0:l1]``: the recipe's band span
+only, :attr:`Recipe.band_span`), twice, through the one path for a scan
+(:mod:`chemmap.preprocess.scan`):
 
 1. **Mask pass.** :func:`transform` per block fills the 2-D mean reflectance and bad-pixel
    flags (and where the cube is not finite); then :func:`sample_mask` on the whole 2-D scan
@@ -458,8 +459,12 @@ def importance_map(shape: tuple[int, int], mode: str, sigma_scale: float = SIGMA
 # ----------------------------------------------------------------------------- reading
 
 
-def _read(raw: Any, l0: int, l1: int) -> np.ndarray:
-    return np.asarray(raw[:, l0:l1])  # (bands, l1 - l0, samples)
+def _read(scan: _Scan, l0: int, l1: int, cols: tuple[int, int] | None = None) -> np.ndarray:
+    """Raw lines ``[l0, l1)`` of the recipe's band span only (the bands it never reads are not copied)."""
+    b0, b1 = scan.recipe.band_span
+    if cols is None:
+        return np.asarray(scan.raw[b0:b1, l0:l1])  # (b1 - b0, l1 - l0, samples)
+    return np.asarray(scan.raw[b0:b1, l0:l1, cols[0] : cols[1]])  # (b1 - b0, l1 - l0, c1 - c0)
 
 
 def _spans(lines: int, block: int) -> list[tuple[int, int]]:
@@ -516,7 +521,8 @@ def _workers(run: _Settings) -> int:
 
 def _mask_block(scan: _Scan, l0: int, l1: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """Mask pass, one block: ``(l0, reflectance_mean, bad, not finite)``, each ``(l1 - l0, samples)``."""
-    t = transform(_read(scan.raw, l0, l1), scan.white, scan.dark, scan.recipe, scan.saturation)
+    first = scan.recipe.band_span[0]
+    t = transform(_read(scan, l0, l1), scan.white, scan.dark, scan.recipe, scan.saturation, first)
     cube = np.asarray(t.cube)  # (C, l1 - l0, samples)
     return l0, np.asarray(t.reflectance_mean), np.asarray(t.bad), ~np.isfinite(cube).all(axis=0)
 
@@ -531,7 +537,8 @@ def _map_block(scan: _Scan, cols: tuple[int, int], l0: int, l1: int) -> tuple[in
     c0, c1 = cols
     white = None if scan.white is None else scan.white[:, c0:c1]
     dark = None if scan.dark is None else scan.dark[:, c0:c1]
-    t = transform(_read(scan.raw, l0, l1)[:, :, c0:c1], white, dark, scan.recipe, scan.saturation)
+    first = scan.recipe.band_span[0]
+    t = transform(_read(scan, l0, l1, cols), white, dark, scan.recipe, scan.saturation, first)
     cube = np.asarray(t.cube)  # (C, l1 - l0, c1 - c0)
     assert scan.mask is not None
     sums = cube[:, scan.mask[l0:l1, c0:c1]].sum(axis=1, dtype=np.float64)  # (C,)
@@ -960,7 +967,8 @@ def stream_scan(
         model: the fold ensemble (or one U-Net) of ``recipe``, in eval mode; moved to
             ``device`` (and to channels-last with ``channels_last``) in place.
         recipe: the bundle's preprocessing recipe, with normalisation statistics.
-        raw: ``(bands, lines, samples)`` counts, every raw band, read as ``raw[:, l0:l1]`` (Dask).
+        raw: ``(bands, lines, samples)`` counts, every raw band, read as ``raw[b0:b1, l0:l1]`` and
+            ``raw[b0:b1, l0:l1, c0:c1]`` (slices; Dask or NumPy): the recipe's band span only.
         white_mean, dark_mean: ``(bands, samples)`` :func:`~chemmap.preprocess.scan.reference_means`.
         saturation: counts at or above this are saturated.
         out: a float32 ``(targets, lines, samples)`` array-like taking ``out[:, y0:y1, :] = rows``

@@ -170,11 +170,24 @@ class Recipe:
         dt = np.dtype(dtype)
         return float(np.iinfo(dt).max) if dt.kind in "ui" else float("inf")
 
-    def apply(self, raw, white: np.ndarray | None, dark: np.ndarray | None, saturation: float):
+    @property
+    def band_span(self) -> tuple[int, int]:
+        """``(first, last + 1)``: the raw bands :meth:`apply` reads (a reader may skip the rest)."""
+        return min(self.band_index), max(self.band_index) + 1
+
+    def apply(
+        self,
+        raw,
+        white: np.ndarray | None,
+        dark: np.ndarray | None,
+        saturation: float,
+        first_band: int = 0,
+    ):
         """Raw counts -> preprocessed cube and a per-pixel validity flag.
 
         Args:
-            raw: ``(bands, lines, samples)`` counts (NumPy or Dask), all raw bands.
+            raw: ``(bands, lines, samples)`` counts (NumPy or Dask): every raw band, or with
+                ``first_band`` the raw bands from that one on (at least up to :attr:`band_span`'s end).
             white, dark: ``(bands, samples)`` reference means over lines, all raw bands
                 (None with ``calibration: none``).
             saturation: counts at or above this are saturated.
@@ -188,7 +201,11 @@ class Recipe:
         """
         xp = _xp(raw)
         idx = np.asarray(self.band_index)
-        sel = raw[idx]
+        at = idx - first_band  # where the selected bands are in ``raw``
+        if np.all(np.diff(at) == 1):
+            sel = raw[at[0] : at[-1] + 1]  # a view: a contiguous range is not copied by fancy indexing
+        else:
+            sel = raw[at]
         saturated = (sel >= saturation).any(axis=0)
         if self.config.calibration == "white_dark":
             assert white is not None and dark is not None

@@ -68,16 +68,19 @@ def reference_means(scan: Scan, files: ScanFiles, recipe: Recipe) -> tuple[Any, 
     return dask.compute(white.data.astype(np.float64).mean(axis=1), dark.data.astype(np.float64).mean(axis=1))
 
 
-def transform(raw: Any, white: Any, dark: Any, recipe: Recipe, saturation: float) -> Transformed:
+def transform(
+    raw: Any, white: Any, dark: Any, recipe: Recipe, saturation: float, first_band: int = 0
+) -> Transformed:
     """Raw counts of a block of lines -> the preprocessed cube and the flags the mask needs.
 
     Args:
-        raw: ``(bands, lines, samples)`` counts, every raw band (NumPy or Dask).
-        white, dark: :func:`reference_means` (None with ``calibration: none``).
+        raw: ``(bands, lines, samples)`` counts, every raw band (NumPy or Dask), or with
+            ``first_band`` the bands from that one on (a reader of :attr:`Recipe.band_span` only).
+        white, dark: :func:`reference_means` (None with ``calibration: none``), every raw band.
         recipe: the preprocessing recipe.
         saturation: counts at or above this are saturated (:meth:`Recipe.saturation_level`).
     """
-    cube, refl_mean, bad = recipe.apply(raw, white, dark, saturation)
+    cube, refl_mean, bad = recipe.apply(raw, white, dark, saturation, first_band)
     return Transformed(cube, refl_mean, bad)
 
 

@@ -65,12 +65,17 @@ class Lines:
         self.shape = (BANDS, lines, samples)
         self.dtype = np.dtype(dtype)
         self.reads: list[tuple[int, int]] = []
+        self.bands: set[tuple[int, int]] = set()  # the band ranges asked for
 
-    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        bands, rows = key
-        assert bands == slice(None) and rows.step is None, key
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        bands, rows, *cols = key  # (bands, lines) or (bands, lines, samples), slices
+        assert rows.step is None, key
         l0, l1, _ = rows.indices(self.shape[1])
         self.reads.append((l0, l1))
+        self.bands.add(bands.indices(self.shape[0])[:2])
+        return self._block(l0, l1)[bands][..., cols[0] if cols else slice(None)]
+
+    def _block(self, l0: int, l1: int) -> np.ndarray:
         return _counts(l0, l1, self.shape[2], self.dtype)
 
 
@@ -137,8 +142,9 @@ def test_exact_stream_equals_the_whole_image_map(kwargs: dict, dtype: torch.dtyp
     assert np.array_equal(res.mask, ref.mask) and res.bad_removed == ref.bad_removed > 0
     assert res.saturated == pytest.approx(ref.saturated.mean())
     np.testing.assert_allclose(res.sums, np.nansum(ref.maps, axis=(1, 2), dtype=np.float64), rtol=1e-6)
-    # Reads: never more than a block, every line once per pass.
+    # Reads: never more than a block, every line once per pass, the recipe's bands only (>= 750 nm).
     assert max(l1 - l0 for l0, l1 in raw.reads) == 16 and sum(l1 - l0 for l0, l1 in raw.reads) == 2 * LINES
+    assert raw.bands == {_recipe().band_span} and _recipe().band_span[0] > 0
     # Writes: whole chunks (the last one partial), each once, in order.
     assert out.writes == [(y, min(y + 32, LINES)) for y in range(0, LINES, 32)]
     cube = np.asarray(transform(_counts(0, LINES, SAMPLES), *_refs(SAMPLES), _recipe(), CEILING).cube)
@@ -348,9 +354,7 @@ def _island(l0: int, l1: int, samples: int) -> np.ndarray:
 
 
 class Island(Lines):
-    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        super().__getitem__(key)  # logs the read
-        l0, l1, _ = key[1].indices(self.shape[1])
+    def _block(self, l0: int, l1: int) -> np.ndarray:
         return _island(l0, l1, self.shape[2])
 
 

@@ -84,6 +84,20 @@ def test_dask_and_numpy_give_the_same_cube(kw):
     np.testing.assert_array_equal(bb, ab)
 
 
+def test_a_reader_of_the_band_span_only_gets_the_same_cube():
+    rng = np.random.default_rng(2)
+    raw, white, dark = _scan(rng, lines=7, samples=6)
+    raw[:, 3, 2] = 4095  # saturated in the span
+    r = _recipe(wavelength_min=750, bin=2, transform="absorbance")
+    b0, b1 = r.band_span
+    assert 0 < b0 < b1 == raw.shape[0] and b1 - b0 == len(r.band_index)
+    whole = r.apply(raw, white, dark, 4095)
+    span = r.apply(raw[b0:b1], white, dark, 4095, first_band=b0)
+    for a, b in zip(whole, span, strict=True):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    assert span[2][3, 2]
+
+
 def test_wavelength_check_and_round_trip():
     r = _recipe(bin=3).with_stats(np.arange(4.0), np.ones(4))
     again = Recipe.from_dict(r.to_dict())
