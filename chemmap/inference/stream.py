@@ -59,6 +59,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -120,6 +122,7 @@ class StreamResult:
         mask_seconds, map_seconds: wall time of the mask pass and of the map pass.
         windows: model windows run.
         window_pixels: input pixels the model read, over all windows (padding included).
+        spilled: the map pass read the mask pass's cube back from a spill file (not the raw scan).
     """
 
     maps: Any
@@ -133,6 +136,7 @@ class StreamResult:
     map_seconds: float
     windows: int
     window_pixels: int = 0
+    spilled: bool = False
 
     @property
     def means(self) -> np.ndarray:
@@ -169,6 +173,7 @@ class _Scan:
     lines: int
     samples: int
     mask: np.ndarray | None = None  # (lines, samples) bool
+    spill: _Spill | None = None  # the mask pass's cube, for the map pass (None: read the raw again)
 
 
 @dataclass(frozen=True)
@@ -519,30 +524,89 @@ def _workers(run: _Settings) -> int:
     return min(4, os.cpu_count() or 1) if run.prefetch else 0
 
 
+class _Spill:
+    """The mask pass's preprocessed cube, written to an unlinked temporary file block by block
+    (``(C, l1 - l0, samples)`` float32 at line ``l0``'s offset) and read back by the map pass,
+    so the raw scan is read and preprocessed once. The pages live in the OS's file cache, not in
+    the process. A failed write (a full disk) drops the spill: the map pass reads the raw again.
+    """
+
+    def __init__(self, file: Any, channels: int, samples: int) -> None:
+        self.file, self.fd = file, file.fileno()
+        self.line_bytes = channels * samples * 4
+        self.channels, self.samples = channels, samples
+        self.failed: OSError | None = None
+
+    @classmethod
+    def open(cls, where: bool | str | os.PathLike, channels: int, lines: int, samples: int) -> _Spill | None:
+        """A spill file for the scan's cube, or None where ``where`` is False or the disk lacks room
+        (the cube plus 1 GiB and a tenth of the disk must stay free)."""
+        if where is False:
+            return None
+        folder = None if where is True else os.fspath(where)
+        need = channels * lines * samples * 4
+        usage = shutil.disk_usage(folder or tempfile.gettempdir())
+        if usage.free < need + max(2**30, usage.total // 10):
+            return None
+        return cls(tempfile.TemporaryFile(dir=folder, prefix="chemmap-spill-"), channels, samples)
+
+    def write(self, l0: int, cube: np.ndarray) -> None:
+        if self.failed is not None:
+            return
+        view = memoryview(np.ascontiguousarray(cube, np.float32)).cast("B")
+        offset = l0 * self.line_bytes
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as err:  # e.g. the disk filled up meanwhile
+            self.failed = err
+
+    def read(self, l0: int, l1: int) -> np.ndarray:
+        """The cube of lines ``[l0, l1)``, as :meth:`write` got it: ``(C, l1 - l0, samples)``."""
+        out = np.empty((self.channels, l1 - l0, self.samples), np.float32)
+        view, offset = memoryview(out).cast("B"), l0 * self.line_bytes
+        while view:
+            n = os.preadv(self.fd, [view], offset)
+            if n == 0:
+                raise RuntimeError(f"spill file ends before line {l1}")  # a bug, not bad input
+            view, offset = view[n:], offset + n
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def _mask_block(scan: _Scan, l0: int, l1: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """Mask pass, one block: ``(l0, reflectance_mean, bad, not finite)``, each ``(l1 - l0, samples)``."""
     first = scan.recipe.band_span[0]
     t = transform(_read(scan, l0, l1), scan.white, scan.dark, scan.recipe, scan.saturation, first)
     cube = np.asarray(t.cube)  # (C, l1 - l0, samples)
+    if scan.spill is not None:
+        scan.spill.write(l0, cube)
     return l0, np.asarray(t.reflectance_mean), np.asarray(t.bad), ~np.isfinite(cube).all(axis=0)
 
 
 def _map_block(scan: _Scan, cols: tuple[int, int], l0: int, l1: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """Map pass, one block of lines, columns ``cols`` only:
+    """Map pass, one block of lines, columns ``cols`` only (from the spill file, or the raw scan):
     ``(l0, model input (C, rows, c1 - c0) float32, the cube's sums over the block's mask pixels (C,))``.
 
     The sums cover every mask pixel once (each line is preprocessed once in this pass, and
     the windows' columns hold the mask's).
     """
     c0, c1 = cols
-    white = None if scan.white is None else scan.white[:, c0:c1]
-    dark = None if scan.dark is None else scan.dark[:, c0:c1]
-    first = scan.recipe.band_span[0]
-    t = transform(_read(scan, l0, l1, cols), white, dark, scan.recipe, scan.saturation, first)
-    cube = np.asarray(t.cube)  # (C, l1 - l0, c1 - c0)
+    if scan.spill is not None:
+        cube = scan.spill.read(l0, l1)[:, :, c0:c1]  # (C, l1 - l0, c1 - c0)
+    else:
+        white = None if scan.white is None else scan.white[:, c0:c1]
+        dark = None if scan.dark is None else scan.dark[:, c0:c1]
+        first = scan.recipe.band_span[0]
+        t = transform(_read(scan, l0, l1, cols), white, dark, scan.recipe, scan.saturation, first)
+        cube = np.asarray(t.cube)  # (C, l1 - l0, c1 - c0)
     assert scan.mask is not None
     sums = cube[:, scan.mask[l0:l1, c0:c1]].sum(axis=1, dtype=np.float64)  # (C,)
-    z = np.ascontiguousarray(model_input(cube, scan.recipe), dtype=np.float32)  # (C, l1 - l0, c1 - c0)
+    z = model_input(cube, scan.recipe, overwrite=True)  # the block is this call's own: standardised in place
+    z = np.ascontiguousarray(z, dtype=np.float32)  # (C, l1 - l0, c1 - c0)
     return l0, z, sums
 
 
@@ -563,7 +627,11 @@ def _mask_pass(
                     progress(l1, 2 * scan.lines)
     sm = sample_mask(refl, bad, scan.recipe.config.mask, mask_file=mask_file, source=source)
     check_finite(nonfinite, sm.mask, source)
-    scan = replace(scan, mask=sm.mask)
+    spill = scan.spill
+    if spill is not None and spill.failed is not None:
+        spill.close()  # the map pass reads the raw scan again
+        spill = None
+    scan = replace(scan, mask=sm.mask, spill=spill)
     return scan, sm.bad_removed, float(bad.mean())
 
 
@@ -960,6 +1028,7 @@ def stream_scan(
     prefetch: bool = True,
     progress: Progress | None = None,
     source: str = "scan",
+    spill: bool | str | os.PathLike = True,
 ) -> StreamResult:
     """The maps of a raw scan of any length, read by blocks of lines (never whole): a :class:`StreamResult`.
 
@@ -993,6 +1062,10 @@ def stream_scan(
         prefetch: read and preprocess the next blocks in a background thread while computing.
         progress: called with ``(done, 2 * lines)``: lines of the mask pass, then of the map.
         source: what error messages call the scan.
+        spill: keep the mask pass's preprocessed cube in an unlinked temporary file (in this
+            folder; True: the system's temporary folder) for the map pass, so that the raw scan
+            is read and preprocessed once (the file is 0.4x the raw scan's size for the VNIR
+            recipe; skipped where the disk lacks room); False: the map pass reads the raw again.
 
     Raises:
         InputError: a bad option, a scan unlike the recipe, no sample pixel, or a non-finite one.
@@ -1004,16 +1077,24 @@ def stream_scan(
     scan = _scan(raw, white_mean, dark_mean, recipe, saturation, source)
     model = _prepare_model(model, run)
     geometry = model_geometry(model, recipe.n_channels) if geometry is None else geometry
-    t0 = time.perf_counter()
-    scan, bad_removed, saturated = _mask_pass(scan, run, mask_file, source, progress)
-    t1 = time.perf_counter()
-    assert scan.mask is not None
-    jobs, weights = _plan(model, geometry, scan, run)
-    writer = _Writer(out, scan.mask, source)
-    spectrum = _map_pass(model, scan, jobs, weights, writer, run, progress)
+    if spill is not True and spill is not False and not Path(spill).is_dir():
+        raise InputError(f"{source}: spill must be True, False or an existing folder, got {spill!r}")
+    scan = replace(scan, spill=_Spill.open(spill, recipe.n_channels, scan.lines, scan.samples))
+    try:
+        t0 = time.perf_counter()
+        scan, bad_removed, saturated = _mask_pass(scan, run, mask_file, source, progress)
+        t1 = time.perf_counter()
+        assert scan.mask is not None
+        jobs, weights = _plan(model, geometry, scan, run)
+        writer = _Writer(out, scan.mask, source)
+        spectrum = _map_pass(model, scan, jobs, weights, writer, run, progress)
+    finally:
+        if scan.spill is not None:
+            scan.spill.close()
     pixels, read = int(scan.mask.sum()), sum((j.read[2] - j.read[0]) * (j.read[3] - j.read[1]) for j in jobs)
     assert writer.sums is not None
     return StreamResult(
         writer.out, scan.mask, bad_removed, saturated, spectrum / pixels, pixels, writer.sums,
         mask_seconds=t1 - t0, map_seconds=time.perf_counter() - t1, windows=len(jobs), window_pixels=read,
+        spilled=scan.spill is not None,
     )  # fmt: skip

@@ -244,14 +244,18 @@ class Recipe:
             std=tuple(float(v) for v in std),
         )
 
-    def normalize(self, x, channel_axis: int = 0):
-        """Standardise channels with the training statistics: ``(x - mean) / std`` along ``channel_axis``."""
+    def stats_shaped(self, ndim: int, channel_axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The training mean and std, float32, shaped to broadcast along ``channel_axis`` of ``ndim`` axes."""
         if not self.mean:
             raise RuntimeError("recipe has no normalisation statistics yet")
-        shape = [1] * x.ndim
+        shape = [1] * ndim
         shape[channel_axis] = -1
         mean = np.asarray(self.mean, np.float32).reshape(shape)
-        std = np.asarray(self.std, np.float32).reshape(shape)
+        return mean, np.asarray(self.std, np.float32).reshape(shape)
+
+    def normalize(self, x, channel_axis: int = 0):
+        """Standardise channels with the training statistics: ``(x - mean) / std`` along ``channel_axis``."""
+        mean, std = self.stats_shaped(x.ndim, channel_axis)
         return (x - mean) / std
 
     def to_dict(self) -> dict[str, Any]:

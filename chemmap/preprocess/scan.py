@@ -130,7 +130,16 @@ def check_finite(nonfinite: np.ndarray, mask: np.ndarray, source: str = "scan") 
         )
 
 
-def model_input(cube: Any, recipe: Recipe, channel_axis: int = 0) -> Any:
-    """Standardise with the recipe's training statistics; NaN and +-inf (outside the scan) become 0."""
+def model_input(cube: Any, recipe: Recipe, channel_axis: int = 0, *, overwrite: bool = False) -> Any:
+    """Standardise with the recipe's training statistics; NaN and +-inf (outside the scan) become 0.
+
+    ``overwrite``: a float32 NumPy ``cube`` the caller no longer needs is standardised in place
+    (the same operations, the same values; no temporary arrays): the scorer's hot path.
+    """
+    if overwrite and isinstance(cube, np.ndarray) and cube.dtype == np.float32:
+        mean, std = recipe.stats_shaped(cube.ndim, channel_axis)
+        np.subtract(cube, mean, out=cube)
+        np.divide(cube, std, out=cube)
+        return np.nan_to_num(cube, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     z = recipe.normalize(cube, channel_axis=channel_axis)
     return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)

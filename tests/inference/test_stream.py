@@ -7,6 +7,7 @@ here in plain NumPy: every window run alone, weighted, summed, divided.
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -142,8 +143,10 @@ def test_exact_stream_equals_the_whole_image_map(kwargs: dict, dtype: torch.dtyp
     assert np.array_equal(res.mask, ref.mask) and res.bad_removed == ref.bad_removed > 0
     assert res.saturated == pytest.approx(ref.saturated.mean())
     np.testing.assert_allclose(res.sums, np.nansum(ref.maps, axis=(1, 2), dtype=np.float64), rtol=1e-6)
-    # Reads: never more than a block, every line once per pass, the recipe's bands only (>= 750 nm).
-    assert max(l1 - l0 for l0, l1 in raw.reads) == 16 and sum(l1 - l0 for l0, l1 in raw.reads) == 2 * LINES
+    # Reads: never more than a block, every line once (the map pass reads the mask pass's spill
+    # file), the recipe's bands only (>= 750 nm).
+    assert max(l1 - l0 for l0, l1 in raw.reads) == 16 and sum(l1 - l0 for l0, l1 in raw.reads) == LINES
+    assert res.spilled
     assert raw.bands == {_recipe().band_span} and _recipe().band_span[0] > 0
     # Writes: whole chunks (the last one partial), each once, in order.
     assert out.writes == [(y, min(y + 32, LINES)) for y in range(0, LINES, 32)]
@@ -184,6 +187,37 @@ def test_prefetch_batching_and_channels_last_change_nothing() -> None:
     assert rel(a.maps, b.maps) < FP32 and a.windows == 20 and b.windows == 10
     convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-1] > 1]
     assert convs and not any(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
+@pytest.mark.parametrize("region", ["scan", "tissue"])
+def test_the_spill_file_changes_nothing_and_a_failed_one_falls_back_to_the_raw(
+    region: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The map pass from the spill file, from the raw scan read again, and from the raw after
+    the spill's disk filled up: the same maps and mean spectrum, bit for bit."""
+    kwargs = {"saturation": CEILING, "region": region, "tile": 32, "block_lines": 16}
+    runs, reads = {}, {}
+    for spill in (True, tmp_path, False, "full"):
+        raw = Lines(LINES, SAMPLES)
+        with monkeypatch.context() as m:
+            if spill == "full":
+
+                def no_room(*args: object) -> int:
+                    raise OSError(28, "No space left on device")
+
+                m.setattr(os, "pwrite", no_room)
+            res = stream_scan(
+                _unet(), _recipe(), raw, *_refs(SAMPLES), spill=True if spill == "full" else spill, **kwargs
+            )
+        runs[str(spill)], reads[str(spill)] = res, sum(l1 - l0 for l0, l1 in raw.reads)
+        assert res.spilled == (spill not in (False, "full"))
+    assert list(tmp_path.iterdir()) == []  # the spill file is unlinked from the start
+    first = runs["True"]
+    for res in runs.values():
+        assert np.array_equal(res.maps, first.maps, equal_nan=True)
+        assert np.array_equal(res.mean_spectrum, first.mean_spectrum) and np.array_equal(res.sums, first.sums)
+    assert reads["True"] == reads[str(tmp_path)] == LINES
+    assert reads["False"] == reads["full"] > LINES  # the raw scan read again
 
 
 def test_channels_last_is_the_cpu_default() -> None:
@@ -369,7 +403,7 @@ def test_tissue_region_exact_is_the_whole_image_map_from_fewer_windows(model_kwa
     assert ys.min() >= ISLAND[0] and ys.max() < ISLAND[2] and xs.min() >= ISLAND[1] and xs.max() < ISLAND[3]
     kwargs = {"saturation": CEILING, "tile": 32, "block_lines": 16}
     raw = Island(lines, samples)
-    tissue = stream_scan(model, _recipe(), raw, white, dark, **kwargs)
+    tissue = stream_scan(model, _recipe(), raw, white, dark, spill=False, **kwargs)
     scan = stream_scan(model, _recipe(), Island(lines, samples), white, dark, region="scan", **kwargs)
     assert rel(tissue.maps, ref.maps) < FP32 and rel(scan.maps, ref.maps) < FP32
     assert np.isnan(tissue.maps[:, ~ref.mask]).all()
@@ -492,6 +526,10 @@ def test_a_sample_pixel_that_is_not_finite_stops_with_its_line_and_sample() -> N
         ({"amp": True}, "amp=True .* CUDA device only"),
         ({"tile": 0}, "tile must be a positive integer"),
         ({"batch": 0}, "batch must be a positive integer"),
+        (
+            {"spill": "/no/such/folder"},
+            "spill must be True, False or an existing folder, got '/no/such/folder'",
+        ),
     ],
 )
 def test_bad_options_stop_with_one_line(kwargs: dict, message: str) -> None:

@@ -58,3 +58,6 @@ def test_model_input_standardises_and_zeroes_what_is_outside_the_scan(dataset):
     z = model_input(x.astype(np.float32), recipe)
     np.testing.assert_allclose(z[:, 0, 0], 2.0, rtol=1e-5)
     assert (z[:, 1, 0] == 0).all()
+    y = x.astype(np.float32)
+    inplace = model_input(y, recipe, overwrite=True)
+    assert inplace is y and np.array_equal(inplace, z)  # in place: the same values, bit for bit
