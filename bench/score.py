@@ -201,7 +201,8 @@ def run_chemmap(env: dict[str, Any], raw: Any, mode: str, args: argparse.Namespa
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "rss_mib": rss.stop(), "mask_seconds": res.mask_seconds,
             "map_seconds": res.map_seconds, "windows": res.windows, "mean": float(res.means[0]),
-            "region": args.region, "read_per_px": res.window_pixels / (lines * samples)}  # fmt: skip
+            "region": args.region, "read_per_px": res.window_pixels / (lines * samples),
+            "spilled": res.spilled}  # fmt: skip
 
 
 def _model_input(env: dict[str, Any], raw: Any) -> Any:
