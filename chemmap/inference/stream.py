@@ -1,15 +1,16 @@
 """Streamed tiled scoring: a raw scan of any length -> its maps, without ever holding the cube.
 
 The scan is read a block of lines at a time (``raw[b0:b1, l0:l1]``: the recipe's band span
-only, :attr:`Recipe.band_span`), twice, through the one path for a scan
-(:mod:`chemmap.preprocess.scan`):
+only, :attr:`Recipe.band_span`) through the one path for a scan
+(:mod:`chemmap.preprocess.scan`), in two passes:
 
 1. **Mask pass.** :func:`transform` per block fills the 2-D mean reflectance and bad-pixel
    flags (and where the cube is not finite); then :func:`sample_mask` on the whole 2-D scan
    and :func:`check_finite`. The mask's steps (opening, hole filling, minimum size) are
-   global, so they cannot run per block.
-2. **Map pass.** :func:`transform` again, :func:`model_input`, and model windows run in
-   batches. A rolling band of model-input rows keeps only the rows the pending windows read
+   global, so they cannot run per block. Each block's preprocessed cube goes to a spill
+   file (unlinked from the start; in the OS's file cache, not the process's memory).
+2. **Map pass.** The spill file's blocks (or, without one, :func:`transform` of the raw
+   lines again), :func:`model_input`, and model windows run in batches. A rolling band of model-input rows keeps only the rows the pending windows read
    (their halo included); the output rows the windows complete go to ``out`` from this one
    writer, in whole chunks of ``out``, NaN outside the mask. The scan's mean spectrum over
    the mask (preprocessed units) is summed on the way.
@@ -46,7 +47,8 @@ Modes (windows always start on the model's stride grid, see DESIGN.md "Exact til
 
 Memory: one batch of windows, the rolling band (window rows x samples x channels, float32),
 a block of raw lines per thread, the 2-D arrays of the scan (a few bytes per pixel) and the
-output rows being built; never the cube. Peak memory grows with the scan's length by the
+output rows being built; never the cube. Disk: the spill file, the cube in float32 (0.4x
+the raw scan for the VNIR recipe), only where the disk has room for it. Peak memory grows with the scan's length by the
 2-D arrays only (``tests/inference/test_stream.py`` measures it).
 
 Tiles: the cost of exact tiling is the halo. Behind the paper's front-end a depth-5 U-Net
