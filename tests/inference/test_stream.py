@@ -220,6 +220,23 @@ def test_the_spill_file_changes_nothing_and_a_failed_one_falls_back_to_the_raw(
     assert reads["False"] == reads["full"] > LINES  # the raw scan read again
 
 
+def test_by_default_the_spill_file_stays_within_what_the_kernel_caches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cube larger than the dirty data Linux keeps in memory would be written to disk while the
+    scan is scored: by default the map pass then reads the raw again; a folder named
+    explicitly is used anyway."""
+    import chemmap.inference.stream as stream
+
+    assert stream._writeback_threshold() > 62 * LINES * SAMPLES * 4  # this scan's cube: spilled
+    monkeypatch.setattr(stream, "_writeback_threshold", lambda: 62 * LINES * SAMPLES * 4 - 1)
+    kwargs = {"saturation": CEILING, "tile": 32}
+    default = stream_scan(_unet(), _recipe(), Lines(LINES, SAMPLES), *_refs(SAMPLES), **kwargs)
+    named = stream_scan(_unet(), _recipe(), Lines(LINES, SAMPLES), *_refs(SAMPLES), spill=tmp_path, **kwargs)
+    assert not default.spilled and named.spilled
+    assert np.array_equal(default.maps, named.maps, equal_nan=True)
+
+
 def test_channels_last_is_the_cpu_default() -> None:
     """On the CPU the model runs channels-last unless told not to (faster there, same maps)."""
     model = _unet()
