@@ -99,6 +99,26 @@ VARIANTS: dict[str, list[str]] = {
         ]
         for w in (10, 3, 1)
     },
+    # A blind-spot (Noise2Void) term instead of, or beside, the denoising energy: the map at
+    # pixels whose spectra the model did not see is pulled to the spectral map from them
+    # (bench/blindspot.py: such a denoiser of the ridge map, on its own, beat every median).
+    "blind5_mean10": [
+        *_DENOISE[:3],
+        "train.loss.residual=0",
+        "train.loss.smooth=0",
+        "train.loss.blindspot=1",
+        "train.loss.mean=10",
+        "train.keep_weights=last",
+        "model.kernel_head=5",
+    ],
+    "blind5_r2_mean10": [
+        *_DENOISE,
+        *_HUBER,
+        "train.loss.blindspot=1",
+        "train.loss.mean=10",
+        "train.keep_weights=last",
+        "model.kernel_head=5",
+    ],
 }
 
 

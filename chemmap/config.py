@@ -157,6 +157,14 @@ class LossSection(_Section):
     residual: float = Field(0.0, ge=0)
     residual_penalty: Literal["quadratic", "huber"] = "huber"
     residual_delta: float = Field(5.0, gt=0)  # percent: where huber turns linear
+    # With model.spectral_path: a blind-spot (Noise2Void) term. At a share of each image's
+    # mask pixels the input spectrum is replaced by a neighbour's (within 2 px), and the map
+    # there is pulled towards the spectral path's value from the pixel's own spectrum, which
+    # the network did not see: (map - S)^2 averaged over those pixels. The camera's noise is
+    # independent from pixel to pixel, so the best such prediction is the noise-free map: a
+    # denoiser learned from the scans themselves, without pixel truth. 0: off.
+    blindspot: float = Field(0.0, ge=0)
+    blindspot_share: float = Field(0.02, gt=0, le=0.5)
 
 
 class AugmentSection(_Section):
@@ -320,6 +328,7 @@ class ChemmapConfig(_Section):
         asked = {
             "train.loss.spectral": loss.spectral > 0,
             "train.loss.residual": loss.residual > 0,
+            "train.loss.blindspot": loss.blindspot > 0,
             "train.spectral_init": train.spectral_init != "zero",
         }
         wants = [key for key, on in asked.items() if on]

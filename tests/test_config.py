@@ -46,6 +46,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("cluster:\n  dask_workers: 0\n", ["cluster.dask_workers", "0"]),
         ("train:\n  loss:\n    pixel: 1\n", ["train.loss.pixel", "unknown key"]),
         ("train:\n  loss:\n    residual: 0.5\n", ["train.loss.residual", "model.spectral_path"]),
+        ("train:\n  loss:\n    blindspot: 1\n", ["train.loss.blindspot", "model.spectral_path"]),
         ("train:\n  spectral_init: ridge\n", ["train.spectral_init", "model.spectral_path"]),
         (
             "model:\n  spectral_path: true\ntrain:\n  mode: patches\n  loss:\n    spectral: 1\n",

@@ -46,7 +46,7 @@ from chemmap.models.unet import UNet, UNetConfig
 from chemmap.preprocess.store import Dataset, PatchIndex
 from chemmap.train.data import InputCache, Prefetcher, ScanView, sample_views, shard_for_rank
 from chemmap.train.feed import send, send_done
-from chemmap.train.objective import residual_form, sample_loss, scan_sums
+from chemmap.train.objective import blind_spot, residual_form, sample_loss, scan_sums
 
 STATE_FILE = "state.pt"
 
@@ -434,15 +434,24 @@ def _wants_parts(loss: Any) -> bool:
 
 
 def _scan_sums(f: Fold, x: torch.Tensor, m: torch.Tensor, form: Smoothness, residual: Smoothness):
-    """One view's :func:`scan_sums`, with the spectral path's map when the loss asks for it."""
+    """One view's :func:`scan_sums`, with the spectral path's map when the loss asks for it,
+    and with the blind-spot term (its pixels' spectra replaced in the input the model sees)."""
     parts = _wants_parts(f.train.loss)
+    blind = None
+    if getattr(f.train.loss, "blindspot", 0.0) > 0:
+        assert f.net.spectral is not None  # the config requires model.spectral_path
+        x_seen, pixels = blind_spot(x, m, f.train.loss.blindspot_share)
+        with torch.no_grad():  # the target: the path's map from the pixels' own spectra
+            own = f.net.spectral(x[:, pixels[0], pixels[1]].T[:, :, None, None].to(f.device))  # (n, T, 1, 1)
+        blind = (pixels.to(f.device), own[:, :, 0, 0].T.float())  # (2, n), (T, n)
+        x = x_seen
     f.net.emit_parts = parts
     try:
         out = forward_map(f.model, x.to(f.device)).float()  # (T, H, W), or (2 T, H, W) with parts
     finally:
         f.net.emit_parts = False
     pred, path = out.chunk(2) if parts else (out, None)
-    return scan_sums(pred, m.to(f.device), form, path, residual)
+    return scan_sums(pred, m.to(f.device), form, path, residual, blind)
 
 
 def _start_from_ridge(model: UNet, data: Dataset, train_ids: list[str]) -> None:

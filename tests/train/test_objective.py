@@ -134,3 +134,48 @@ def test_the_spectral_path_terms(penalty: str) -> None:
     assert "spectral" not in plain
     expected = plain["loss"] + 0.5 * terms["spectral"] + 0.2 * terms["residual"]
     assert float(terms["loss"]) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_blind_spot_replaces_a_share_of_mask_pixels_by_neighbours_never_themselves() -> None:
+    from chemmap.train.objective import blind_spot
+
+    torch.manual_seed(0)
+    h, w = 7, 9
+    x = torch.arange(3 * h * w, dtype=torch.float64).reshape(3, h, w)  # every pixel's spectrum distinct
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[:, :4] = True  # touches the top, bottom and left borders
+    for _ in range(20):
+        seen, p = blind_spot(x, mask, 0.25)
+        assert p.shape == (2, round(0.25 * 28)) and mask[p[0], p[1]].all()
+        assert len({(int(a), int(b)) for a, b in p.T}) == p.shape[1]  # distinct pixels
+        changed = (seen != x).any(0)
+        assert changed[p[0], p[1]].all() and int(changed.sum()) == p.shape[1]  # those, and only those
+        for y0, x0 in p.T.tolist():  # each took the whole spectrum of a pixel within 2 px
+            src = (x[0] == seen[0, y0, x0]).nonzero()[0].tolist()
+            assert src != [y0, x0] and max(abs(src[0] - y0), abs(src[1] - x0)) <= 2
+            assert torch.equal(seen[:, y0, x0], x[:, src[0], src[1]])
+    with pytest.raises(ValueError, match="must be on the input's grid"):
+        blind_spot(x, mask[:, :5], 0.1)
+
+
+def test_the_blind_spot_term() -> None:
+    """The mean squared error at the picked pixels over a sample's scans, weighted into the loss."""
+    maps, masks = scans(3, 1, [(9, 11), (6, 13)])
+    y = torch.tensor([30.0], dtype=torch.float64)
+    cfg = LossSection(smooth=3.0, blindspot=0.7)
+    picks = [torch.tensor([[0, 2, 4], [1, 3, 5]]), torch.tensor([[1], [7]])]
+    targets = [
+        torch.tensor([[10.0, 20.0, 30.0]], dtype=torch.float64),
+        torch.tensor([[5.0]], dtype=torch.float64),
+    ]
+    maps = [p.detach() for p in maps]
+    terms = sample_loss(
+        [scan_sums(p, m, blind=(k, t)) for p, m, k, t in zip(maps, masks, picks, targets, strict=True)],
+        y,
+        cfg,
+    )
+    errs = torch.cat([(p[0, k[0], k[1]] - t[0]) for p, k, t in zip(maps, picks, targets, strict=True)])
+    assert float(terms["blindspot"]) == pytest.approx(float((errs**2).mean()), rel=1e-12)
+    plain = sample_loss([scan_sums(p, m) for p, m in zip(maps, masks, strict=True)], y, cfg)
+    assert "blindspot" not in plain
+    assert float(terms["loss"]) == pytest.approx(float(plain["loss"] + 0.7 * terms["blindspot"]), rel=1e-12)

@@ -318,7 +318,8 @@ def test_a_ridge_start_gives_each_training_sample_its_fit_as_its_map_mean(tiny_d
 
 @pytest.mark.slow
 def test_training_with_the_spectral_path_terms_moves_the_path(ray_local, tiny_dataset, tmp_path):
-    """Both new terms reach the gradient: the path leaves its ridge start, and the fold finishes."""
+    """The path's terms (and the blind-spot term) reach the gradient: the path leaves its ridge
+    start, and the fold finishes."""
     import torch
 
     _, pre = tiny_dataset
@@ -327,6 +328,7 @@ def test_training_with_the_spectral_path_terms_moves_the_path(ray_local, tiny_da
         "train.spectral_init=ridge",
         "train.loss.spectral=1",
         "train.loss.residual=0.5",
+        "train.loss.blindspot=1",
     ]
     stage = train_ensemble(_cfg(tmp_path, *sets, "train.num_workers=1"), pre, **QUIET)
     best = torch.load(stage.path / "fold1" / "best.pt", weights_only=True)
