@@ -15,6 +15,7 @@ The test split's figures are in those files too; this script does not read them.
 
     .venv/bin/python bench/screen.py                          # default variants, dev seeds 1 2, folds 1 2
     .venv/bin/python bench/screen.py --variant base= --variant tv=train.loss.smooth_penalty=tv
+    .venv/bin/python bench/screen.py --variant kernel5_r2_mean10   # one of VARIANTS, by name
     .venv/bin/python bench/screen.py --tiny                   # configs/ci.yaml, 1 seed: a smoke run
 
 Development seeds must not be the reporting seeds of ``bench/acceptance.py`` (100-104).
@@ -123,7 +124,12 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """``name=key=value,key=value`` (or ``name=`` for none) -> ``(name, overrides)``."""
+    """``name=key=value,key=value`` (or ``name=`` for none), or a name of :data:`VARIANTS`
+    alone -> ``(name, overrides)``."""
+    if "=" not in text:
+        if text not in VARIANTS:
+            raise SystemExit(f"--variant {text!r}: not a variant of bench/screen.py ({', '.join(VARIANTS)})")
+        return text, list(VARIANTS[text])
     name, _, sets = text.partition("=")
     if not name:
         raise SystemExit(f"--variant {text!r}: expected NAME=key=value,key=value (or NAME=)")

@@ -40,6 +40,12 @@ def test_only_out_of_fold_figures_are_read():
 def test_variants_parse_and_the_test_figures_stay_out_of_the_log(capsys):
     assert screen.parse_variant("base=") == ("base", [])
     assert screen.parse_variant("hub=a.b=1,c=x") == ("hub", ["a.b=1", "c=x"])
+    assert screen.parse_variant("kernel5_r2_mean10") == (
+        "kernel5_r2_mean10",
+        screen.VARIANTS["kernel5_r2_mean10"],
+    )
+    with pytest.raises(SystemExit, match="not a variant"):
+        screen.parse_variant("no_such_variant")
     screen._log_without_test_figures("evaluate: test RMSE U-Net 3 vs PLS 2")
     screen._log_without_test_figures("evaluate: per-pixel RMSE U-Net 20")
     screen._log_without_test_figures("train: fold 1/2")
