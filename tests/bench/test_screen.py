@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import screen  # the script's own functions (bench/ is importable from the repo root)
 
 ROOT = Path(__file__).resolve().parents[2]
