@@ -112,6 +112,18 @@ VARIANTS: dict[str, list[str]] = {
         "train.keep_weights=last",
         "model.kernel_head=5",
     ],
+    # The same term training a full-resolution denoiser head (7 dilated layers over the
+    # spectral map and the U-Net's features, bench/blindspot.py's architecture) instead of
+    # the 5 x 5 kernel head, whose linear 5 x 5 filter the term could not make enough of.
+    "blind_dn7_mean10": [
+        *_DENOISE[:3],
+        "train.loss.residual=0",
+        "train.loss.smooth=0",
+        "train.loss.blindspot=1",
+        "train.loss.mean=10",
+        "train.keep_weights=last",
+        "model.denoiser=7",
+    ],
     "blind5_r2_mean10": [
         *_DENOISE,
         *_HUBER,

@@ -236,6 +236,10 @@ class ModelSection(_Section):
     # pixel, steered by the U-Net's features (chemmap.models.unet.UNetConfig); 0: none.
     kernel_head: int = Field(0, ge=0)
     kernel_guide: int = Field(0, ge=0)  # full-resolution guide channels for the kernel head (pad: true)
+    # A full-resolution denoiser head of the spectral map: this many dilated 3x3 layers
+    # (1, 2, 4, 8, 4, 2, 1; spectral_path and pad: true), for train.loss.blindspot to train.
+    denoiser: int = Field(0, ge=0, le=7)
+    denoiser_features: int = Field(32, ge=1)
     # Given only to check them: they must equal the dataset's channels and the number of targets.
     in_channels: int | None = Field(None, ge=1)
     out_channels: int | None = Field(None, ge=1)
@@ -248,6 +252,8 @@ class ModelSection(_Section):
             raise ValueError("kernel_head filters the spectral path's map: it needs spectral_path: true")
         if self.kernel_guide and not (self.kernel_head and self.pad):
             raise ValueError("kernel_guide steers the kernel head: it needs kernel_head and pad: true")
+        if self.denoiser and not (self.spectral_path and self.pad):
+            raise ValueError("denoiser filters the spectral path's map: it needs spectral_path and pad: true")
         return self
 
 

@@ -47,6 +47,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("train:\n  loss:\n    pixel: 1\n", ["train.loss.pixel", "unknown key"]),
         ("train:\n  loss:\n    residual: 0.5\n", ["train.loss.residual", "model.spectral_path"]),
         ("train:\n  loss:\n    blindspot: 1\n", ["train.loss.blindspot", "model.spectral_path"]),
+        ("model:\n  denoiser: 3\n", ["denoiser", "spectral_path and pad: true"]),
         ("train:\n  spectral_init: ridge\n", ["train.spectral_init", "model.spectral_path"]),
         (
             "model:\n  spectral_path: true\ntrain:\n  mode: patches\n  loss:\n    spectral: 1\n",

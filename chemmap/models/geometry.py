@@ -164,6 +164,9 @@ def _skip_offsets(depth: int, pad: bool) -> list[int]:
     return offsets
 
 
+DENOISER_DILATIONS = (1, 2, 4, 8, 4, 2, 1)  # a U-Net's denoiser head's layers, in order (models.unet)
+
+
 @dataclass(frozen=True)
 class _Layout:
     """The fields of a U-Net config that decide its geometry."""
@@ -172,6 +175,7 @@ class _Layout:
     pad: bool
     bilinear: bool
     front_end: bool
+    head_radius: int = 0  # a full-resolution head's own reach past the U-Net's (the denoiser's)
 
 
 def _body_field(layout: _Layout, iv: Interval) -> Interval:
@@ -203,7 +207,8 @@ def _layout(config: Any) -> _Layout:
             "depends on the tensor's size, so no radius makes tiles exact (DESIGN.md, 'Exact "
             "tiling'); use align_corners=False, or measure with tiling.model_geometry."
         )
-    return _Layout(int(config.depth), bool(config.pad), bool(config.bilinear), bool(config.front_end))
+    head = sum(DENOISER_DILATIONS[: int(getattr(config, "denoiser", 0) or 0)])
+    return _Layout(int(config.depth), bool(config.pad), bool(config.bilinear), bool(config.front_end), head)
 
 
 def _unet_reach(layout: _Layout) -> Reach:
@@ -220,6 +225,12 @@ def _unet_reach(layout: _Layout) -> Reach:
             iv = _body_field(layout, iv)
         before.append(p - iv[0])
         after.append(iv[1] - p)
+    r = layout.head_radius  # a head at full resolution reads the U-Net's output at p - r .. p + r
+    if r:
+        before, after = (
+            [max(before[(k + j) % stride] - j for j in range(-r, r + 1)) for k in range(stride)],
+            [max(after[(k + j) % stride] + j for j in range(-r, r + 1)) for k in range(stride)],
+        )
     return Reach(tuple(before), tuple(after))
 
 

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from chemmap.models.geometry import body_output_size, unet_margin, unet_stride
+from chemmap.models.geometry import DENOISER_DILATIONS, body_output_size, unet_margin, unet_stride
 
 NORMALIZATIONS = (None, "bn", "ln")
 ENCODERS = ("plain", "resnet")
+DENOISER_SCALE = 25.0  # percent: the spectral map enters the denoiser as (S - 50) / this
 FRONT_END_BANDS = 7  # spectral kernel of the paper's front-end: C -> C - 6 channels
 
 
@@ -73,8 +74,22 @@ class UNetConfig:
     # of the input spectra (+ ReLU) beside the up-sampled features that steer the kernel, so
     # the weights can follow an edge at the input's resolution, not only the half one.
     kernel_guide: int = 0
+    # With spectral_path and pad=True: N > 0 layers of a full-resolution denoiser head, 3x3
+    # convolutions dilated 1, 2, 4, 8, 4, 2, 1 (the first N; ReLU between), of the spectral
+    # path's map beside the U-Net's up-sampled features, adding its output to the map: a
+    # non-linear filter of S over a wide neighbourhood (22 px for all 7), for the blind-spot
+    # term (train.loss.blindspot) to train. Its last 1x1 convolution starts at zero.
+    denoiser: int = 0
+    denoiser_features: int = 32
 
     def __post_init__(self) -> None:
+        if self.denoiser and not (
+            0 < self.denoiser <= len(DENOISER_DILATIONS) and self.spectral_path and self.pad
+        ):
+            raise ValueError(
+                f"denoiser must be 0..{len(DENOISER_DILATIONS)} with spectral_path=True and pad=True, got "
+                f"denoiser={self.denoiser}, spectral_path={self.spectral_path}, pad={self.pad}."
+            )
         if self.kernel_guide and (self.kernel_guide < 0 or not self.kernel_head or not self.pad):
             raise ValueError(
                 f"kernel_guide needs kernel_head and pad=True, got kernel_guide={self.kernel_guide}, "
@@ -313,6 +328,20 @@ class UNet(nn.Module):
             self.kernel = nn.Conv2d(steer, config.out_channels * config.kernel_head**2, 1)
             nn.init.zeros_(self.kernel.weight)
             nn.init.zeros_(self.kernel.bias)
+        self.denoiser: nn.Sequential | None = None
+        if config.denoiser:  # drawn like the body's convolutions; its output layer starts at zero
+            layers: list[nn.Module] = []
+            channels = config.out_channels + widths[0]
+            for d in DENOISER_DILATIONS[: config.denoiser]:
+                conv = nn.Conv2d(channels, config.denoiser_features, 3, padding=d, dilation=d)
+                nn.init.kaiming_normal_(conv.weight)
+                nn.init.zeros_(conv.bias)
+                layers += [conv, nn.ReLU(inplace=True)]
+                channels = config.denoiser_features
+            out = nn.Conv2d(channels, config.out_channels, 1)
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+            self.denoiser = nn.Sequential(*layers, out)
 
     def reset_parameters(self) -> None:
         """Kaiming-normal convolution weights, zero biases; norm layers at weight 1, bias 0."""
@@ -415,9 +444,12 @@ class UNet(nn.Module):
             m = self.margin
             path = self.spectral(spectra[..., m : height - m, m : width - m])  # (B, T, H', W')
             x = x + path
-            if self.kernel is not None:
+            if self.kernel is not None or self.denoiser is not None:
                 if self.front_end is not None:
                     features = self._to_input_grid(features, height, width)  # (B, F, H', W')
+            if self.denoiser is not None:  # pad=True: the output's grid is the input's
+                x = x + self.denoiser(torch.cat([(path - 50.0) / DENOISER_SCALE, features], dim=1))
+            if self.kernel is not None:
                 if self.guide is not None:  # pad=True: the input's grid is the output's
                     features = torch.cat([features, self.guide(spectra)], dim=1)  # (B, F + G, H, W)
                 x = x + self._steered(path, self.kernel(features))

@@ -389,3 +389,40 @@ def test_the_kernel_head_keeps_tiles_exact_and_its_geometry(guide: int) -> None:
 def test_a_bad_kernel_head_is_one_clear_error(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="kernel_head"):
         UNetConfig(in_channels=3, **kwargs)
+
+
+def test_the_denoiser_head_starts_at_zero_keeps_tiles_exact_and_its_geometry_is_computed() -> None:
+    """A 7-layer dilated head (22 px more reach at full resolution) on the spectral map: no
+    change at the start; with weights, tiles at the computed halo equal the whole image."""
+    from chemmap.models.geometry import unet_geometry
+    from chemmap.models.tiling import model_geometry, predict_tiled
+
+    base = {"in_channels": 9, "depth": 3, "features": 4, "front_end": True, "spectral_path": True}
+    torch.manual_seed(0)
+    plain = UNet(UNetConfig(**base)).double().eval()
+    torch.manual_seed(0)
+    config = UNetConfig(**base, denoiser=7, denoiser_features=6)
+    model = UNet(config).double().eval()
+    x = torch.randn(9, 61, 70, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(model(x[None]), plain(x[None]))  # zero at the start
+        for conv in (model.spectral, model.denoiser[-1]):
+            conv.weight.normal_()
+        assert not torch.equal(model(x[None]), plain(x[None]))
+    geometry = model_geometry(model)
+    assert geometry == unet_geometry(config) and geometry.radius > unet_geometry(plain.config).radius
+    tiled = predict_tiled(model, x, core=16, halo=geometry.radius, geometry=geometry)
+    assert rel(tiled, predict_full(model, x)) < EXACT
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"denoiser": 3},
+        {"denoiser": 8, "spectral_path": True},
+        {"denoiser": 2, "spectral_path": True, "pad": False},
+    ],
+)
+def test_a_bad_denoiser_is_one_clear_error(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="denoiser"):
+        UNetConfig(in_channels=3, **kwargs)
