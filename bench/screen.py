@@ -124,6 +124,18 @@ VARIANTS: dict[str, list[str]] = {
         "train.keep_weights=last",
         "model.denoiser=7",
     ],
+    # 5x the blind-spot pixels per image and a constant learning rate: more of the term's signal.
+    "blind_dn7_share10_constlr": [
+        *_DENOISE[:3],
+        "train.loss.residual=0",
+        "train.loss.smooth=0",
+        "train.loss.blindspot=1",
+        "train.loss.blindspot_share=0.1",
+        "train.loss.mean=10",
+        "train.keep_weights=last",
+        "model.denoiser=7",
+        "train.plateau_patience=100",
+    ],
     "blind5_r2_mean10": [
         *_DENOISE,
         *_HUBER,
