@@ -559,7 +559,13 @@ class _Spill:
             return None
         if where is True and need > _writeback_threshold():
             return None
-        return cls(tempfile.TemporaryFile(dir=folder, prefix="chemmap-spill-"), channels, samples)
+        try:
+            file = tempfile.TemporaryFile(dir=folder, prefix="chemmap-spill-")
+        except OSError as err:
+            if folder is None:
+                return None  # no usable temporary folder: read the raw scan again
+            raise InputError(f"spill folder {folder}: cannot create a file there ({err.strerror})") from err
+        return cls(file, channels, samples)
 
     def write(self, l0: int, cube: np.ndarray) -> None:
         if self.failed is not None:

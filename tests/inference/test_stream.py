@@ -236,6 +236,18 @@ def test_by_default_the_spill_file_stays_within_what_the_kernel_caches(
     assert not default.spilled and named.spilled
     assert np.array_equal(default.maps, named.maps, equal_nan=True)
 
+    # A folder where no file can be made (e.g. read-only): one line naming it if it was named,
+    # the raw scan read again if it was the system's temporary folder.
+    def refused(*args: object, **kw: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(stream.tempfile, "TemporaryFile", refused)
+    monkeypatch.setattr(stream, "_writeback_threshold", lambda: 2**40)
+    with pytest.raises(InputError, match=f"spill folder {tmp_path}: cannot create a file there"):
+        stream_scan(_unet(), _recipe(), Lines(LINES, SAMPLES), *_refs(SAMPLES), spill=tmp_path, **kwargs)
+    fallback = stream_scan(_unet(), _recipe(), Lines(LINES, SAMPLES), *_refs(SAMPLES), **kwargs)
+    assert not fallback.spilled and np.array_equal(fallback.maps, named.maps, equal_nan=True)
+
 
 def test_channels_last_is_the_cpu_default() -> None:
     """On the CPU the model runs channels-last unless told not to (faster there, same maps)."""
