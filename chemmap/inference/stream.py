@@ -1096,10 +1096,9 @@ def stream_scan(
         prefetch: read and preprocess the next blocks in a background thread while computing.
         progress: called with ``(done, 2 * lines)``: lines of the mask pass, then of the map.
         source: what error messages call the scan.
-        spill: keep the mask pass's preprocessed cube in an unlinked temporary file (in this
-            folder; True: the system's temporary folder) for the map pass, so that the raw scan
-            is read and preprocessed once (the file is 0.4x the raw scan's size for the VNIR
-            recipe; skipped where the disk lacks room); False: the map pass reads the raw again.
+        spill: keep the mask pass's cube in an unlinked temporary file for the map pass (in this
+            folder; True: the system's, while its file cache holds it; see :class:`_Spill`), so
+            the raw scan is read once; False: the map pass reads the raw scan again.
 
     Raises:
         InputError: a bad option, a scan unlike the recipe, no sample pixel, or a non-finite one.
@@ -1115,16 +1114,30 @@ def stream_scan(
         raise InputError(f"{source}: spill must be True, False or an existing folder, got {spill!r}")
     scan = replace(scan, spill=_Spill.open(spill, recipe.n_channels, scan.lines, scan.samples))
     try:
-        t0 = time.perf_counter()
-        scan, bad_removed, saturated = _mask_pass(scan, run, mask_file, source, progress)
-        t1 = time.perf_counter()
-        assert scan.mask is not None
-        jobs, weights = _plan(model, geometry, scan, run)
-        writer = _Writer(out, scan.mask, source)
-        spectrum = _map_pass(model, scan, jobs, weights, writer, run, progress)
+        return _passes(model, geometry, scan, run, out, mask_file, source, progress)
     finally:
         if scan.spill is not None:
             scan.spill.close()
+
+
+def _passes(
+    model: nn.Module,
+    geometry: Geometry,
+    scan: _Scan,
+    run: _Settings,
+    out: Any,
+    mask_file: Path | None,
+    source: str,
+    progress: Progress | None,
+) -> StreamResult:
+    """The mask pass, the windows' plan and the map pass of :func:`stream_scan`."""
+    t0 = time.perf_counter()
+    scan, bad_removed, saturated = _mask_pass(scan, run, mask_file, source, progress)
+    t1 = time.perf_counter()
+    assert scan.mask is not None
+    jobs, weights = _plan(model, geometry, scan, run)
+    writer = _Writer(out, scan.mask, source)
+    spectrum = _map_pass(model, scan, jobs, weights, writer, run, progress)
     pixels, read = int(scan.mask.sum()), sum((j.read[2] - j.read[0]) * (j.read[3] - j.read[1]) for j in jobs)
     assert writer.sums is not None
     return StreamResult(
