@@ -32,14 +32,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def spectral_maps(data, fit, ids):
     """``[(S, mask, truth or None)]`` for every scan of ``ids``: the ridge map, float32."""
+    from energy import ridge_map
+
     out = []
     for sid in ids:
         for scan in data.samples[sid].scans:
             mask = data.mask(scan)
-            s = (
-                np.einsum("c,chw->hw", fit.coef[:, 0], data.model_input(data.cube(scan)[...]))
-                + fit.intercept[0]
-            )
+            s = ridge_map(data, fit, scan)
             truth = data.truth(scan)
             if truth is not None:
                 truth = truth[data.targets[0]] if data.targets[0] in truth else next(iter(truth.values()))
@@ -111,17 +110,11 @@ def train(maps, args: argparse.Namespace, centre: float, scale: float):
 
 def main() -> None:
     import torch
-    from energy import mean_input
+    from energy import add_fold_args, fold_fit
     from scipy.ndimage import median_filter
 
-    from chemmap.models.ridge import ridge_loo
-    from chemmap.preprocess.store import Dataset
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dataset", type=Path)
-    ap.add_argument("--fit-folds", type=int, nargs="+", default=[3, 4, 5])
-    ap.add_argument("--eval-folds", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--scans", type=int, default=20, help="first N samples of the evaluated folds")
+    add_fold_args(ap)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=64)
@@ -131,14 +124,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if 0 in args.fit_folds + args.eval_folds:
-        raise SystemExit("split 0 is the test split: use CV folds only")
     torch.set_num_threads(2)
-    data = Dataset(args.dataset)
+    data, fit = fold_fit(args)
     fit_ids = data.ids(args.fit_folds)
-    fit = ridge_loo(
-        np.array([mean_input(data, s) for s in fit_ids]), np.array([data.samples[s].targets for s in fit_ids])
-    )
     t0 = time.perf_counter()
     fit_maps = spectral_maps(data, fit, fit_ids)
     pix = np.concatenate([s[m] for s, m, _ in fit_maps])

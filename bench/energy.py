@@ -32,6 +32,34 @@ def mean_input(data, sample_id: str) -> np.ndarray:
     return data.recipe.normalize(data.mean_spectrum(sample_id))
 
 
+def add_fold_args(ap: argparse.ArgumentParser) -> None:
+    """The dataset and the folds: the ridge fitted on some, maps scored on others."""
+    ap.add_argument("dataset", type=Path)
+    ap.add_argument("--fit-folds", type=int, nargs="+", default=[3, 4, 5])
+    ap.add_argument("--eval-folds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--scans", type=int, default=20, help="first N samples of the evaluated folds")
+
+
+def fold_fit(args: argparse.Namespace):
+    """``(dataset, the ridge fit of the fit folds' lab values on their mean inputs)``; never split 0."""
+    from chemmap.models.ridge import ridge_loo
+    from chemmap.preprocess.store import Dataset
+
+    if 0 in args.fit_folds + args.eval_folds:
+        raise SystemExit("split 0 is the test split: use CV folds only")
+    data = Dataset(args.dataset)
+    fit_ids = data.ids(args.fit_folds)
+    fit = ridge_loo(
+        np.array([mean_input(data, s) for s in fit_ids]), np.array([data.samples[s].targets for s in fit_ids])
+    )
+    return data, fit
+
+
+def ridge_map(data, fit, scan: str) -> np.ndarray:
+    """The ridge fit's per-pixel map of one scan ``(H, W)``, the first target."""
+    return np.einsum("c,chw->hw", fit.coef[:, 0], data.model_input(data.cube(scan)[...])) + fit.intercept[0]
+
+
 def minimise(s: np.ndarray, mask: np.ndarray, y: float, args: argparse.Namespace) -> np.ndarray:
     """The energy's minimiser for one image, from ``T = S``."""
     import torch
@@ -89,14 +117,8 @@ def fold_model(train_dir: Path, fold: int, data):
 def main() -> None:
     from scipy.ndimage import median_filter
 
-    from chemmap.models.ridge import ridge_loo
-    from chemmap.preprocess.store import Dataset
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dataset", type=Path)
-    ap.add_argument("--fit-folds", type=int, nargs="+", default=[3, 4, 5])
-    ap.add_argument("--eval-folds", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--scans", type=int, default=20, help="first N samples of the evaluated folds")
+    add_fold_args(ap)
     ap.add_argument("--mean", type=float, default=100.0)
     ap.add_argument("--smooth", type=float, default=1.0)
     ap.add_argument("--residual", type=float, default=2.0)
@@ -107,13 +129,7 @@ def main() -> None:
     ap.add_argument("--train-dir", type=Path, help="a training stage: also score its fold model")
     ap.add_argument("--fold", type=int, default=1, help="with --train-dir: the fold model (validated on it)")
     args = ap.parse_args()
-    if 0 in args.fit_folds + args.eval_folds:
-        raise SystemExit("split 0 is the test split: use CV folds only")
-    data = Dataset(args.dataset)
-    fit_ids = data.ids(args.fit_folds)
-    fit = ridge_loo(
-        np.array([mean_input(data, s) for s in fit_ids]), np.array([data.samples[s].targets for s in fit_ids])
-    )
+    data, fit = fold_fit(args)
     errors: dict[str, list[np.ndarray]] = {"ridge map": [], "median 5x5": [], "energy minimiser": []}
     spent: dict[str, list[tuple[float, float]]] = {}
     net = fold_model(args.train_dir, args.fold, data) if args.train_dir else None
@@ -126,10 +142,7 @@ def main() -> None:
                 raise SystemExit(f"{args.dataset}: no true maps (not a synthetic dataset)")
             truth = truth[data.targets[0]] if data.targets[0] in truth else next(iter(truth.values()))
             ok = mask & np.isfinite(truth)
-            s = (
-                np.einsum("c,chw->hw", fit.coef[:, 0], data.model_input(data.cube(scan)[...]))
-                + fit.intercept[0]
-            )
+            s = ridge_map(data, fit, scan)
             filled = np.where(mask, s, np.median(s[mask]))
             errors["ridge map"].append((s - truth)[ok])
             errors["median 5x5"].append((np.clip(median_filter(filled, size=5), 0, 100) - truth)[ok])
@@ -138,7 +151,7 @@ def main() -> None:
             errors["energy minimiser"].append((t - truth)[ok])
             if net is not None:
                 _score_model(net, data, scan, mask, y, truth, ok, args, errors, spent)
-    print(f"ridge leave-one-out RMSE {fit.loo_rmse[0]:.2f} on {len(fit_ids)} samples")
+    print(f"ridge leave-one-out RMSE {fit.loo_rmse[0]:.2f} on {len(data.ids(args.fit_folds))} samples")
     for name, parts in errors.items():
         print(f"{name}: per-pixel RMSE {np.sqrt(np.mean(np.concatenate(parts) ** 2)):.2f}")
     for name, values in spent.items():

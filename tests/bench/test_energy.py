@@ -1,4 +1,5 @@
-"""bench/energy.py on the CI preset's dataset: it runs, prints its three figures, refuses the test split."""
+"""bench/energy.py and bench/blindspot.py on the CI preset's dataset: they run, print their
+figures, refuse the test split."""
 
 from __future__ import annotations
 
@@ -47,3 +48,16 @@ def test_a_fold_model_is_scored_beside_the_minimiser(tiny_dataset, tmp_path):
     cmd = [sys.executable, script, store, "--scans", "2", "--train-dir", str(tmp_path), "--eval-folds", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert "U-Net: per-pixel RMSE" in out and "minimiser from the U-Net's spectral map: weighted" in out
+
+
+def test_the_blind_spot_script_runs_and_refuses_the_test_split(tiny_dataset):
+    """bench/blindspot.py: a few steps on the CI preset's dataset print every figure."""
+    _, pre = tiny_dataset
+    script, store = str(ROOT / "bench" / "blindspot.py"), str(pre.path / "dataset.zarr")
+    cmd = [sys.executable, script, store, "--scans", "2", "--steps", "3", "--crop", "24", "--batch", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    figures = dict(re.findall(r"^(.+): per-pixel RMSE ([0-9.]+)$", out, flags=re.M))
+    assert set(figures) == {"ridge map", "blind-spot net", *(f"median {k}x{k}" for k in (3, 5, 7, 9))}
+    assert all(float(v) > 0 for v in figures.values())
+    res = subprocess.run([*cmd[:3], "--fit-folds", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode != 0 and "test split" in res.stderr
