@@ -374,9 +374,10 @@ class ResampledLines:
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         bands, *place = key  # the recipe's bands asked for; lines (and samples) of the scan
         block = np.asarray(self.raw[(slice(None), *place)])  # (bands, r, samples), the scan's own bands
-        out = resample_bands(block, self.wavelengths, self.target)
-        saturated = resample_flags(block >= self.saturation, self.wavelengths, self.target)
-        return np.where(saturated, np.maximum(out, np.float32(self.saturation)), out)[bands]
+        target = list(self.target)[bands]  # only the bands asked for are interpolated
+        out = resample_bands(block, self.wavelengths, target)
+        saturated = resample_flags(block >= self.saturation, self.wavelengths, target)
+        return np.where(saturated, np.maximum(out, np.float32(self.saturation)), out)
 
 
 def resample_references(
