@@ -46,11 +46,12 @@ def spectral_maps(data, fit, ids):
     return out
 
 
-def make_net(features: int, dilations: tuple[int, ...]):
+def make_net(features: int, dilations: tuple[int, ...], channels: int = 2):
+    """``channels`` 2: the map (outside the mask: the scan's median) and the mask; 1: the map
+    clipped to 0-100 %, as a network without the mask sees it (``--input clipped``)."""
     from torch import nn
 
     layers: list[nn.Module] = []
-    channels = 2  # the map (outside the mask: the scan's median) and the mask
     for d in dilations:
         layers += [nn.Conv2d(channels, features, 3, padding=d, dilation=d, padding_mode="reflect"), nn.ReLU()]
         channels = features
@@ -58,9 +59,13 @@ def make_net(features: int, dilations: tuple[int, ...]):
     return nn.Sequential(*layers)
 
 
-def _inputs(s: np.ndarray, mask: np.ndarray, centre: float, scale: float) -> np.ndarray:
+def _inputs(s: np.ndarray, mask: np.ndarray, centre: float, scale: float, form: str = "masked") -> np.ndarray:
+    """``(2, H, W)``: the map and the mask. ``clipped``: the map clipped to 0-100 % and not
+    filled; the network then reads channel 0 only (the mask still picks the loss's pixels)."""
+    if form == "clipped":
+        return np.stack([(np.clip(s, 0.0, 100.0) - centre) / scale, mask.astype(np.float32)])
     filled = np.where(mask, s, np.median(s[mask]))
-    return np.stack([(filled - centre) / scale, mask.astype(np.float32)])  # (2, H, W)
+    return np.stack([(filled - centre) / scale, mask.astype(np.float32)])
 
 
 def train(maps, args: argparse.Namespace, centre: float, scale: float):
@@ -70,10 +75,11 @@ def train(maps, args: argparse.Namespace, centre: float, scale: float):
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    net = make_net(args.features, tuple(args.dilations))
+    seen = 1 if args.input == "clipped" else 2  # input channels the network reads
+    net = make_net(args.features, tuple(args.dilations), seen)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
-    xs = [_inputs(s, m, centre, scale) for s, m, _ in maps]
+    xs = [_inputs(s, m, centre, scale, args.input) for s, m, _ in maps]
     c = args.crop
     for step in range(args.steps):
         batch, targets, where = [], [], []
@@ -96,7 +102,7 @@ def train(maps, args: argparse.Namespace, centre: float, scale: float):
             batch.append(torch.from_numpy(crop))
             where.append((len(batch) - 1, torch.from_numpy(py), torch.from_numpy(px)))
         x = torch.stack(batch)
-        out = net(x)[:, 0]
+        out = net(x[:, :seen])[:, 0]
         pred = torch.cat([out[i, py, px] for i, py, px in where])
         loss = ((pred - torch.cat(targets)) ** 2).mean()
         opt.zero_grad()
@@ -123,6 +129,13 @@ def main() -> None:
     ap.add_argument("--dilations", type=int, nargs="+", default=[1, 2, 4, 8, 4, 2, 1])
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--input",
+        choices=("masked", "clipped"),
+        default="masked",
+        help="masked: the map filled outside the mask, and the mask; clipped: the map clipped to "
+        "0-100 %% alone, as a head inside the model (which has no mask) would see it",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     data, fit = fold_fit(args)
@@ -147,7 +160,8 @@ def main() -> None:
                 (np.clip(median_filter(filled, size=size), 0, 100) - truth)[ok]
             )
         with torch.no_grad():
-            t = net(torch.from_numpy(_inputs(s, mask, centre, scale))[None])[0, 0].numpy() * scale + centre
+            x = torch.from_numpy(_inputs(s, mask, centre, scale, args.input))[None]
+            t = net(x[:, : 1 if args.input == "clipped" else 2])[0, 0].numpy() * scale + centre
         errors["blind-spot net"].append((np.clip(t, 0, 100) - truth)[ok])
     print(f"ridge leave-one-out RMSE {fit.loo_rmse[0]:.2f} on {len(fit_ids)} samples")
     for name, parts in errors.items():

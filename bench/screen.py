@@ -136,6 +136,23 @@ VARIANTS: dict[str, list[str]] = {
         "model.denoiser=7",
         "train.plateau_patience=100",
     ],
+    # The denoiser as bench/blindspot.py trains it alone (5.44 there on seed 1's ridge map
+    # clipped, without the mask): reading the spectral map alone, clipped, and the path held
+    # at its ridge start, so the term cannot smooth its own target; the U-Net's output beside.
+    "blind_dnp_frozen": [
+        "model.spectral_path=true",
+        "train.spectral_init=ridge",
+        "train.spectral_freeze=true",
+        "train.loss.residual=0",
+        "train.loss.smooth=0",
+        "train.loss.blindspot=1",
+        "train.loss.blindspot_share=0.1",
+        "train.loss.mean=10",
+        "train.keep_weights=last",
+        "model.denoiser=7",
+        "model.denoiser_input=path",
+        "train.plateau_patience=100",
+    ],
     "blind5_r2_mean10": [
         *_DENOISE,
         *_HUBER,

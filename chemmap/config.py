@@ -207,6 +207,10 @@ class TrainSection(_Section):
     # on the fold's training mean spectra (penalty by leave-one-out), and the U-Net's head at
     # zero, so training starts from the per-pixel spectral map; "zero": the path starts at 0.
     spectral_init: Literal["zero", "ridge"] = "zero"
+    # Hold the spectral path at its ridge start (no gradient reaches it): the blind-spot
+    # term then trains the denoiser on a fixed map, as bench/blindspot.py does, and cannot
+    # make the target itself easier to predict by smoothing the path.
+    spectral_freeze: bool = False
 
 
 class MlflowSection(_Section):
@@ -240,6 +244,9 @@ class ModelSection(_Section):
     # (1, 2, 4, 8, 4, 2, 1; spectral_path and pad: true), for train.loss.blindspot to train.
     denoiser: int = Field(0, ge=0, le=7)
     denoiser_features: int = Field(32, ge=1)
+    # "path+features": the spectral map and the U-Net's features; "path": the map alone,
+    # clipped to 0-100 % (bench/blindspot.py --input clipped).
+    denoiser_input: Literal["path+features", "path"] = "path+features"
     # Given only to check them: they must equal the dataset's channels and the number of targets.
     in_channels: int | None = Field(None, ge=1)
     out_channels: int | None = Field(None, ge=1)
@@ -340,6 +347,8 @@ class ChemmapConfig(_Section):
         wants = [key for key, on in asked.items() if on]
         if wants and not self.model.spectral_path:
             raise ValueError(f"{wants[0]} needs model.spectral_path: true")
+        if train.spectral_freeze and train.spectral_init != "ridge":
+            raise ValueError("train.spectral_freeze holds the path at its ridge start: it needs train.spectral_init: ridge")
         if wants and train.mode != "whole":
             raise ValueError(f"{wants[0]} is implemented for train.mode: whole only, got {train.mode!r}")
         return self

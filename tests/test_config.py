@@ -50,6 +50,11 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("model:\n  denoiser: 3\n", ["denoiser", "spectral_path and pad: true"]),
         ("train:\n  spectral_init: ridge\n", ["train.spectral_init", "model.spectral_path"]),
         (
+            "model:\n  spectral_path: true\ntrain:\n  spectral_freeze: true\n",
+            ["train.spectral_freeze", "train.spectral_init: ridge"],
+        ),
+        ("model:\n  denoiser_input: features\n", ["model.denoiser_input", "'features'", "path"]),
+        (
             "model:\n  spectral_path: true\ntrain:\n  mode: patches\n  loss:\n    spectral: 1\n",
             ["train.loss.spectral", "whole", "'patches'"],
         ),

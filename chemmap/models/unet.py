@@ -39,6 +39,7 @@ from chemmap.models.geometry import DENOISER_DILATIONS, body_output_size, unet_m
 
 NORMALIZATIONS = (None, "bn", "ln")
 ENCODERS = ("plain", "resnet")
+DENOISER_INPUTS = ("path+features", "path")  # UNetConfig.denoiser_input
 DENOISER_SCALE = 25.0  # percent: the spectral map enters the denoiser as (S - 50) / this
 FRONT_END_BANDS = 7  # spectral kernel of the paper's front-end: C -> C - 6 channels
 
@@ -81,6 +82,11 @@ class UNetConfig:
     # term (train.loss.blindspot) to train. Its last 1x1 convolution starts at zero.
     denoiser: int = 0
     denoiser_features: int = 32
+    # What the denoiser reads: "path+features", the spectral map as (S - 50) / 25 and the
+    # U-Net's features; "path", the spectral map alone, clipped to 0-100 % first (the
+    # background's spectra give it values far outside), as bench/blindspot.py's standalone
+    # denoiser (--input clipped) sees it.
+    denoiser_input: str = "path+features"
 
     def __post_init__(self) -> None:
         if self.denoiser and not (
@@ -90,6 +96,8 @@ class UNetConfig:
                 f"denoiser must be 0..{len(DENOISER_DILATIONS)} with spectral_path=True and pad=True, got "
                 f"denoiser={self.denoiser}, spectral_path={self.spectral_path}, pad={self.pad}."
             )
+        if self.denoiser_input not in DENOISER_INPUTS:
+            raise ValueError(f"denoiser_input must be one of {DENOISER_INPUTS}, got {self.denoiser_input!r}.")
         if self.kernel_guide and (self.kernel_guide < 0 or not self.kernel_head or not self.pad):
             raise ValueError(
                 f"kernel_guide needs kernel_head and pad=True, got kernel_guide={self.kernel_guide}, "
@@ -331,7 +339,7 @@ class UNet(nn.Module):
         self.denoiser: nn.Sequential | None = None
         if config.denoiser:  # drawn like the body's convolutions; its output layer starts at zero
             layers: list[nn.Module] = []
-            channels = config.out_channels + widths[0]
+            channels = config.out_channels + (widths[0] if config.denoiser_input == "path+features" else 0)
             for d in DENOISER_DILATIONS[: config.denoiser]:
                 conv = nn.Conv2d(channels, config.denoiser_features, 3, padding=d, dilation=d)
                 nn.init.kaiming_normal_(conv.weight)
@@ -444,11 +452,12 @@ class UNet(nn.Module):
             m = self.margin
             path = self.spectral(spectra[..., m : height - m, m : width - m])  # (B, T, H', W')
             x = x + path
-            if self.kernel is not None or self.denoiser is not None:
+            with_features = self.denoiser is not None and self.config.denoiser_input == "path+features"
+            if self.kernel is not None or with_features:
                 if self.front_end is not None:
                     features = self._to_input_grid(features, height, width)  # (B, F, H', W')
             if self.denoiser is not None:  # pad=True: the output's grid is the input's
-                x = x + self.denoiser(torch.cat([(path - 50.0) / DENOISER_SCALE, features], dim=1))
+                x = x + self.denoiser(self._denoiser_input(path, features))
             if self.kernel is not None:
                 if self.guide is not None:  # pad=True: the input's grid is the output's
                     features = torch.cat([features, self.guide(spectra)], dim=1)  # (B, F + G, H, W)
@@ -456,6 +465,13 @@ class UNet(nn.Module):
             if self.emit_parts:
                 return torch.cat([x, path], dim=1)  # (B, 2 T, H', W'): the map, then the path's
         return x
+
+    def _denoiser_input(self, path: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``(B, T [+ F], H, W)``: the spectral map, centred and scaled (clipped to 0-100 % with
+        ``denoiser_input: path``), and the U-Net's full-resolution features with ``path+features``."""
+        if self.config.denoiser_input == "path":
+            return (path.clamp(0.0, 100.0) - 50.0) / DENOISER_SCALE
+        return torch.cat([(path - 50.0) / DENOISER_SCALE, features], dim=1)
 
     def _to_input_grid(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Half resolution back to the input's grid (x2 bilinear); ``align_corners=False`` keeps

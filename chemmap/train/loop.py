@@ -390,6 +390,8 @@ def build_fold(
         _start_at_training_mean(net, data, train_ids)
         if tcfg.spectral_init == "ridge":
             _start_from_ridge(net, data, train_ids)
+    if tcfg.spectral_freeze and net.spectral is not None:  # restored or not: the path stays put
+        net.spectral.requires_grad_(False)
     # DDP over the workers (moves to the worker's device). Gradients as views into DDP's buckets:
     # no copy into the bucket before the all-reduce nor back after it (1-2 ms of a 35 ms step on
     # two CPU workers), the same sums.

@@ -415,9 +415,43 @@ def test_the_denoiser_head_starts_at_zero_keeps_tiles_exact_and_its_geometry_is_
     assert rel(tiled, predict_full(model, x)) < EXACT
 
 
+def test_a_denoiser_reading_the_path_alone_sees_it_clipped_and_no_features() -> None:
+    """``denoiser_input: path``: the head's input is the spectral map clipped to 0-100 %, so
+    changing the U-Net's body (its features) leaves the head's output alone, and a map far
+    outside the range (the background's spectra) enters at the clip; tiles stay exact."""
+    from chemmap.models.tiling import model_geometry, predict_tiled
+
+    base = {"in_channels": 9, "depth": 3, "features": 4, "front_end": True, "spectral_path": True}
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(**base, denoiser=3, denoiser_features=5, denoiser_input="path")).double().eval()
+    assert model.denoiser[0].in_channels == 1  # the map only
+    with torch.no_grad():
+        for conv in (model.spectral, model.denoiser[-1]):
+            conv.weight.normal_()
+        model.spectral.weight.mul_(100.0)  # S far outside 0-100 % at many pixels
+    x = torch.randn(9, 45, 38, dtype=torch.float64)
+    seen: list[torch.Tensor] = []
+    hook = model.denoiser.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        out = model(x[None])
+        path = model.spectral(x[None])
+        assert (path < 0).any() and (path > 100).any()
+        assert torch.equal(seen[0], (path.clamp(0, 100) - 50) / 25)
+        model.head.weight.zero_()
+        model.head.bias.zero_()  # the U-Net's own output off: the rest is the path and the head
+        without_body = model(x[None])
+        assert torch.allclose(without_body, path + model.denoiser(seen[0]))
+    hook.remove()
+    assert not torch.equal(out, without_body)
+    geometry = model_geometry(model)
+    tiled = predict_tiled(model, x, core=16, halo=geometry.radius, geometry=geometry)
+    assert rel(tiled, predict_full(model, x)) < EXACT
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
+        {"denoiser": 2, "spectral_path": True, "denoiser_input": "features"},
         {"denoiser": 3},
         {"denoiser": 8, "spectral_path": True},
         {"denoiser": 2, "spectral_path": True, "pad": False},

@@ -338,6 +338,38 @@ def test_training_with_the_spectral_path_terms_moves_the_path(ray_local, tiny_da
 
 
 @pytest.mark.slow
+def test_a_frozen_spectral_path_stays_at_its_ridge_start_while_the_denoiser_learns(ray_local, tiny_dataset, tmp_path):
+    """``train.spectral_freeze``: the blind-spot term trains the denoiser head on a fixed
+    spectral map; the path's weights end where the ridge start put them."""
+    import torch
+
+    from chemmap.train.loop import _start_from_ridge
+
+    _, pre = tiny_dataset
+    sets = [
+        "model.spectral_path=true",
+        "model.pad=true",
+        "model.denoiser=2",
+        "model.denoiser_input=path",
+        "train.spectral_init=ridge",
+        "train.spectral_freeze=true",
+        "train.loss.blindspot=1",
+        "train.loss.blindspot_share=0.2",
+        "train.keep_weights=last",
+    ]
+    cfg = _cfg(tmp_path, *sets, "train.num_workers=1")
+    stage = train_ensemble(cfg, pre, **QUIET)
+    _, last = _weights(stage, 1)
+    data = Dataset(pre.path / "dataset.zarr")
+    start = UNet(model_config(cfg, data.n_channels, len(cfg.targets)))
+    _start_from_ridge(start, data, data.ids([s for s in data.splits if s not in (0, 1)]))
+    assert torch.equal(last["spectral.weight"], start.spectral.weight.detach())
+    assert torch.equal(last["spectral.bias"], start.spectral.bias.detach())
+    out = [k for k in last if k.startswith("denoiser.") and k.endswith("weight")][-1]
+    assert float(last[out].abs().sum()) > 0  # the head's zero-started output layer learned
+
+
+@pytest.mark.slow
 def test_keep_weights_last_trains_every_epoch_and_keeps_the_last(ray_local, tiny_dataset, tmp_path):
     """No early stopping, and the kept weights are the last epoch's, whatever its validation RMSE."""
     import torch
