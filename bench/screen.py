@@ -43,6 +43,19 @@ _DENOISE = [
     "train.loss.spectral=1",
     "train.loss.residual=2",
 ]
+# A denoiser head as bench/blindspot.py trains it, on a spectral path held at its ridge start.
+_BLIND_DNP = [
+    "model.spectral_path=true",
+    "train.spectral_init=ridge",
+    "train.spectral_freeze=true",
+    "train.loss.residual=0",
+    "train.loss.smooth=0",
+    "train.loss.blindspot=1",
+    "train.loss.blindspot_share=0.1",
+    "train.keep_weights=last",
+    "model.denoiser=7",
+    "model.denoiser_input=path",
+]
 _HUBER = ["train.loss.residual_penalty=huber", "train.loss.smooth_penalty=huber"]
 # name -> config overrides on top of the pipeline (and of the screening's fold set).
 VARIANTS: dict[str, list[str]] = {
@@ -139,20 +152,18 @@ VARIANTS: dict[str, list[str]] = {
     # The denoiser as bench/blindspot.py trains it alone (5.44 there on seed 1's ridge map
     # clipped, without the mask): reading the spectral map alone, clipped, and the path held
     # at its ridge start, so the term cannot smooth its own target; the U-Net's output beside.
-    "blind_dnp_frozen": [
-        "model.spectral_path=true",
-        "train.spectral_init=ridge",
-        "train.spectral_freeze=true",
-        "train.loss.residual=0",
-        "train.loss.smooth=0",
-        "train.loss.blindspot=1",
-        "train.loss.blindspot_share=0.1",
-        "train.loss.mean=10",
-        "train.keep_weights=last",
-        "model.denoiser=7",
-        "model.denoiser_input=path",
-        "train.plateau_patience=100",
-    ],
+    "blind_dnp_frozen": [*_BLIND_DNP, "train.plateau_patience=100", "train.loss.mean=10"],
+    # The same with the learning rate annealed to 0 (bench/blindspot.py's cosine): with a
+    # constant rate the last epoch's weights were one noisy step (validation RMSE 2.0-3.1
+    # from epoch to epoch); and with a weaker mean term, which pulls every pixel alike.
+    **{
+        f"blind_dnp_frozen_cos_mean{w}": [
+            *_BLIND_DNP,
+            "train.schedule=cosine",
+            f"train.loss.mean={w}",
+        ]
+        for w in (10, 1)
+    },
     "blind5_r2_mean10": [
         *_DENOISE,
         *_HUBER,

@@ -188,6 +188,10 @@ class TrainSection(_Section):
     batch_size: int = Field(1, ge=1)  # samples per optimiser step per worker
     epochs: int = Field(40, ge=1)
     lr: float = Field(1e-3, gt=0)  # Adam
+    # The learning rate's course: "plateau" halves it (plateau_factor) when the validation
+    # loss stops improving; "cosine" anneals it to 0 over the epochs (for keep_weights: last,
+    # whose last epoch then has settled weights instead of a step of a constant rate).
+    schedule: Literal["plateau", "cosine"] = "plateau"
     plateau_patience: int = Field(4, ge=1)  # ReduceLROnPlateau on validation loss
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     early_stopping: int = Field(10, ge=1)  # epochs without improvement of validation RMSE

@@ -53,6 +53,7 @@ def _write(tmp_path: Path, text: str) -> Path:
             "model:\n  spectral_path: true\ntrain:\n  spectral_freeze: true\n",
             ["train.spectral_freeze", "train.spectral_init: ridge"],
         ),
+        ("train:\n  schedule: linear\n", ["train.schedule", "'linear'", "cosine"]),
         ("model:\n  denoiser_input: features\n", ["model.denoiser_input", "'features'", "path"]),
         (
             "model:\n  spectral_path: true\ntrain:\n  mode: patches\n  loss:\n    spectral: 1\n",

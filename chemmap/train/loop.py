@@ -252,7 +252,7 @@ class Fold:
     model: torch.nn.Module  # DDP-wrapped when world > 1
     net: torch.nn.Module  # the U-Net inside
     opt: torch.optim.Optimizer
-    sched: Any  # ReduceLROnPlateau
+    sched: Any  # ReduceLROnPlateau or CosineAnnealingLR (train.schedule)
     device: torch.device
     state: dict[str, Any] = field(default_factory=new_state)
     patches: PatchPlan | None = None  # None: whole-image training
@@ -322,6 +322,15 @@ def _load_checkpoint() -> dict[str, Any] | None:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def _scheduler(opt: torch.optim.Optimizer, tcfg: TrainSection) -> Any:
+    """The learning-rate schedule ``train.schedule`` names, stepped once per epoch."""
+    if tcfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tcfg.epochs)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=tcfg.plateau_factor, patience=tcfg.plateau_patience
+    )
+
+
 def _restore(model, opt, sched, saved: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Load a checkpoint (default: Ray Train's latest) into model, optimiser and scheduler.
 
@@ -382,9 +391,7 @@ def build_fold(
     net = UNet(UNetConfig(**config["model"]))
     # foreach: one call per Adam operation for all parameters, bitwise the same as the default loop.
     opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr, foreach=True)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min", factor=tcfg.plateau_factor, patience=tcfg.plateau_patience
-    )
+    sched = _scheduler(opt, tcfg)
     state = _restore(net, opt, sched, saved) if saved is not None else None
     if state is None:
         _start_at_training_mean(net, data, train_ids)
@@ -579,7 +586,10 @@ def update_state(f: Fold, metrics: dict[str, float]) -> bool:
     """Scheduler, best epoch and early stopping; whether to stop (identical on every rank)."""
     epoch, val_rmse = int(metrics["epoch"]), metrics["val_rmse"]
     state = f.state
-    f.sched.step(metrics["val_loss"])
+    if isinstance(f.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        f.sched.step(metrics["val_loss"])
+    else:  # cosine: one step per epoch, whatever the validation says
+        f.sched.step()
     last = f.train.keep_weights == "last"  # every epoch replaces the kept weights; no early stopping
     if last or val_rmse < state["best_rmse"] - 1e-9:
         state.update(best_rmse=val_rmse, best_epoch=epoch, bad_epochs=0)

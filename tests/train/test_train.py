@@ -337,6 +337,27 @@ def test_training_with_the_spectral_path_terms_moves_the_path(ray_local, tiny_da
     assert float(state["spectral.weight"].abs().sum()) > 0
 
 
+def test_the_cosine_schedule_anneals_to_zero_over_the_epochs_and_plateau_waits_for_the_loss():
+    import torch
+
+    from chemmap.config import TrainSection
+    from chemmap.train.loop import _scheduler
+
+    def lrs(schedule: str) -> list[float]:
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched = _scheduler(opt, TrainSection(schedule=schedule, epochs=4, plateau_patience=1))
+        out = []
+        for _ in range(4):
+            sched.step() if schedule == "cosine" else sched.step(1.0)  # a flat validation loss
+            out.append(opt.param_groups[0]["lr"])
+        return out
+
+    cosine = lrs("cosine")
+    assert cosine == sorted(cosine, reverse=True) and cosine[-1] == pytest.approx(0.0, abs=1e-12)
+    assert cosine[1] == pytest.approx(0.5e-3)  # half-way: half the rate
+    assert lrs("plateau") == [1e-3, 1e-3, 0.5e-3, 0.5e-3]  # patience 1: halved after two flat epochs
+
+
 @pytest.mark.slow
 def test_a_frozen_spectral_path_stays_at_its_ridge_start_while_the_denoiser_learns(ray_local, tiny_dataset, tmp_path):
     """``train.spectral_freeze``: the blind-spot term trains the denoiser head on a fixed
