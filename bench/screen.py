@@ -153,6 +153,9 @@ VARIANTS: dict[str, list[str]] = {
     # clipped, without the mask): reading the spectral map alone, clipped, and the path held
     # at its ridge start, so the term cannot smooth its own target; the U-Net's output beside.
     "blind_dnp_frozen": [*_BLIND_DNP, "train.plateau_patience=100", "train.loss.mean=10"],
+    # blind_dnp_frozen (8.91 on seed 1) and blind_dnp_frozen_cos_mean10 (11.82) ran at
+    # d294f73-dd07212, when the head's output was added to U-Net + S; since then
+    # denoiser_input: path stands in for S (the variants below), as the standalone net does.
     # The same with the learning rate annealed to 0 (bench/blindspot.py's cosine): with a
     # constant rate the last epoch's weights were one noisy step (validation RMSE 2.0-3.1
     # from epoch to epoch); and with a weaker mean term, which pulls every pixel alike.

@@ -83,9 +83,11 @@ class UNetConfig:
     denoiser: int = 0
     denoiser_features: int = 32
     # What the denoiser reads: "path+features", the spectral map as (S - 50) / 25 and the
-    # U-Net's features; "path", the spectral map alone, clipped to 0-100 % first (the
-    # background's spectra give it values far outside), as bench/blindspot.py's standalone
-    # denoiser (--input clipped) sees it.
+    # U-Net's features, its output added to U-Net + S; "path", the spectral map alone,
+    # clipped to 0-100 % first (the background's spectra give it values far outside), its
+    # output standing in for S (map = U-Net + denoiser(S)), as bench/blindspot.py's
+    # standalone denoiser (--input clipped) reads and predicts. Without the skip the head
+    # need not cancel the centre pixel, which the blind-spot term never shows it.
     denoiser_input: str = "path+features"
 
     def __post_init__(self) -> None:
@@ -451,7 +453,8 @@ class UNet(nn.Module):
         if self.spectral is not None:
             m = self.margin
             path = self.spectral(spectra[..., m : height - m, m : width - m])  # (B, T, H', W')
-            x = x + path
+            if not self._stands_in:
+                x = x + path
             with_features = self.denoiser is not None and self.config.denoiser_input == "path+features"
             if self.kernel is not None or with_features:
                 if self.front_end is not None:
@@ -465,6 +468,11 @@ class UNet(nn.Module):
             if self.emit_parts:
                 return torch.cat([x, path], dim=1)  # (B, 2 T, H', W'): the map, then the path's
         return x
+
+    @property
+    def _stands_in(self) -> bool:
+        """Whether the denoiser's output replaces the spectral map in the sum (``denoiser_input: path``)."""
+        return self.denoiser is not None and self.config.denoiser_input == "path"
 
     def _denoiser_input(self, path: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``(B, T [+ F], H, W)``: the spectral map, centred and scaled (clipped to 0-100 % with

@@ -415,10 +415,10 @@ def test_the_denoiser_head_starts_at_zero_keeps_tiles_exact_and_its_geometry_is_
     assert rel(tiled, predict_full(model, x)) < EXACT
 
 
-def test_a_denoiser_reading_the_path_alone_sees_it_clipped_and_no_features() -> None:
-    """``denoiser_input: path``: the head's input is the spectral map clipped to 0-100 %, so
-    changing the U-Net's body (its features) leaves the head's output alone, and a map far
-    outside the range (the background's spectra) enters at the clip; tiles stay exact."""
+def test_a_denoiser_reading_the_path_alone_sees_it_clipped_and_stands_in_for_it() -> None:
+    """``denoiser_input: path``: the head's input is the spectral map clipped to 0-100 % (a
+    map far outside the range, the background's spectra, enters at the clip) and its output
+    stands in for the map S: the map is the U-Net's output plus the head's; tiles stay exact."""
     from chemmap.models.tiling import model_geometry, predict_tiled
 
     base = {"in_channels": 9, "depth": 3, "features": 4, "front_end": True, "spectral_path": True}
@@ -440,7 +440,7 @@ def test_a_denoiser_reading_the_path_alone_sees_it_clipped_and_no_features() -> 
         model.head.weight.zero_()
         model.head.bias.zero_()  # the U-Net's own output off: the rest is the path and the head
         without_body = model(x[None])
-        assert torch.allclose(without_body, path + model.denoiser(seen[0]))
+        assert torch.allclose(without_body, model.denoiser(seen[0]))  # S itself is not added
     hook.remove()
     assert not torch.equal(out, without_body)
     geometry = model_geometry(model)
