@@ -165,7 +165,7 @@ VARIANTS: dict[str, list[str]] = {
             "train.schedule=cosine",
             f"train.loss.mean={w}",
         ]
-        for w in (10, 1)
+        for w in (10, 1, 0)
     },
     "blind5_r2_mean10": [
         *_DENOISE,
