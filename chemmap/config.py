@@ -138,6 +138,12 @@ class LossSection(_Section):
     """Weights of the paper's loss terms (DESIGN.md, "Loss"); 0 switches a term off."""
 
     mean: float = Field(1.0, ge=0)  # (y - masked mean of the map)^2
+    # Where the loss is computed. "input": on the map at the input's resolution, after the
+    # model's x2 up-sampling, with the scan's mask (chemmap's default); "output": on the
+    # model's own output grid (half resolution behind the spectral front-end), with the mask
+    # brought to it (a pixel is in when at least half of its 2 x 2 input pixels are), as the
+    # paper's code computes it. Needs model.front_end, no spectral path, train.mode: whole.
+    grid: Literal["input", "output"] = "input"
     # Neighbour differences inside the mask / N. The paper used 20; on our synthetic line 1
     # kept far more detail at the same mean-fat RMSE (DESIGN.md), so it is exposed, not fixed.
     smooth: float = Field(20.0, ge=0)
@@ -351,8 +357,7 @@ class ChemmapConfig(_Section):
         wants = [key for key, on in asked.items() if on]
         if wants and not self.model.spectral_path:
             raise ValueError(f"{wants[0]} needs model.spectral_path: true")
-        if train.spectral_freeze and train.spectral_init != "ridge":
-            raise ValueError("train.spectral_freeze holds the path at its ridge start: it needs train.spectral_init: ridge")
+        _check_grid_and_freeze(self.model, train)
         if wants and train.mode != "whole":
             raise ValueError(f"{wants[0]} is implemented for train.mode: whole only, got {train.mode!r}")
         return self
@@ -531,3 +536,21 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 def dump_config(cfg: BaseModel) -> str:
     """The resolved config as YAML (what was actually run)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_grid_and_freeze(model: ModelSection, train: TrainSection) -> None:
+    """``train.loss.grid: output`` and ``train.spectral_freeze`` against what they need."""
+    if train.loss.grid == "output":
+        if not model.front_end or model.spectral_path:
+            raise ValueError(
+                "train.loss.grid: output is the front-end's half-resolution grid: it needs "
+                "model.front_end: true and model.spectral_path: false (the path's map is at full resolution)"
+            )
+        if train.mode != "whole":
+            raise ValueError(
+                f"train.loss.grid: output is implemented for train.mode: whole only, got {train.mode!r}"
+            )
+    if train.spectral_freeze and train.spectral_init != "ridge":
+        raise ValueError(
+            "train.spectral_freeze holds the path at its ridge start: it needs train.spectral_init: ridge"
+        )

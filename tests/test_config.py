@@ -53,6 +53,11 @@ def _write(tmp_path: Path, text: str) -> Path:
             "model:\n  spectral_path: true\ntrain:\n  spectral_freeze: true\n",
             ["train.spectral_freeze", "train.spectral_init: ridge"],
         ),
+        ("train:\n  loss:\n    grid: output\n", ["train.loss.grid: output", "model.front_end"]),
+        (
+            "model:\n  front_end: true\ntrain:\n  mode: patches\n  loss:\n    grid: output\n",
+            ["train.loss.grid: output", "whole", "'patches'"],
+        ),
         ("train:\n  schedule: linear\n", ["train.schedule", "'linear'", "cosine"]),
         ("model:\n  denoiser_input: features\n", ["model.denoiser_input", "'features'", "path"]),
         (

@@ -173,6 +173,21 @@ def _check_count(n: torch.Tensor) -> None:
         raise ValueError(f"empty sample mask for batch element(s) {which}: the masked mean is undefined.")
 
 
+def output_grid_mask(mask: torch.Tensor, step: int = 2) -> torch.Tensor:
+    """A mask brought to a grid ``step`` times coarser: ``(..., H, W)`` bool ->
+    ``(..., ceil(H / step), ceil(W / step))``; a coarse pixel is in when at least half of the
+    input pixels it covers are (a border block counts only the pixels that exist)."""
+    if mask.ndim < 2:
+        raise ValueError(f"mask must have at least 2 dimensions (H, W), got shape {tuple(mask.shape)}")
+    lead, (h, w) = mask.shape[:-2], mask.shape[-2:]
+    m = mask.reshape(-1, 1, h, w).float()
+    pad = (0, -w % step, 0, -h % step)  # zeros past the bottom/right: not counted below
+    inside = F.avg_pool2d(F.pad(m, pad), step) * step * step  # mask pixels per block
+    exists = F.avg_pool2d(F.pad(torch.ones_like(m), pad), step) * step * step  # real pixels per block
+    out = 2 * inside >= exists
+    return out.reshape(*lead, out.shape[-2], out.shape[-1])
+
+
 def pixel_count(mask: torch.Tensor) -> torch.Tensor:
     """N per sample (and per target for a per-target mask): ``(B, 1|T)``; an empty mask is an error."""
     n = mask.sum((-2, -1))  # (B, 1|T)

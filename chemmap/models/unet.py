@@ -320,6 +320,10 @@ class UNet(nn.Module):
         # Training with the spectral path's own terms sets this: forward then returns the map
         # and the spectral path's map stacked, (B, 2 T, H', W') (see forward).
         self.emit_parts = False
+        # Training with the loss on the output grid (train.loss.grid: output) sets this: with
+        # the front-end, forward then returns the half-resolution map before the x2
+        # up-sampling, (B, T, ceil(H'/2), ceil(W'/2)) (pixel k on input pixels 2k, 2k + 1).
+        self.native_grid = False
         self.reset_parameters()
         self.kernel: nn.Conv2d | None = None
         if config.spectral_path:  # made after the rest is drawn: the U-Net starts as without it
@@ -448,6 +452,10 @@ class UNet(nn.Module):
             x = self._run(up, skips.pop(), x)  # (B, F * 2**level, H_l, W_l)
         features = x  # (B, F, h', w')
         x = self.head(x)  # (B, out_channels, h', w')
+        if self.native_grid and self.front_end is not None:
+            if self.spectral is not None:
+                raise ValueError("native_grid: the spectral path's map has no half-resolution grid")
+            return x
         if self.front_end is not None:
             x = self._to_input_grid(x, height, width)  # (B, T, H', W')
         if self.spectral is not None:

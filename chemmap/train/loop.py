@@ -38,7 +38,7 @@ import torch
 
 from chemmap import tracking
 from chemmap.config import AugmentSection, LossSection, TrainSection
-from chemmap.models.loss import LossConfig, Smoothness, l2_penalty, weighted_total
+from chemmap.models.loss import LossConfig, Smoothness, l2_penalty, output_grid_mask, weighted_total
 from chemmap.models.patched import patched_backward, patched_sum
 from chemmap.models.ridge import ridge_loo
 from chemmap.models.tiling import Geometry, canvas_pads, forward_full, predict_full, read_padded
@@ -454,11 +454,15 @@ def _scan_sums(f: Fold, x: torch.Tensor, m: torch.Tensor, form: Smoothness, resi
             own = f.net.spectral(x[:, pixels[0], pixels[1]].T[:, :, None, None].to(f.device))  # (n, T, 1, 1)
         blind = (pixels.to(f.device), own[:, :, 0, 0].T.float())  # (2, n), (T, n)
         x = x_seen
-    f.net.emit_parts = parts
+    native = getattr(f.train.loss, "grid", "input") == "output"  # the front-end's half-resolution grid
+    f.net.emit_parts, f.net.native_grid = parts, native
     try:
         out = forward_map(f.model, x.to(f.device)).float()  # (T, H, W), or (2 T, H, W) with parts
     finally:
-        f.net.emit_parts = False
+        f.net.emit_parts, f.net.native_grid = False, False
+    if native:
+        m = output_grid_mask(m)  # (ceil(H/2), ceil(W/2))
+        out = out[..., : m.shape[-2], : m.shape[-1]]  # the canvas's extra rows off
     pred, path = out.chunk(2) if parts else (out, None)
     return scan_sums(pred, m.to(f.device), form, path, residual, blind)
 

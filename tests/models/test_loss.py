@@ -151,3 +151,25 @@ def test_sample_loss_takes_the_smoothness_form_from_the_config() -> None:
 def test_a_bad_smoothness_is_one_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Smoothness(**kwargs)
+
+
+def test_the_mask_on_the_output_grid_keeps_blocks_at_least_half_inside() -> None:
+    """2 x 2 blocks: 3 of 4 and 2 of 4 are in, 1 of 4 is out; a border block of an odd size
+    counts only the pixels that exist (1 of 1 in, 1 of 2 in, 0 of 2 out)."""
+    from chemmap.models.loss import output_grid_mask
+
+    m = torch.tensor(
+        [
+            [1, 1, 1, 0, 1, 0, 1],
+            [1, 0, 1, 0, 0, 0, 0],
+            [0, 0, 0, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    want = torch.tensor([[1, 1, 0, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(output_grid_mask(m), want)
+    batch = torch.stack([m, ~m])  # leading dimensions kept
+    assert output_grid_mask(batch).shape == (2, 2, 4)
+    assert torch.equal(output_grid_mask(batch)[0], want)
+    with pytest.raises(ValueError, match="2 dimensions"):
+        output_grid_mask(torch.ones(5, dtype=torch.bool))

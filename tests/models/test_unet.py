@@ -448,6 +448,32 @@ def test_a_denoiser_reading_the_path_alone_sees_it_clipped_and_stands_in_for_it(
     assert rel(tiled, predict_full(model, x)) < EXACT
 
 
+@pytest.mark.parametrize("pad", [True, False])
+def test_the_native_grid_is_the_half_resolution_map_the_up_sampling_starts_from(pad: bool) -> None:
+    """``native_grid``: behind the front-end the forward stops before the x2 up-sampling;
+    up-sampling that map gives the usual output. Without the front-end nothing changes; with
+    the spectral path (full resolution) it is refused."""
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(in_channels=9, depth=3, features=4, front_end=True, pad=pad)).double().eval()
+    n = model.valid_size(60)
+    x = torch.randn(1, 9, n, n, dtype=torch.float64)
+    with torch.no_grad():
+        full = model(x)
+        model.native_grid = True
+        native = model(x)
+        model.native_grid = False
+    side = full.shape[-1]
+    assert native.shape[-1] == math.ceil(side / 2) and native.shape[-2] == math.ceil(full.shape[-2] / 2)
+    assert torch.equal(model._to_input_grid(native, n, n), full)
+    plain = UNet(UNetConfig(in_channels=9, depth=3, features=4, front_end=False)).double().eval()
+    plain.native_grid = True
+    assert plain(x).shape[-2:] == x.shape[-2:]
+    path = UNet(UNetConfig(in_channels=9, depth=3, features=4, front_end=True, spectral_path=True))
+    path.native_grid = True
+    with pytest.raises(ValueError, match="native_grid"):
+        path(x.float())
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

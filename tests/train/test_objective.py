@@ -179,3 +179,39 @@ def test_the_blind_spot_term() -> None:
     plain = sample_loss([scan_sums(p, m) for p, m in zip(maps, masks, strict=True)], y, cfg)
     assert "blindspot" not in plain
     assert float(terms["loss"]) == pytest.approx(float(plain["loss"] + 0.7 * terms["blindspot"]), rel=1e-12)
+
+
+def test_the_loss_on_the_output_grid_uses_the_half_resolution_map_and_its_mask() -> None:
+    """``train.loss.grid: output``: one view's sums are those of the front-end's
+    half-resolution map (before the x2 up-sampling) over the mask brought to that grid; the
+    default ``input`` grid sums the full-resolution map over the scan's own mask."""
+    from types import SimpleNamespace
+
+    from chemmap.config import TrainSection
+    from chemmap.models.loss import Smoothness, output_grid_mask
+    from chemmap.train.loop import _scan_sums
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(in_channels=7, depth=2, features=3, front_end=True, pad=True)).double().eval()
+    x = torch.randn(7, 21, 18, dtype=torch.float64) * 3 + 40  # an odd height: a half-filled border block
+    m = torch.zeros(21, 18, dtype=torch.bool)
+    m[3:17, 4:15] = True
+    form = Smoothness.of(LossSection())
+    sums = {}
+    for grid in ("input", "output"):
+        train = TrainSection(loss={"grid": grid, "smooth": 1.0})
+        f = SimpleNamespace(train=train, net=net, model=net, device=torch.device("cpu"))
+        with torch.no_grad():
+            sums[grid] = _scan_sums(f, x, m, form, form)
+    assert not net.native_grid  # the flag is reset after the forward
+    with torch.no_grad():
+        full = forward_full(net, x)
+        net.native_grid = True
+        native = forward_full(net, x)[..., :11, :9]
+        net.native_grid = False
+    small = output_grid_mask(m)
+    assert small.shape == (11, 9) and int(small.sum()) < int(m.sum()) / 3
+    assert float(sums["output"].count) == int(small.sum())
+    assert torch.allclose(sums["output"].total, native.float()[:, small].sum(-1))
+    assert float(sums["input"].count) == int(m.sum())
+    assert torch.allclose(sums["input"].total, full.float()[:, m].sum(-1))

@@ -359,7 +359,9 @@ def test_the_cosine_schedule_anneals_to_zero_over_the_epochs_and_plateau_waits_f
 
 
 @pytest.mark.slow
-def test_a_frozen_spectral_path_stays_at_its_ridge_start_while_the_denoiser_learns(ray_local, tiny_dataset, tmp_path):
+def test_a_frozen_spectral_path_stays_at_its_ridge_start_while_the_denoiser_learns(
+    ray_local, tiny_dataset, tmp_path
+):
     """``train.spectral_freeze``: the blind-spot term trains the denoiser head on a fixed
     spectral map; the path's weights end where the ridge start put them."""
     import torch
