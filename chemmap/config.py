@@ -148,6 +148,10 @@ class LossSection(_Section):
     # kept far more detail at the same mean-fat RMSE (DESIGN.md), so it is exposed, not fixed.
     smooth: float = Field(20.0, ge=0)
     out_of_range: float = Field(1e-3, ge=0)  # sum of squared excursions below 0 / above 100 %
+    # "sum": the excursions summed over the sample's mask pixels (the paper: the term's weight
+    # then grows with the image's pixel count); "pixel": divided by N like the smoothness, so
+    # a weight means the same at every image size and pitch (docs/loss.md, "Weights").
+    out_of_range_norm: Literal["sum", "pixel"] = "sum"
     l2: float = Field(1e-3, ge=0)  # sum of squared conv weights, once per optimiser step
     # The smoothness term's form (chemmap.models.loss.Smoothness): the penalty of a neighbour
     # difference (quadratic: the paper's; huber and tv preserve edges) and which pairs count

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TERMS = ("mean", "smooth", "out_of_range")
+OOR_NORMS = ("sum", "pixel")  # out_of_range_norm: the term summed over the mask, or per pixel
 UPPER = 100.0  # percent: fat (or any constituent) cannot exceed 100 %
 
 
@@ -109,6 +110,7 @@ class LossConfig:
     mean: float = 1.0  # squared error of the masked mean against the lab value
     smooth: float = 20.0  # neighbouring-pixel differences / N (paper: 20; DESIGN.md: 1 may be better)
     out_of_range: float = 1e-3  # squared excursions below 0 and above 100, summed over pixels
+    out_of_range_norm: str = "sum"  # "pixel": divided by N, like the smoothness (oor_per)
     l2: float = 1e-3  # squared conv weights, once per optimiser step (see l2_penalty)
     smooth_penalty: str = "quadratic"  # see Smoothness
     smooth_delta: float = 5.0
@@ -268,6 +270,15 @@ def out_of_range_term(p: torch.Tensor, mask: torch.Tensor, upper: float = UPPER)
     return (m * (F.relu(-p) ** 2 + F.relu(p - upper) ** 2)).sum((-2, -1))  # (B, T)
 
 
+def oor_per(weights: Any, count: torch.Tensor) -> torch.Tensor | float:
+    """What the out-of-range sum is divided by: 1 (``out_of_range_norm: sum``, the paper's)
+    or the sample's in-mask pixel count N (``pixel``)."""
+    norm = getattr(weights, "out_of_range_norm", "sum")
+    if norm not in OOR_NORMS:
+        raise ValueError(f"out_of_range_norm must be one of {OOR_NORMS}, got {norm!r}")
+    return count if norm == "pixel" else 1.0
+
+
 def weighted_total(terms: Mapping[str, Any], weights: TermWeights) -> Any:
     """``sum(weight * term)`` over :data:`TERMS`, for tensors or floats alike.
 
@@ -298,7 +309,8 @@ def sample_loss(
     terms = {
         "mean": mean_term(p, mask, y),
         "smooth": smooth_term(p, mask, Smoothness.of(config)),
-        "out_of_range": out_of_range_term(p, mask),
+        "out_of_range": out_of_range_term(p, mask)
+        / oor_per(config, pixel_count(_as_mask(mask, _as_bthw(p)))),
     }
     out = {name: value.sum(1).mean() for name, value in terms.items()}  # sum targets, mean batch
     out["total"] = weighted_total(out, config)

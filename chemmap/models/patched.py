@@ -42,6 +42,7 @@ from chemmap.models.loss import (
     masked_sum,
     mean_error,
     neighbour_sum,
+    oor_per,
     out_of_range_term,
     weighted_total,
 )
@@ -200,7 +201,8 @@ def _backward_patch(run: _Pass, box: Box, mean: MeanTerm) -> PatchTerms:
         mean.coef,
         Smoothness.of(run.weights),
     )
-    normalised = {"mean": part.mean, "smooth": part.smooth / mean.count, "out_of_range": part.out_of_range}
+    oor = part.out_of_range / oor_per(run.weights, mean.count)
+    normalised = {"mean": part.mean, "smooth": part.smooth / mean.count, "out_of_range": oor}
     (run.scale * weighted_total(normalised, run.weights)).backward()
     return PatchTerms(part.mean.detach(), part.smooth.detach(), part.out_of_range.detach())
 
@@ -261,7 +263,7 @@ def patched_backward(
     terms = {
         "mean": float(mean.value),
         "smooth": float(sum(part.smooth for part in parts) / count),
-        "out_of_range": float(sum(part.out_of_range for part in parts)),
+        "out_of_range": float(sum(part.out_of_range for part in parts) / oor_per(weights, count)),
     }
     terms["total"] = float(weighted_total(terms, weights))
     return terms

@@ -140,7 +140,13 @@ def sample_backward_by_patches(
     ]
     sums = [patched_sum(geo_model, read, win, m, plan.halo, geometry=plan.geometry) for read, win, m in jobs]
     totals = (sum(s for s, _ in sums), sum(n for _, n in sums))
-    lc = LossConfig(mean=loss_w.mean, smooth=loss_w.smooth, out_of_range=loss_w.out_of_range, l2=0.0)
+    lc = LossConfig(
+        mean=loss_w.mean,
+        smooth=loss_w.smooth,
+        out_of_range=loss_w.out_of_range,
+        l2=0.0,
+        out_of_range_norm=loss_w.out_of_range_norm,
+    )
     terms: dict[str, float] = {"smooth": 0.0, "out_of_range": 0.0}
     for read, win, m in jobs:
         t = patched_backward(

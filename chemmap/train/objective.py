@@ -18,6 +18,7 @@ from chemmap.models.loss import (
     TermWeights,
     masked_sum,
     mean_error,
+    oor_per,
     out_of_range_term,
     smooth_sum,
     weighted_total,
@@ -143,7 +144,7 @@ def sample_loss(sums: list[ScanSums], target: torch.Tensor, w: TermWeights) -> d
     total = torch.stack([s.total for s in sums]).sum(0)  # (T,)
     mse = mean_error(total[None], n.reshape(1, 1), target.to(total.dtype)[None]).sum()
     smooth = (torch.stack([s.smooth for s in sums]).sum(0) / n).sum()
-    oor = torch.stack([s.out_of_range for s in sums]).sum(0).sum()
+    oor = torch.stack([s.out_of_range for s in sums]).sum(0).sum() / oor_per(w, n)
     loss = weighted_total({"mean": mse, "smooth": smooth, "out_of_range": oor}, w)
     terms = {"loss": loss, "mse": mse, "smooth": smooth, "oor": oor, "mean_pred": total / n}
     if all(s.path_total is not None and s.residual is not None for s in sums):

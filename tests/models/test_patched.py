@@ -124,6 +124,7 @@ def test_windows_must_cover_the_mask_once() -> None:
         {"smooth_penalty": "tv", "smooth_delta": 2.0},
         {"smooth_pairs": "anchor"},
         {"smooth_penalty": "huber", "smooth_delta": 0.5, "smooth_pairs": "anchor"},
+        {"out_of_range_norm": "pixel"},
     ],
 )
 def test_patched_gradient_equals_whole_image_gradient_for_every_smoothness(form: dict) -> None:

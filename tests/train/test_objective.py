@@ -66,6 +66,29 @@ def test_objective_is_the_image_loss_of_its_scans_side_by_side(targets: int, sha
         assert rel(g, r) < EXACT
 
 
+def test_the_out_of_range_term_per_pixel_is_the_sum_divided_by_the_samples_pixels() -> None:
+    """``out_of_range_norm: pixel``: the excursions' sum over the sample's N mask pixels (of
+    all its scans), in the objective as in models.loss; ``sum`` (the paper) leaves it whole."""
+    maps, masks = scans(7, 1, [(9, 11), (6, 13)])
+    y = torch.tensor([40.0], dtype=torch.float64)
+    parts = [scan_sums(p, m) for p, m in zip(maps, masks, strict=True)]
+    n = sum(int(m.sum()) for m in masks)
+    whole = sample_loss(parts, y, LossSection(smooth=3.0, out_of_range=0.01))
+    per = sample_loss(parts, y, LossSection(smooth=3.0, out_of_range=0.01, out_of_range_norm="pixel"))
+    assert whole["oor"].item() > 0
+    assert per["oor"].item() == pytest.approx(whole["oor"].item() / n, rel=EXACT)
+    assert (whole["loss"] - per["loss"]).item() == pytest.approx(
+        0.01 * (whole["oor"] - per["oor"]).item(), rel=1e-9
+    )
+    canvas, mask = side_by_side(maps, masks)
+    cfg = LossConfig(mean=1.0, smooth=3.0, out_of_range=0.01, l2=0.0, out_of_range_norm="pixel")
+    ref = image_loss(canvas[None], mask[None], y[None], cfg)
+    assert per["oor"].item() == pytest.approx(ref["out_of_range"].item(), rel=EXACT)
+    assert per["loss"].item() == pytest.approx(ref["total"].item(), rel=EXACT)
+    with pytest.raises(ValueError, match="out_of_range_norm"):
+        image_loss(canvas[None], mask[None], y[None], LossConfig(out_of_range_norm="mean"))
+
+
 def test_config_section_weights_and_a_missing_lab_value() -> None:
     """The training config's loss section weighs like LossConfig; a NaN target leaves the mean term."""
     maps, masks = scans(3, 2, [(8, 9), (7, 10)])
