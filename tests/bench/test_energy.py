@@ -56,7 +56,7 @@ def test_the_blind_spot_script_runs_and_refuses_the_test_split(tiny_dataset):
     script, store = str(ROOT / "bench" / "blindspot.py"), str(pre.path / "dataset.zarr")
     cmd = [sys.executable, script, store, "--scans", "2", "--steps", "3", "--crop", "24", "--batch", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    figures = dict(re.findall(r"^(.+): per-pixel RMSE ([0-9.]+)$", out, flags=re.M))
+    figures = dict(re.findall(r"^(.+): per-pixel RMSE ([0-9.]+) \(", out, flags=re.M))
     assert set(figures) == {"ridge map", "blind-spot net", *(f"median {k}x{k}" for k in (3, 5, 7, 9))}
     assert all(float(v) > 0 for v in figures.values())
     res = subprocess.run([*cmd[:3], "--fit-folds", "0"], capture_output=True, text=True, cwd=ROOT)
