@@ -293,6 +293,16 @@ class FlagsSection(_Section):
     percentile: float = Field(99.0, gt=50, lt=100)
 
 
+class EvaluateSection(_Section):
+    """Extra baselines of the evaluate stage (the protocol itself has no settings here)."""
+
+    # A label-free map baseline, "pls_n2v": each target's PLS map denoised by a blind-spot
+    # network (chemmap.evaluate.blindspot) trained for this many steps on the training
+    # splits' out-of-fold PLS maps, without lab values or true maps (about 2-4 min on 2
+    # cores at 1500). 0: off. Its figures hold every training scan's map in memory.
+    blindspot_steps: int = Field(0, ge=0)
+
+
 class ScoreSection(_Section):
     """The last stage of ``chemmap run``: maps from the model the run registered.
 
@@ -346,6 +356,7 @@ class ChemmapConfig(_Section):
     train: TrainSection = TrainSection()
     mlflow: MlflowSection = MlflowSection()
     flags: FlagsSection = FlagsSection()
+    evaluate: EvaluateSection = EvaluateSection()
     score: ScoreSection = ScoreSection()
     cluster: ClusterConfig = ClusterConfig()
 

@@ -28,10 +28,12 @@ from chemmap.evaluate.baselines import (
     BRIGHTNESS_SIGMAS,
     MEDIAN_SIZES,
     SIGMAS,
+    VALID_RANGE,
     pls_candidates,
     setting_key,
     smoothed_brightness,
 )
+from chemmap.evaluate.blindspot import BlindSpotConfig, MapDenoiser, train_map_denoiser
 from chemmap.evaluate.pls import PLSBaseline
 from chemmap.inference.ensemble import predict_map
 from chemmap.models.tiling import Geometry
@@ -42,6 +44,7 @@ __all__ = [
     "BrightnessFit",
     "Choices",
     "OutOfFold",
+    "add_denoised",
     "choose",
     "fold_pls_models",
     "out_of_fold",
@@ -50,7 +53,8 @@ __all__ = [
 
 # The label-free map baselines, each at its chosen setting; the best of them by out-of-fold
 # pixel RMSE is "the best label-free baseline" of the report.
-LABEL_FREE = ("pls", "pls_clip", "pls_gauss", "pls_median", "pls_bin2", "pls_bin4")
+# pls_n2v (a blind-spot denoiser of the PLS map) only where evaluate.blindspot_steps asks for it.
+LABEL_FREE = ("pls", "pls_clip", "pls_gauss", "pls_median", "pls_bin2", "pls_bin4", "pls_n2v")
 
 
 def training_splits(data: Dataset) -> list[int]:
@@ -113,6 +117,8 @@ class OutOfFold:
     unet_means: dict[str, list[float]] = field(default_factory=dict)
     scans: int = 0
     no_truth: int = 0
+    # With a pls_n2v baseline to fit: every scan's (out-of-fold PLS map, mask, truth).
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def add_error(self, key: str, full: np.ndarray, mask: np.ndarray, truth: np.ndarray) -> None:
         """One map's squared errors over ``mask`` (pixels with a true value)."""
@@ -183,6 +189,7 @@ def out_of_fold(
     channels: Sequence[int] | None = None,
     progress: bool = True,
     tick: Callable[[], Any] | None = None,
+    keep_maps: bool = False,
 ) -> dict[str, OutOfFold]:
     """Every training scan mapped by the models that did not see its fold.
 
@@ -193,11 +200,12 @@ def out_of_fold(
             picks ``targets`` among them); folds without one have no U-Net maps.
 
         progress: a bar of its own over the samples; ``tick``: a caller's bar (one call per sample).
+        keep_maps: keep each scan's PLS map, mask and truth (:attr:`OutOfFold.kept`).
 
     Returns:
         target -> :class:`OutOfFold`.
     """
-    out = {t: OutOfFold() for t in targets}
+    out = {t: OutOfFold(kept=[] if keep_maps else None) for t in targets}
     channels = list(range(len(targets))) if channels is None else list(channels)
     index = [data.targets.index(t) for t in targets]
     ids = data.ids(training_splits(data))
@@ -222,6 +230,8 @@ def out_of_fold(
                     continue
                 scan = {"mask": mask, "truth": truth[t].astype(np.float64), "cube": cube}
                 _add_scan(out[t], info.split, scan, pls_maps[j], lab, umap)
+                if out[t].kept is not None:
+                    out[t].kept.append((pls_maps[j].astype(np.float32), mask, scan["truth"]))
                 out[t].scans += 1
         if tick is not None:
             tick()
@@ -271,8 +281,22 @@ class Choices:
 
 
 def _best(scores: Mapping[str, float], keys: Sequence[str]) -> str:
-    """The key with the lowest score (the first of equals)."""
+    """The key with the lowest score (the first of equals); keys without a score are left out."""
+    keys = [k for k in keys if k in scores]
     return min(keys, key=lambda k: (scores[k], keys.index(k)))
+
+
+def add_denoised(oof: OutOfFold, cfg: BlindSpotConfig) -> MapDenoiser | None:
+    """The ``pls_n2v`` baseline of one target: a blind-spot denoiser trained on the kept
+    out-of-fold PLS maps (no lab value, no true map), and its out-of-fold errors, clipped
+    to the valid range like the other smoothed maps. None without kept maps."""
+    if not oof.kept:
+        return None
+    net = train_map_denoiser([(s, m) for s, m, _ in oof.kept], cfg)
+    for s, mask, truth in oof.kept:
+        known = mask & np.isfinite(truth)
+        oof.add_error("pls_n2v", np.clip(net.apply(s), *VALID_RANGE), known, truth)
+    return net
 
 
 def choose(oof: OutOfFold) -> Choices:

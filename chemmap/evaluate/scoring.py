@@ -29,6 +29,7 @@ from chemmap.evaluate.baselines import (
     setting_key,
     smoothed_brightness,
 )
+from chemmap.evaluate.blindspot import MapDenoiser
 from chemmap.evaluate.metrics import TISSUE_FAT_THRESHOLD, MapTally
 from chemmap.evaluate.pls import PLSBaseline
 from chemmap.evaluate.protocol import LABEL_FREE, Choices
@@ -109,6 +110,7 @@ class EvaluatedModels:
         geometry: its tiling geometry (for scans scored in tiles).
         pls: the baseline fitted on all training samples, outputs in the targets' order.
         choices: target -> the protocol's settings.
+        denoisers: target -> the ``pls_n2v`` baseline's denoiser (``evaluate.blindspot_steps``).
     """
 
     unet: MapEnsemble
@@ -117,6 +119,7 @@ class EvaluatedModels:
     geometry: Geometry
     pls: PLSBaseline
     choices: dict[str, Choices]
+    denoisers: dict[str, MapDenoiser] = field(default_factory=dict)
 
 
 @dataclass
@@ -198,6 +201,8 @@ def _score_scan(
             for name, (full, native) in unet.items()
         }
         maps |= _scan_methods(cube, mask, pls[j], float(scores.reference[k, j]), models.choices[t])
+        if t in models.denoisers:
+            maps["pls_n2v"] = BaselineMap.on_scan_grid(models.denoisers[t].apply(pls[j]), mask).clipped()
         for name, bm in maps.items():
             scores.tallies[t].setdefault(name, MapTally()).add(
                 sid,

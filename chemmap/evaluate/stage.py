@@ -32,9 +32,17 @@ from chemmap.config import ChemmapConfig, dump_config
 from chemmap.console import stage_bar
 from chemmap.errors import InputError
 from chemmap.evaluate.baselines import SIGMAS, setting_key
+from chemmap.evaluate.blindspot import BlindSpotConfig, MapDenoiser
 from chemmap.evaluate.metrics import TISSUE_FAT_THRESHOLD, paired_bootstrap, regression_metrics
 from chemmap.evaluate.pls import PLSBaseline
-from chemmap.evaluate.protocol import Choices, choose, fold_pls_models, out_of_fold, training_splits
+from chemmap.evaluate.protocol import (
+    Choices,
+    add_denoised,
+    choose,
+    fold_pls_models,
+    out_of_fold,
+    training_splits,
+)
 from chemmap.evaluate.report import ReportTable, write_report
 from chemmap.evaluate.scoring import (
     EvaluatedModels,
@@ -151,11 +159,17 @@ def choose_settings(
     *,
     progress: bool = True,
     tick: Callable[[], Any] | None = None,
-) -> tuple[dict[str, Choices], float]:
+    blindspot: BlindSpotConfig | None = None,
+) -> tuple[dict[str, Choices], float, dict[str, MapDenoiser]]:
     """The protocol: out-of-fold maps of the training splits, and the settings they choose.
 
+    Args:
+        blindspot: with a config, the ``pls_n2v`` baseline too (a denoiser per target,
+            trained on the out-of-fold PLS maps).
+
     Returns:
-        ``(target -> choices, the U-Net's pooled RMSECV of the first target)``.
+        ``(target -> choices, the U-Net's pooled RMSECV of the first target, target ->
+        the pls_n2v denoiser (none without ``blindspot``))``.
     """
     pls_by_fold = fold_pls_models(data, spectra, targets, fit_pls)
     oof = out_of_fold(
@@ -167,8 +181,14 @@ def choose_settings(
         channels=models.channels,
         progress=progress,
         tick=tick,
+        keep_maps=blindspot is not None,
     )
-    return {t: choose(oof[t]) for t in targets}, oof[targets[0]].unet_rmsecv()
+    denoisers = {}
+    for t in targets if blindspot is not None else []:
+        net = add_denoised(oof[t], blindspot)
+        if net is not None:
+            denoisers[t] = net
+    return {t: choose(oof[t]) for t in targets}, oof[targets[0]].unet_rmsecv(), denoisers
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -459,8 +479,12 @@ def _evaluate(
     # One bar for the stage: the training splits' out-of-fold maps, then the test split.
     n_samples = len(data.ids(training_splits(data))) + len(data.ids([0]))
     with stage_bar("evaluate", n_samples, enabled=progress) as tick:
-        choices, rmsecv_unet = choose_settings(data, spectra, models, members, targets, tick=tick)
-        models = replace(models, choices=choices)
+        steps = cfg.evaluate.blindspot_steps
+        blindspot = BlindSpotConfig(steps=steps, seed=cfg.seed) if steps else None
+        choices, rmsecv_unet, denoisers = choose_settings(
+            data, spectra, models, members, targets, tick=tick, blindspot=blindspot
+        )
+        models = replace(models, choices=choices, denoisers=denoisers)
         scores = score_test_split(data, spectra, models, targets, out, tick=tick)
     return Evaluation(
         scores=scores,
@@ -479,6 +503,8 @@ def _evaluate(
 def evaluation_dir(cfg: ChemmapConfig, dataset_stage: StageDir, training_stage: StageDir) -> StageDir:
     """The evaluation's stage folder: keyed by its settings and the dataset's and training's keys."""
     section = {"n_boot": N_BOOT, "seed": cfg.seed, "targets": list(cfg.targets), "protocol": PROTOCOL_VERSION}
+    if cfg.evaluate.blindspot_steps:  # keys of earlier evaluations stay as they were without it
+        section["blindspot_steps"] = cfg.evaluate.blindspot_steps
     return stage_dir(cfg.workdir_path, "evaluate", section, [dataset_stage.key, training_stage.key])
 
 

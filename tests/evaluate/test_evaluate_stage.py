@@ -355,3 +355,19 @@ def test_test_maps_are_written_as_chemmap_score_writes_them(evaluated):
         maps, mask, attrs = read_map_zarr(ev.path / "maps" / f"{scans[i]}.zarr")
         assert np.array_equal(mask, t["mask"]) and attrs["scan_id"] == scans[i]
         np.testing.assert_array_equal(maps[0], np.where(t["mask"], t["unet"], np.nan).astype(np.float32))
+
+
+def test_the_blind_spot_baseline_is_fitted_out_of_fold_and_scored_when_asked(evaluated):
+    """``evaluate.blindspot_steps``: a label-free ``pls_n2v`` row, chosen among the label-free
+    baselines on its out-of-fold score like the others; off by default (the fixture's run)."""
+    cfg, dataset, training, ev, plain = evaluated
+    assert "pls_n2v" not in plain["maps"]
+    steps = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"blindspot_steps": 20})})
+    again = evaluate_ensemble(steps, dataset, training, progress=False, log=lambda s: None)
+    assert again.path != ev.path  # its own stage: the setting is in the key
+    m = json.loads((again.path / "metrics.json").read_text())
+    row = m["maps"]["pls_n2v"]
+    assert row["role"] == "baseline: label-free" and np.isfinite(row["pixel_rmse"])
+    assert np.isfinite(m["protocol"]["oof_pixel_rmse"]["pls_n2v"]) and np.isfinite(row["oof_pixel_rmse"])
+    for name in ("pls", "pls_median", "unet"):  # the rest is the same evaluation
+        assert m["maps"][name]["pixel_rmse"] == pytest.approx(plain["maps"][name]["pixel_rmse"], rel=1e-9)
