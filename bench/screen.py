@@ -167,6 +167,15 @@ VARIANTS: dict[str, list[str]] = {
         ]
         for w in (10, 1, 0)
     },
+    # The head also reads 8 learned 1x1 projections of the spectra (denoiser_input:
+    # path+spectra): more of the neighbours' spectra than S's one direction, which a
+    # blind-spot denoiser of the PLS map (pls_n2v) cannot see.
+    "blind_dnps_frozen_cos_mean0": [
+        *[s for s in _BLIND_DNP if s != "model.denoiser_input=path"],
+        "model.denoiser_input=path+spectra",
+        "train.schedule=cosine",
+        "train.loss.mean=0",
+    ],
     "blind5_r2_mean10": [
         *_DENOISE,
         *_HUBER,

@@ -258,9 +258,10 @@ class ModelSection(_Section):
     # (1, 2, 4, 8, 4, 2, 1; spectral_path and pad: true), for train.loss.blindspot to train.
     denoiser: int = Field(0, ge=0, le=7)
     denoiser_features: int = Field(32, ge=1)
-    # "path+features": the spectral map and the U-Net's features; "path": the map alone,
-    # clipped to 0-100 % (bench/blindspot.py --input clipped).
-    denoiser_input: Literal["path+features", "path"] = "path+features"
+    # "path+features": the spectral map and the U-Net's features, added to U-Net + S;
+    # "path": the map alone, clipped to 0-100 %, standing in for S (map = U-Net + head(S));
+    # "path+spectra": the same with 8 learned 1x1 projections of the spectra beside S.
+    denoiser_input: Literal["path+features", "path", "path+spectra"] = "path+features"
     # Given only to check them: they must equal the dataset's channels and the number of targets.
     in_channels: int | None = Field(None, ge=1)
     out_channels: int | None = Field(None, ge=1)

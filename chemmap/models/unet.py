@@ -39,7 +39,8 @@ from chemmap.models.geometry import DENOISER_DILATIONS, body_output_size, unet_m
 
 NORMALIZATIONS = (None, "bn", "ln")
 ENCODERS = ("plain", "resnet")
-DENOISER_INPUTS = ("path+features", "path")  # UNetConfig.denoiser_input
+DENOISER_INPUTS = ("path+features", "path", "path+spectra")  # UNetConfig.denoiser_input
+DENOISER_SPECTRA = 8  # denoiser_input "path+spectra": learned 1x1 projections of the spectra beside S
 DENOISER_SCALE = 25.0  # percent: the spectral map enters the denoiser as (S - 50) / this
 FRONT_END_BANDS = 7  # spectral kernel of the paper's front-end: C -> C - 6 channels
 
@@ -88,6 +89,8 @@ class UNetConfig:
     # output standing in for S (map = U-Net + denoiser(S)), as bench/blindspot.py's
     # standalone denoiser (--input clipped) reads and predicts. Without the skip the head
     # need not cancel the centre pixel, which the blind-spot term never shows it.
+    # "path+spectra": the same, with 8 learned 1x1 projections of the input spectra (+ ReLU)
+    # beside S, so the head sees more of the neighbours' spectra than S's one direction.
     denoiser_input: str = "path+features"
 
     def __post_init__(self) -> None:
@@ -343,19 +346,30 @@ class UNet(nn.Module):
             nn.init.zeros_(self.kernel.weight)
             nn.init.zeros_(self.kernel.bias)
         self.denoiser: nn.Sequential | None = None
-        if config.denoiser:  # drawn like the body's convolutions; its output layer starts at zero
-            layers: list[nn.Module] = []
-            channels = config.out_channels + (widths[0] if config.denoiser_input == "path+features" else 0)
-            for d in DENOISER_DILATIONS[: config.denoiser]:
-                conv = nn.Conv2d(channels, config.denoiser_features, 3, padding=d, dilation=d)
-                nn.init.kaiming_normal_(conv.weight)
-                nn.init.zeros_(conv.bias)
-                layers += [conv, nn.ReLU(inplace=True)]
-                channels = config.denoiser_features
-            out = nn.Conv2d(channels, config.out_channels, 1)
-            nn.init.zeros_(out.weight)
-            nn.init.zeros_(out.bias)
-            self.denoiser = nn.Sequential(*layers, out)
+        self.denoiser_spectra: nn.Conv2d | None = None
+        if config.denoiser:
+            self._make_denoiser(config, widths[0])
+
+    def _make_denoiser(self, config: UNetConfig, features: int) -> None:
+        """The denoiser head (and its spectral projections with ``path+spectra``), drawn like
+        the body's convolutions; its output layer starts at zero."""
+        extra = {"path+features": features, "path": 0, "path+spectra": DENOISER_SPECTRA}
+        if config.denoiser_input == "path+spectra":
+            self.denoiser_spectra = nn.Conv2d(config.in_channels, DENOISER_SPECTRA, 1)
+            nn.init.kaiming_normal_(self.denoiser_spectra.weight)
+            nn.init.zeros_(self.denoiser_spectra.bias)
+        layers: list[nn.Module] = []
+        channels = config.out_channels + extra[config.denoiser_input]
+        for d in DENOISER_DILATIONS[: config.denoiser]:
+            conv = nn.Conv2d(channels, config.denoiser_features, 3, padding=d, dilation=d)
+            nn.init.kaiming_normal_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU(inplace=True)]
+            channels = config.denoiser_features
+        out = nn.Conv2d(channels, config.out_channels, 1)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.denoiser = nn.Sequential(*layers, out)
 
     def reset_parameters(self) -> None:
         """Kaiming-normal convolution weights, zero biases; norm layers at weight 1, bias 0."""
@@ -468,7 +482,7 @@ class UNet(nn.Module):
                 if self.front_end is not None:
                     features = self._to_input_grid(features, height, width)  # (B, F, H', W')
             if self.denoiser is not None:  # pad=True: the output's grid is the input's
-                x = x + self.denoiser(self._denoiser_input(path, features))
+                x = x + self.denoiser(self._denoiser_input(path, features, spectra))
             if self.kernel is not None:
                 if self.guide is not None:  # pad=True: the input's grid is the output's
                     features = torch.cat([features, self.guide(spectra)], dim=1)  # (B, F + G, H, W)
@@ -479,15 +493,22 @@ class UNet(nn.Module):
 
     @property
     def _stands_in(self) -> bool:
-        """Whether the denoiser's output replaces the spectral map in the sum (``denoiser_input: path``)."""
-        return self.denoiser is not None and self.config.denoiser_input == "path"
+        """Whether the denoiser's output replaces the spectral map in the sum (``denoiser_input``
+        ``path`` or ``path+spectra``)."""
+        return self.denoiser is not None and self.config.denoiser_input != "path+features"
 
-    def _denoiser_input(self, path: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """``(B, T [+ F], H, W)``: the spectral map, centred and scaled (clipped to 0-100 % with
-        ``denoiser_input: path``), and the U-Net's full-resolution features with ``path+features``."""
-        if self.config.denoiser_input == "path":
-            return (path.clamp(0.0, 100.0) - 50.0) / DENOISER_SCALE
-        return torch.cat([(path - 50.0) / DENOISER_SCALE, features], dim=1)
+    def _denoiser_input(
+        self, path: torch.Tensor, features: torch.Tensor, spectra: torch.Tensor
+    ) -> torch.Tensor:
+        """``(B, T [+ F | + 8], H, W)``: the spectral map, centred and scaled (clipped to 0-100 %
+        unless ``path+features``), and the U-Net's full-resolution features (``path+features``)
+        or the spectra's learned projections (``path+spectra``; pad=True: one grid)."""
+        if self.config.denoiser_input == "path+features":
+            return torch.cat([(path - 50.0) / DENOISER_SCALE, features], dim=1)
+        clipped = (path.clamp(0.0, 100.0) - 50.0) / DENOISER_SCALE
+        if self.denoiser_spectra is None:
+            return clipped
+        return torch.cat([clipped, F.relu(self.denoiser_spectra(spectra))], dim=1)
 
     def _to_input_grid(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Half resolution back to the input's grid (x2 bilinear); ``align_corners=False`` keeps

@@ -474,6 +474,37 @@ def test_the_native_grid_is_the_half_resolution_map_the_up_sampling_starts_from(
         path(x.float())
 
 
+def test_a_denoiser_reading_the_path_and_the_spectra_stands_in_for_the_path_and_keeps_tiles_exact() -> None:
+    """``denoiser_input: path+spectra``: the clipped map and 8 learned projections of the
+    spectra (ReLU) go in; the head's output stands in for S; tiles stay exact."""
+    from chemmap.models.tiling import model_geometry, predict_tiled
+    from chemmap.models.unet import DENOISER_SPECTRA
+
+    base = {"in_channels": 9, "depth": 3, "features": 4, "front_end": True, "spectral_path": True}
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(**base, denoiser=4, denoiser_features=5, denoiser_input="path+spectra")).double()
+    model.eval()
+    assert model.denoiser[0].in_channels == 1 + DENOISER_SPECTRA
+    with torch.no_grad():
+        for conv in (model.spectral, model.denoiser[-1]):
+            conv.weight.normal_()
+    x = torch.randn(9, 45, 38, dtype=torch.float64)
+    seen: list[torch.Tensor] = []
+    hook = model.denoiser.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        model(x[None])
+        path = model.spectral(x[None])
+        want = torch.cat([(path.clamp(0, 100) - 50) / 25, torch.relu(model.denoiser_spectra(x[None]))], dim=1)
+        assert torch.equal(seen[0], want)
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        assert torch.allclose(model(x[None]), model.denoiser(want))  # S itself is not added
+    hook.remove()
+    geometry = model_geometry(model)
+    tiled = predict_tiled(model, x, core=16, halo=geometry.radius, geometry=geometry)
+    assert rel(tiled, predict_full(model, x)) < EXACT
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
