@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import math
@@ -140,13 +141,7 @@ def sample_backward_by_patches(
     ]
     sums = [patched_sum(geo_model, read, win, m, plan.halo, geometry=plan.geometry) for read, win, m in jobs]
     totals = (sum(s for s, _ in sums), sum(n for _, n in sums))
-    lc = LossConfig(
-        mean=loss_w.mean,
-        smooth=loss_w.smooth,
-        out_of_range=loss_w.out_of_range,
-        l2=0.0,
-        out_of_range_norm=loss_w.out_of_range_norm,
-    )
+    lc = image_loss_config(loss_w)
     terms: dict[str, float] = {"smooth": 0.0, "out_of_range": 0.0}
     for read, win, m in jobs:
         t = patched_backward(
@@ -166,6 +161,15 @@ def sample_backward_by_patches(
         terms["mean"] = t["mean"]  # the sample's: the same from every scan
     terms["total"] = weighted_total(terms, lc)
     return terms
+
+
+def image_loss_config(loss_w: Any) -> LossConfig:
+    """The image loss's weights and forms from the training config's loss section, L2 left out
+    (it is added once per step). Every field of :class:`LossConfig` is carried: patch mode
+    once took only the three weights, and so trained with the quadratic smoothness whatever
+    ``smooth_penalty`` said."""
+    fields = {f.name: getattr(loss_w, f.name) for f in dataclasses.fields(LossConfig) if f.name != "l2"}
+    return LossConfig(**fields, l2=0.0)
 
 
 def _autocast(device: torch.device, amp: str):

@@ -238,3 +238,24 @@ def test_the_loss_on_the_output_grid_uses_the_half_resolution_map_and_its_mask()
     assert torch.allclose(sums["output"].total, native.float()[:, small].sum(-1))
     assert float(sums["input"].count) == int(m.sum())
     assert torch.allclose(sums["input"].total, full.float()[:, m].sum(-1))
+
+
+def test_patch_mode_gets_every_loss_setting_of_the_config_section() -> None:
+    """Patch-wise training builds the image loss's config from the section: the smoothness's
+    penalty, delta and pairs and the out-of-range norm come along, not only the weights."""
+    import dataclasses
+
+    from chemmap.train.loop import image_loss_config
+
+    section = LossSection(
+        mean=2.0,
+        smooth=0.5,
+        out_of_range=3.0,
+        out_of_range_norm="pixel",
+        smooth_penalty="huber",
+        smooth_delta=2.5,
+        smooth_pairs="anchor",
+    )
+    cfg = image_loss_config(section)
+    for f in dataclasses.fields(LossConfig):
+        assert getattr(cfg, f.name) == (0.0 if f.name == "l2" else getattr(section, f.name)), f.name
