@@ -176,6 +176,14 @@ VARIANTS: dict[str, list[str]] = {
         "train.schedule=cosine",
         "train.loss.mean=0",
     ],
+    # The head predicting in its input's units (50 + 25 x output), as the standalone net
+    # does, instead of in percent from a zero start.
+    "blind_dnp_frozen_cos_mean0_scaled": [
+        *_BLIND_DNP,
+        "train.schedule=cosine",
+        "train.loss.mean=0",
+        "model.denoiser_output=scaled",
+    ],
     "blind5_r2_mean10": [
         *_DENOISE,
         *_HUBER,

@@ -262,6 +262,8 @@ class ModelSection(_Section):
     # "path": the map alone, clipped to 0-100 %, standing in for S (map = U-Net + head(S));
     # "path+spectra": the same with 8 learned 1x1 projections of the spectra beside S.
     denoiser_input: Literal["path+features", "path", "path+spectra"] = "path+features"
+    # The head's output in percent (added as it is) or "scaled" like its input: 50 + 25 x output.
+    denoiser_output: Literal["percent", "scaled"] = "percent"
     # Given only to check them: they must equal the dataset's channels and the number of targets.
     in_channels: int | None = Field(None, ge=1)
     out_channels: int | None = Field(None, ge=1)
@@ -276,6 +278,8 @@ class ModelSection(_Section):
             raise ValueError("kernel_guide steers the kernel head: it needs kernel_head and pad: true")
         if self.denoiser and not (self.spectral_path and self.pad):
             raise ValueError("denoiser filters the spectral path's map: it needs spectral_path and pad: true")
+        if self.denoiser_output == "scaled" and self.denoiser_input == "path+features":
+            raise ValueError("denoiser_output: scaled needs denoiser_input: path or path+spectra")
         return self
 
 

@@ -92,6 +92,11 @@ class UNetConfig:
     # "path+spectra": the same, with 8 learned 1x1 projections of the input spectra (+ ReLU)
     # beside S, so the head sees more of the neighbours' spectra than S's one direction.
     denoiser_input: str = "path+features"
+    # The head's output units: "percent" (added to the map as it is) or "scaled" (in the
+    # units of its input, 50 + 25 x output, as bench/blindspot.py's net predicts: a head that
+    # starts at zero then starts at 50 % and moves by its input's scale, not by Adam's step
+    # in percent). "scaled" needs a stand-in input (path, path+spectra).
+    denoiser_output: str = "percent"
 
     def __post_init__(self) -> None:
         if self.denoiser and not (
@@ -100,6 +105,13 @@ class UNetConfig:
             raise ValueError(
                 f"denoiser must be 0..{len(DENOISER_DILATIONS)} with spectral_path=True and pad=True, got "
                 f"denoiser={self.denoiser}, spectral_path={self.spectral_path}, pad={self.pad}."
+            )
+        if self.denoiser_output not in ("percent", "scaled") or (
+            self.denoiser_output == "scaled" and self.denoiser_input == "path+features"
+        ):
+            raise ValueError(
+                f"denoiser_output must be 'percent' or 'scaled' (with denoiser_input path or path+spectra), "
+                f"got {self.denoiser_output!r} with {self.denoiser_input!r}."
             )
         if self.denoiser_input not in DENOISER_INPUTS:
             raise ValueError(f"denoiser_input must be one of {DENOISER_INPUTS}, got {self.denoiser_input!r}.")
@@ -482,7 +494,8 @@ class UNet(nn.Module):
                 if self.front_end is not None:
                     features = self._to_input_grid(features, height, width)  # (B, F, H', W')
             if self.denoiser is not None:  # pad=True: the output's grid is the input's
-                x = x + self.denoiser(self._denoiser_input(path, features, spectra))
+                head = self.denoiser(self._denoiser_input(path, features, spectra))
+                x = x + (50.0 + DENOISER_SCALE * head if self.config.denoiser_output == "scaled" else head)
             if self.kernel is not None:
                 if self.guide is not None:  # pad=True: the input's grid is the output's
                     features = torch.cat([features, self.guide(spectra)], dim=1)  # (B, F + G, H, W)

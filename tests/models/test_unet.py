@@ -505,6 +505,26 @@ def test_a_denoiser_reading_the_path_and_the_spectra_stands_in_for_the_path_and_
     assert rel(tiled, predict_full(model, x)) < EXACT
 
 
+def test_a_scaled_denoiser_output_is_in_its_inputs_units() -> None:
+    """``denoiser_output: scaled``: the head's output enters the map as 50 + 25 x output, so a
+    head at zero puts the map at the U-Net's output + 50 %."""
+    base = {"in_channels": 9, "depth": 3, "features": 4, "front_end": True, "spectral_path": True}
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(**base, denoiser=3, denoiser_input="path", denoiser_output="scaled")).double()
+    model.eval()
+    x = torch.randn(1, 9, 45, 38, dtype=torch.float64)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        assert torch.allclose(model(x), torch.full_like(model(x), 50.0))  # the head starts at zero
+        for conv in (model.spectral, model.denoiser[-1]):
+            conv.weight.normal_()
+        head = model.denoiser(model._denoiser_input(model.spectral(x), None, x))
+        assert torch.allclose(model(x), 50.0 + 25.0 * head)
+    with pytest.raises(ValueError, match="denoiser_output"):
+        UNetConfig(**base, denoiser=3, denoiser_output="scaled")  # path+features: not a stand-in
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
