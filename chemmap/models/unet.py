@@ -87,7 +87,7 @@ class UNetConfig:
     # U-Net's features, its output added to U-Net + S; "path", the spectral map alone,
     # clipped to 0-100 % first (the background's spectra give it values far outside), its
     # output standing in for S (map = U-Net + denoiser(S)), as bench/blindspot.py's
-    # standalone denoiser (--input clipped) reads and predicts. Without the skip the head
+    # standalone denoiser (chemmap.evaluate.blindspot) reads and predicts. Without the skip the head
     # need not cancel the centre pixel, which the blind-spot term never shows it.
     # "path+spectra": the same, with 8 learned 1x1 projections of the input spectra (+ ReLU)
     # beside S, so the head sees more of the neighbours' spectra than S's one direction.
