@@ -1,7 +1,7 @@
 """Benchmark: ikpls vs scikit-learn PLSRegression for chemmap's PLS baseline (not run in CI).
 
 Times, on the same synthetic spectra (mean-centred, unscaled X, as in
-``chemmap.evaluate.pls``):
+``chemmap.models.pls``):
 
 1. fit with A components + predict on the training samples;
 2. the cross-validation that picks the component count over 5 folds for A = 1..max:
@@ -82,7 +82,7 @@ def bench_cv(X: np.ndarray, y: np.ndarray, folds: np.ndarray, A: int, repeats: i
     from sklearn.cross_decomposition import PLSRegression
     from sklearn.model_selection import PredefinedSplit, cross_val_predict
 
-    from chemmap.evaluate.pls import cv_curve
+    from chemmap.models.pls import cv_curve
 
     def ik_fast(n_jobs: int) -> np.ndarray:
         pred, _ = cv_curve(X, y, folds, A, n_jobs=n_jobs)
@@ -124,7 +124,7 @@ def bench_pixels(X: np.ndarray, y: np.ndarray, A: int, n_pixels: int, repeats: i
     from ikpls.numpy import PLS
     from sklearn.cross_decomposition import PLSRegression
 
-    from chemmap.evaluate.pls import PLSBaseline
+    from chemmap.models.pls import PLSBaseline
 
     bands = X.shape[1]
     w = 1000

@@ -219,9 +219,11 @@ class TrainSection(_Section):
     torch_threads: int | None = None  # per worker on CPU; None: cores / workers
     # With model.spectral_path: "ridge" starts the path at a ridge regression of the lab values
     # on the fold's training mean spectra (penalty by leave-one-out), and the U-Net's head at
-    # zero, so training starts from the per-pixel spectral map; "zero": the path starts at 0.
-    spectral_init: Literal["zero", "ridge"] = "zero"
-    # Hold the spectral path at its ridge start (no gradient reaches it): the blind-spot
+    # zero, so training starts from the per-pixel spectral map; "pls": at the PLS baseline the
+    # evaluation fits for this fold (PLS1 on the same training samples, components by CV over
+    # their folds), so the path's map is the out-of-fold PLS map; "zero": the path starts at 0.
+    spectral_init: Literal["zero", "ridge", "pls"] = "zero"
+    # Hold the spectral path at its ridge or PLS start (no gradient reaches it): the blind-spot
     # term then trains the denoiser on a fixed map, as bench/blindspot.py does, and cannot
     # make the target itself easier to predict by smoothing the path.
     spectral_freeze: bool = False
@@ -570,7 +572,8 @@ def _check_grid_and_freeze(model: ModelSection, train: TrainSection) -> None:
             raise ValueError(
                 f"train.loss.grid: output is implemented for train.mode: whole only, got {train.mode!r}"
             )
-    if train.spectral_freeze and train.spectral_init != "ridge":
+    if train.spectral_freeze and train.spectral_init == "zero":
         raise ValueError(
-            "train.spectral_freeze holds the path at its ridge start: it needs train.spectral_init: ridge"
+            "train.spectral_freeze holds the path at its fitted start: it needs train.spectral_init: "
+            "ridge or pls"
         )

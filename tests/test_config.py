@@ -51,7 +51,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("train:\n  spectral_init: ridge\n", ["train.spectral_init", "model.spectral_path"]),
         (
             "model:\n  spectral_path: true\ntrain:\n  spectral_freeze: true\n",
-            ["train.spectral_freeze", "train.spectral_init: ridge"],
+            ["train.spectral_freeze", "train.spectral_init: ridge or pls"],
         ),
         ("train:\n  loss:\n    grid: output\n", ["train.loss.grid: output", "model.front_end"]),
         (

@@ -34,8 +34,8 @@ from chemmap.evaluate.baselines import (
     smoothed_brightness,
 )
 from chemmap.evaluate.blindspot import BlindSpotConfig, MapDenoiser, train_map_denoiser
-from chemmap.evaluate.pls import PLSBaseline
 from chemmap.inference.ensemble import predict_map
+from chemmap.models.pls import PLSBaseline
 from chemmap.models.tiling import Geometry
 from chemmap.preprocess.store import Dataset
 

@@ -31,11 +31,11 @@ from chemmap.evaluate.baselines import (
 )
 from chemmap.evaluate.blindspot import MapDenoiser
 from chemmap.evaluate.metrics import TISSUE_FAT_THRESHOLD, MapTally
-from chemmap.evaluate.pls import PLSBaseline
 from chemmap.evaluate.protocol import LABEL_FREE, Choices
 from chemmap.figures import plot_maps
 from chemmap.inference.ensemble import MapEnsemble, member_maps
 from chemmap.inference.score_output import write_map_zarr
+from chemmap.models.pls import PLSBaseline
 from chemmap.models.tiling import Geometry
 from chemmap.preprocess.store import Dataset
 from chemmap.spatial import coarse_mask

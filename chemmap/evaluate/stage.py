@@ -34,7 +34,6 @@ from chemmap.errors import InputError
 from chemmap.evaluate.baselines import SIGMAS, setting_key
 from chemmap.evaluate.blindspot import BlindSpotConfig, MapDenoiser
 from chemmap.evaluate.metrics import TISSUE_FAT_THRESHOLD, paired_bootstrap, regression_metrics
-from chemmap.evaluate.pls import PLSBaseline
 from chemmap.evaluate.protocol import (
     Choices,
     add_denoised,
@@ -55,6 +54,7 @@ from chemmap.evaluate.scoring import (
 from chemmap.figures import plot_residuals, plot_scatter
 from chemmap.files import write_bytes_atomic, write_json_atomic
 from chemmap.inference.ensemble import load_ensemble
+from chemmap.models.pls import PLSBaseline
 from chemmap.models.tiling import model_geometry
 from chemmap.preprocess.store import Dataset
 from chemmap.stages import StageDir, stage_dir

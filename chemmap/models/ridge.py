@@ -4,8 +4,8 @@ A U-Net with ``spectral_path`` can start as a per-pixel linear map of its input 
 (:meth:`chemmap.models.unet.UNet.start_from_spectral`). Its coefficients come from the
 samples' mean spectra and lab values: a linear map of the pixels has the linear map of their
 mean as its mean, so a regression on mean spectra is the per-pixel map whose masked mean
-fits the lab values (the reason per-pixel PLS maps exist). Ridge rather than PLS because
-training may not import the evaluation package (docs/architecture.md) and because its
+fits the lab values (the reason per-pixel PLS maps exist). ``train.spectral_init: ridge``
+fits it here, ``pls`` with the evaluation's PLS baseline (:mod:`chemmap.models.pls`). Ridge's
 leave-one-out error has a closed form: for each penalty on a log grid, the hat matrix's
 diagonal gives every sample's held-out residual without refitting, and the penalty with the
 smallest pooled leave-one-out error is taken.

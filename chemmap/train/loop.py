@@ -41,6 +41,7 @@ from chemmap import tracking
 from chemmap.config import AugmentSection, LossSection, TrainSection
 from chemmap.models.loss import LossConfig, Smoothness, l2_penalty, output_grid_mask, weighted_total
 from chemmap.models.patched import patched_backward, patched_sum
+from chemmap.models.pls import PLSBaseline
 from chemmap.models.ridge import ridge_loo
 from chemmap.models.tiling import Geometry, canvas_pads, forward_full, predict_full, read_padded
 from chemmap.models.unet import UNet, UNetConfig
@@ -407,6 +408,8 @@ def build_fold(
         _start_at_training_mean(net, data, train_ids)
         if tcfg.spectral_init == "ridge":
             _start_from_ridge(net, data, train_ids)
+        elif tcfg.spectral_init == "pls":
+            _start_from_pls(net, data, train_ids)
     if tcfg.spectral_freeze and net.spectral is not None:  # restored or not: the path stays put
         net.spectral.requires_grad_(False)
     # DDP over the workers (moves to the worker's device). Gradients as views into DDP's buckets:
@@ -487,6 +490,29 @@ def _start_from_ridge(model: UNet, data: Dataset, train_ids: list[str]) -> None:
     dtype = next(model.parameters()).dtype
     coef, intercept = (torch.as_tensor(a, dtype=dtype) for a in (fit.coef, fit.intercept))
     model.start_from_spectral(coef, intercept)
+
+
+def _start_from_pls(model: UNet, data: Dataset, train_ids: list[str]) -> None:
+    """The spectral path at the PLS baseline of these training samples, as the evaluation fits it.
+
+    PLS1 per target on the samples' mean spectra in stored units, centred, not scaled, with the
+    component count chosen by cross-validation over the samples' own folds
+    (:class:`chemmap.models.pls.PLSBaseline`): for fold ``k`` this is the model whose maps the
+    evaluation's out-of-fold PLS baselines of fold ``k`` are made from. The model reads
+    standardised inputs ``(x - mean) / std``, so the coefficients are carried over as
+    ``coef * std`` and the intercept as ``intercept + mean @ coef``.
+    """
+    spectra = np.stack([data.mean_spectrum(sid) for sid in train_ids])  # stored units
+    y = np.asarray([data.samples[sid].targets for sid in train_ids], np.float64)
+    if not np.isfinite(y).all():
+        raise ValueError("train.spectral_init: pls needs every training sample's lab values (NaN found)")
+    folds = np.array([data.samples[sid].split for sid in train_ids])
+    pls = PLSBaseline(max_components=min(20, spectra.shape[1])).fit(spectra, y, folds)
+    mean, std = (np.asarray(a, np.float64) for a in (data.recipe.mean, data.recipe.std))
+    coef = pls.coef * std[:, None]  # (C, T) in input units
+    intercept = pls.intercept + mean @ pls.coef
+    dtype = next(model.parameters()).dtype
+    model.start_from_spectral(*(torch.as_tensor(a, dtype=dtype) for a in (coef, intercept)))
 
 
 def whole_step(f: Fold, batch: list[LoadedSample], sums: EpochSums) -> None:

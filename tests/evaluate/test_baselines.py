@@ -16,7 +16,7 @@ from chemmap.evaluate.baselines import (
     pls_candidates,
 )
 from chemmap.evaluate.metrics import MapTally, map_metrics
-from chemmap.evaluate.pls import PLSBaseline
+from chemmap.models.pls import PLSBaseline
 from chemmap.spatial import coarse_mask
 
 

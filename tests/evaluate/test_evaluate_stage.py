@@ -19,10 +19,10 @@ import torch
 
 from chemmap.config import load_config
 from chemmap.errors import InputError
-from chemmap.evaluate.pls import PLSBaseline
 from chemmap.evaluate.stage import N_BOOT, evaluate_ensemble
 from chemmap.files import write_json_atomic
 from chemmap.inference.ensemble import load_ensemble, predict_map
+from chemmap.models.pls import PLSBaseline
 from chemmap.models.unet import UNet, UNetConfig
 from chemmap.preprocess.store import Dataset
 from chemmap.spatial import spatial_correlated_share

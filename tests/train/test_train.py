@@ -316,6 +316,33 @@ def test_a_ridge_start_gives_each_training_sample_its_fit_as_its_map_mean(tiny_d
     assert np.corrcoef(means, labels[:, 0])[0, 1] > 0.5  # and it does fit the lab values
 
 
+def test_a_pls_start_makes_the_model_map_the_evaluations_out_of_fold_pls_map(tiny_dataset, tmp_path):
+    """``spectral_init: pls``: a held-out scan's map is, pixel by pixel, the map of the PLS
+    baseline fitted on the fold's training samples (the out-of-fold PLS map), though the model
+    reads standardised inputs and PLS the stored spectra."""
+    import numpy as np
+    import torch
+
+    from chemmap.evaluate.stage import fit_pls, mean_spectra
+    from chemmap.models.tiling import predict_full
+    from chemmap.train.loop import _start_from_pls
+
+    _, pre = tiny_dataset
+    cfg = _cfg(tmp_path, "model.spectral_path=true", "train.spectral_init=pls")
+    data = Dataset(pre.path / "dataset.zarr")
+    net = UNet(model_config(cfg, data.n_channels, len(cfg.targets))).double().eval()
+    train_ids = data.ids([2, 3, 4])
+    _start_from_pls(net, data, train_ids)
+    pls = fit_pls(data, mean_spectra(data), cfg.targets, train_ids)
+    (scan,) = data.samples[data.ids([1])[0]].scans
+    cube, mask = data.cube(scan)[...], data.mask(scan)
+    x = torch.from_numpy(data.model_input(cube).astype(np.float64))
+    got = predict_full(net, x)[0].numpy()[mask]
+    want = pls.predict_cube(cube, mask)[0][mask]
+    assert np.abs(want - want.mean()).max() > 1  # a map with detail, not a constant
+    assert np.allclose(got, want, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_training_with_the_spectral_path_terms_moves_the_path(ray_local, tiny_dataset, tmp_path):
     """The path's terms (and the blind-spot term) reach the gradient: the path leaves its ridge

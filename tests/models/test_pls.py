@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from chemmap.evaluate.pls import PLSBaseline, choose_components, cv_curve
+from chemmap.models.pls import PLSBaseline, choose_components, cv_curve
 
 
 def _latent_data(n: int = 150, bands: int = 40, n_latent: int = 3, noise: float = 0.002, seed: int = 0):
