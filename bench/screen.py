@@ -184,6 +184,15 @@ VARIANTS: dict[str, list[str]] = {
         "train.loss.mean=0",
         "model.denoiser_output=scaled",
     ],
+    # The same, with the path held at the fold's PLS baseline instead of a ridge fit: the
+    # head then denoises the very map pls_n2v denoises, and the U-Net adds the spectra.
+    "blind_dnp_frozen_cos_mean0_scaled_pls": [
+        *[s for s in _BLIND_DNP if s != "train.spectral_init=ridge"],
+        "train.spectral_init=pls",
+        "train.schedule=cosine",
+        "train.loss.mean=0",
+        "model.denoiser_output=scaled",
+    ],
     "blind5_r2_mean10": [
         *_DENOISE,
         *_HUBER,
