@@ -87,7 +87,9 @@ def coarse_mask(mask: np.ndarray, step: int) -> np.ndarray:
     """The mask of a grid ``step`` times coarser: a cell holds sample when all its pixels do.
 
     Cell ``(i, j)`` covers pixels ``step*i .. step*i + step - 1`` (and the same in x); cells
-    at an odd edge cover only the pixels that exist.
+    at an odd edge cover only the pixels that exist. The evaluation's rule: a cell scored on
+    the native grid is all sample. Training on that grid uses a looser one on purpose
+    (:func:`chemmap.models.loss.output_grid_mask`: half the cell).
 
     Returns:
         bool ``(ceil(H / step), ceil(W / step))``.

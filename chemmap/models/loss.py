@@ -178,7 +178,12 @@ def _check_count(n: torch.Tensor) -> None:
 def output_grid_mask(mask: torch.Tensor, step: int = 2) -> torch.Tensor:
     """A mask brought to a grid ``step`` times coarser: ``(..., H, W)`` bool ->
     ``(..., ceil(H / step), ceil(W / step))``; a coarse pixel is in when at least half of the
-    input pixels it covers are (a border block counts only the pixels that exist)."""
+    input pixels it covers are (a border block counts only the pixels that exist).
+
+    The training loss's rule, for ``train.loss.grid: output``: a coarse pixel half on the
+    sample is trained on, as the paper's code resizes its mask. The evaluation's native-grid
+    metrics use :func:`chemmap.spatial.coarse_mask` instead (every covered pixel in): a
+    score should compare only cells that are all sample, a loss may use the mixed ones."""
     if mask.ndim < 2:
         raise ValueError(f"mask must have at least 2 dimensions (H, W), got shape {tuple(mask.shape)}")
     lead, (h, w) = mask.shape[:-2], mask.shape[-2:]
