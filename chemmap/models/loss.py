@@ -181,9 +181,9 @@ def output_grid_mask(mask: torch.Tensor, step: int = 2) -> torch.Tensor:
     input pixels it covers are (a border block counts only the pixels that exist).
 
     The training loss's rule, for ``train.loss.grid: output``: a coarse pixel half on the
-    sample is trained on, as the paper's code resizes its mask. The evaluation's native-grid
-    metrics use :func:`chemmap.spatial.coarse_mask` instead (every covered pixel in): a
-    score should compare only cells that are all sample, a loss may use the mixed ones."""
+    sample is trained on (the paper does not say how it reduced its mask; docs/loss.md). The
+    evaluation's native-grid metrics use :func:`chemmap.spatial.coarse_mask` instead (every
+    covered pixel in): a score compares only cells that are all sample, a loss may use mixed ones."""
     if mask.ndim < 2:
         raise ValueError(f"mask must have at least 2 dimensions (H, W), got shape {tuple(mask.shape)}")
     lead, (h, w) = mask.shape[:-2], mask.shape[-2:]
