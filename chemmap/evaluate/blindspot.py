@@ -51,10 +51,18 @@ class BlindSpotConfig:
 
 
 class MapDenoiser:
-    """A trained blind-spot network; :meth:`apply` maps a whole ``(H, W)`` map."""
+    """Trained blind-spot networks; :meth:`apply` maps a whole ``(H, W)`` map with each and
+    averages them (one network, or a fold ensemble like the U-Net's)."""
 
-    def __init__(self, net: nn.Module) -> None:
-        self.net = net.eval()
+    def __init__(self, *nets: nn.Module) -> None:
+        if not nets:
+            raise ValueError("blind spot: a denoiser needs at least one network")
+        self.nets = [net.eval() for net in nets]
+
+    @classmethod
+    def ensemble(cls, members: Sequence[MapDenoiser]) -> MapDenoiser:
+        """One denoiser averaging every member's networks."""
+        return cls(*(net for m in members for net in m.nets))
 
     def apply(self, s: np.ndarray) -> np.ndarray:
         """The denoised map ``(H, W)`` float32, in percent (not clipped)."""
@@ -62,7 +70,8 @@ class MapDenoiser:
             raise ValueError(f"blind spot: a map is (H, W), got shape {s.shape}")
         with torch.no_grad():
             x = torch.from_numpy(_inputs(s))[None, None]  # (1, 1, H, W)
-            return (self.net(x)[0, 0].numpy() * SCALE + CENTRE).astype(np.float32)
+            out = torch.stack([net(x)[0, 0] for net in self.nets]).mean(0)
+            return (out.numpy() * SCALE + CENTRE).astype(np.float32)
 
 
 def make_net(features: int, dilations: Sequence[int]) -> nn.Sequential:

@@ -117,8 +117,9 @@ class OutOfFold:
     unet_means: dict[str, list[float]] = field(default_factory=dict)
     scans: int = 0
     no_truth: int = 0
-    # With a pls_n2v baseline to fit: every scan's (out-of-fold PLS map, mask, truth).
-    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+    # With a pls_n2v baseline to fit: every training scan's (fold, out-of-fold PLS map, mask,
+    # truth, scored: whether its fold is scored, i.e. has a U-Net).
+    kept: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, bool]] | None = None
 
     def add_error(self, key: str, full: np.ndarray, mask: np.ndarray, truth: np.ndarray) -> None:
         """One map's squared errors over ``mask`` (pixels with a true value)."""
@@ -208,7 +209,10 @@ def out_of_fold(
     out = {t: OutOfFold(kept=[] if keep_maps else None) for t in targets}
     channels = list(range(len(targets))) if channels is None else list(channels)
     index = [data.targets.index(t) for t in targets]
-    ids = data.ids(training_splits(data))
+    splits = training_splits(data)
+    # A reduced fold set (train.folds) scores the folds it trained, every method on the same scans.
+    scored = set(unet_by_fold) or set(splits)
+    ids = data.ids([s for s in splits if s in scored or keep_maps])
     for sid in track(ids, description="out-of-fold maps", disable=not progress or tick is not None):
         info = data.samples[sid]
         for scan_id in info.scans:
@@ -226,13 +230,15 @@ def out_of_fold(
                     acc[0] += float(umap[mask].astype(np.float64).sum())
                     acc[1] += int(mask.sum())
                 if t not in truth:
-                    out[t].no_truth += 1
+                    out[t].no_truth += info.split in scored
                     continue
                 scan = {"mask": mask, "truth": truth[t].astype(np.float64), "cube": cube}
-                _add_scan(out[t], info.split, scan, pls_maps[j], lab, umap)
                 if out[t].kept is not None:
-                    out[t].kept.append((pls_maps[j].astype(np.float32), mask, scan["truth"]))
-                out[t].scans += 1
+                    pls_map = pls_maps[j].astype(np.float32)
+                    out[t].kept.append((info.split, pls_map, mask, scan["truth"], info.split in scored))
+                if info.split in scored:
+                    _add_scan(out[t], info.split, scan, pls_maps[j], lab, umap)
+                    out[t].scans += 1
         if tick is not None:
             tick()
     return out
@@ -287,16 +293,29 @@ def _best(scores: Mapping[str, float], keys: Sequence[str]) -> str:
 
 
 def add_denoised(oof: OutOfFold, cfg: BlindSpotConfig) -> MapDenoiser | None:
-    """The ``pls_n2v`` baseline of one target: a blind-spot denoiser trained on the kept
-    out-of-fold PLS maps (no lab value, no true map), and its out-of-fold errors, clipped
-    to the valid range like the other smoothed maps. None without kept maps."""
+    """The ``pls_n2v`` baseline of one target, cross-fitted like the U-Net: for each scored
+    fold, a blind-spot denoiser trained on the other folds' out-of-fold PLS maps (no lab
+    value, no true map) maps that fold's scans, clipped to the valid range like the other
+    smoothed maps. A denoiser never scores maps it was trained on, though it could (it needs
+    no label): the test split's maps are new to it too.
+
+    Returns:
+        the fold denoisers as one ensemble (their mean, as the U-Net's fold models are
+        averaged) for the test split; None without kept maps.
+    """
     if not oof.kept:
         return None
-    net = train_map_denoiser([(s, m) for s, m, _ in oof.kept], cfg)
-    for s, mask, truth in oof.kept:
-        known = mask & np.isfinite(truth)
-        oof.add_error("pls_n2v", np.clip(net.apply(s), *VALID_RANGE), known, truth)
-    return net
+    members = []
+    for fold in sorted({f for f, *_, scored in oof.kept if scored}):
+        train = [(s, m) for f, s, m, _, _ in oof.kept if f != fold]
+        if not train:
+            raise ValueError(f"pls_n2v: no other fold's maps to train fold {fold}'s denoiser on")
+        net = train_map_denoiser(train, cfg)
+        for _, s, mask, truth, _ in (k for k in oof.kept if k[0] == fold):
+            known = mask & np.isfinite(truth)
+            oof.add_error("pls_n2v", np.clip(net.apply(s), *VALID_RANGE), known, truth)
+        members.append(net)
+    return MapDenoiser.ensemble(members) if members else None
 
 
 def choose(oof: OutOfFold) -> Choices:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from chemmap.evaluate.baselines import BRIGHTNESS_SIGMAS, SIGMAS, setting_key
 from chemmap.evaluate.protocol import BrightnessFit, OutOfFold, choose, fold_pls_models, out_of_fold
 from chemmap.evaluate.stage import fit_pls, mean_spectra
 from chemmap.preprocess.store import Dataset
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_brightness_slope_is_scored_on_the_fold_it_was_not_fitted_on():
@@ -99,3 +102,55 @@ def test_the_test_truth_chooses_nothing(tiny_dataset, tmp_path):
     _noise_truth(noisy_train, [1, 2, 3, 4, 5], seed=1)
     c2, _ = _choices(noisy_train)
     assert all(c2.oof_rmse[k] != c0.oof_rmse[k] for k in c0.oof_rmse)
+
+
+def test_a_reduced_fold_set_scores_every_method_on_the_trained_folds_scans_only(tiny_dataset):
+    """With U-Nets for folds 1 and 2 only (``train.folds``), the baselines are scored on those
+    folds' scans too: the same pixels as the U-Net, not all five folds'."""
+    import torch
+
+    from chemmap.config import load_config
+    from chemmap.models.unet import UNet
+    from chemmap.train.trainer import model_config
+
+    sets, pre = tiny_dataset
+    data = Dataset(pre.path / "dataset.zarr")
+    cfg = load_config(ROOT / "configs" / "ci.yaml", sets)
+    torch.manual_seed(0)
+    net = UNet(model_config(cfg, data.n_channels, len(cfg.targets))).eval()
+    by_fold = fold_pls_models(data, mean_spectra(data), ["fat"], fit_pls)
+    oof = out_of_fold(data, ["fat"], by_fold, {1: net, 2: net}, progress=False)["fat"]
+    scans = [s for sid in data.ids([1, 2]) for s in data.samples[sid].scans]
+    pixels = sum(int((data.mask(s) & np.isfinite(data.truth(s)["fat"])).sum()) for s in scans)
+    assert oof.scans == len(scans) < sum(len(data.samples[s].scans) for s in data.ids([1, 2, 3, 4, 5]))
+    assert oof.sse["unet"][1] == oof.sse["pls"][1] == oof.sse["pls_median@3"][1] == pixels
+
+
+def test_the_blind_spot_baseline_scores_each_fold_with_a_denoiser_that_never_saw_it(monkeypatch):
+    """``pls_n2v`` is cross-fitted like the U-Net: fold k's maps are mapped by a denoiser
+    trained on the other folds' maps (unscored folds' included), and the test split gets
+    their mean."""
+    from chemmap.evaluate import protocol
+    from chemmap.evaluate.blindspot import BlindSpotConfig, train_map_denoiser
+
+    rng = np.random.default_rng(0)
+    truth = np.full((24, 24), 40.0)
+    mask = np.ones((24, 24), bool)
+    oof = OutOfFold(kept=[])
+    for fold, scored in ((1, True), (1, True), (2, True), (3, False)):
+        noisy = (truth + rng.normal(0, 8, truth.shape)).astype(np.float32)
+        noisy[0, 0] = 1000.0 + fold  # a tag: which fold a training map came from
+        oof.kept.append((fold, noisy, mask, truth, scored))
+    trained_on = []
+
+    def recording(maps, cfg):
+        trained_on.append(sorted(int(s[0, 0]) - 1000 for s, _ in maps))
+        return train_map_denoiser(maps, cfg)
+
+    monkeypatch.setattr(protocol, "train_map_denoiser", recording)
+    ensemble = protocol.add_denoised(oof, BlindSpotConfig(steps=3, batch=2, crop=16))
+    assert trained_on == [[2, 3], [1, 1, 3]]  # fold 1's denoiser, then fold 2's; fold 3 is not scored
+    assert len(ensemble.nets) == 2
+    assert oof.sse["pls_n2v"][1] == 3 * mask.sum()  # the three scored maps, each once
+    one = ensemble.apply(oof.kept[0][1])
+    assert one.shape == truth.shape and np.isfinite(one).all()
