@@ -507,7 +507,10 @@ def _start_from_pls(model: UNet, data: Dataset, train_ids: list[str]) -> None:
     if not np.isfinite(y).all():
         raise ValueError("train.spectral_init: pls needs every training sample's lab values (NaN found)")
     folds = np.array([data.samples[sid].split for sid in train_ids])
-    pls = PLSBaseline(max_components=min(20, spectra.shape[1])).fit(spectra, y, folds)
+    try:
+        pls = PLSBaseline(max_components=min(20, spectra.shape[1])).fit(spectra, y, folds)
+    except ValueError as err:  # e.g. one training fold: no cross-validation to choose components
+        raise ValueError(f"train.spectral_init: pls: {err}") from None
     mean, std = (np.asarray(a, np.float64) for a in (data.recipe.mean, data.recipe.std))
     coef = pls.coef * std[:, None]  # (C, T) in input units
     intercept = pls.intercept + mean @ pls.coef

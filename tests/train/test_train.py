@@ -341,6 +341,8 @@ def test_a_pls_start_makes_the_model_map_the_evaluations_out_of_fold_pls_map(tin
     want = pls.predict_cube(cube, mask)[0][mask]
     assert np.abs(want - want.mean()).max() > 1  # a map with detail, not a constant
     assert np.allclose(got, want, atol=1e-3)
+    with pytest.raises(ValueError, match=r"spectral_init: pls: cross-validation needs at least 2"):
+        _start_from_pls(net, data, data.ids([2]))  # one training fold: nothing to choose components on
 
 
 @pytest.mark.slow
