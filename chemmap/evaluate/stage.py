@@ -54,7 +54,7 @@ from chemmap.evaluate.scoring import (
 from chemmap.figures import plot_residuals, plot_scatter
 from chemmap.files import write_bytes_atomic, write_json_atomic
 from chemmap.inference.ensemble import load_ensemble
-from chemmap.models.pls import PLSBaseline
+from chemmap.models.pls import MAX_COMPONENTS, PLSBaseline
 from chemmap.models.tiling import model_geometry
 from chemmap.preprocess.store import Dataset
 from chemmap.stages import StageDir, stage_dir
@@ -127,7 +127,8 @@ def fit_pls(
     X = np.stack([spectra[s] for s in ids])
     Y = lab_values(data, ids, targets)
     folds = np.array([data.samples[s].split for s in ids])
-    return PLSBaseline(max_components=min(20, X.shape[1])).fit(X, Y, folds, target_names=list(targets))
+    pls = PLSBaseline(max_components=min(MAX_COMPONENTS, X.shape[1]))
+    return pls.fit(X, Y, folds, target_names=list(targets))
 
 
 def load_models(

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PLSBaseline", "choose_components", "cv_curve"]
+__all__ = ["MAX_COMPONENTS", "PLSBaseline", "choose_components", "cv_curve"]
 
 _SELECTION_RULES = ("min", "one_se")
+MAX_COMPONENTS = 20  # the largest component count the baseline's cross-validation tries
 
 
 def _check_xy(X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -41,7 +41,7 @@ from chemmap import tracking
 from chemmap.config import AugmentSection, LossSection, TrainSection
 from chemmap.models.loss import LossConfig, Smoothness, l2_penalty, output_grid_mask, weighted_total
 from chemmap.models.patched import patched_backward, patched_sum
-from chemmap.models.pls import PLSBaseline
+from chemmap.models.pls import MAX_COMPONENTS, PLSBaseline
 from chemmap.models.ridge import ridge_loo
 from chemmap.models.tiling import Geometry, canvas_pads, forward_full, predict_full, read_padded
 from chemmap.models.unet import UNet, UNetConfig
@@ -508,7 +508,7 @@ def _start_from_pls(model: UNet, data: Dataset, train_ids: list[str]) -> None:
         raise ValueError("train.spectral_init: pls needs every training sample's lab values (NaN found)")
     folds = np.array([data.samples[sid].split for sid in train_ids])
     try:
-        pls = PLSBaseline(max_components=min(20, spectra.shape[1])).fit(spectra, y, folds)
+        pls = PLSBaseline(max_components=min(MAX_COMPONENTS, spectra.shape[1])).fit(spectra, y, folds)
     except ValueError as err:  # e.g. one training fold: no cross-validation to choose components
         raise ValueError(f"train.spectral_init: pls: {err}") from None
     mean, std = (np.asarray(a, np.float64) for a in (data.recipe.mean, data.recipe.std))
