@@ -50,9 +50,28 @@ def test_one_pipeline_run_per_invocation_and_cached_stages_linked_not_reparented
     assert [r.data.tags.get("chemmap.fold") for r in folds] == ["1"]
 
 
+def _finalist_sets() -> list[str]:
+    """pipelines/pork_belly_denoiser.yaml's own settings as overrides of the tiny preset
+    (its pls_n2v baseline shortened to a few steps)."""
+    import yaml
+
+    own = yaml.safe_load((ROOT / "pipelines" / "pork_belly_denoiser.yaml").read_text())
+
+    def flat(d: dict, prefix: str = "") -> list[str]:
+        out = []
+        for k, v in d.items():
+            out += flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}={v}"]
+        return out
+
+    sets = [s for section in ("model", "train", "evaluate") for s in flat(own[section], f"{section}.")]
+    return [s for s in sets if not s.startswith("evaluate.blindspot_steps=")] + ["evaluate.blindspot_steps=5"]
+
+
 @pytest.mark.slow
-def test_run_registers_the_champion_and_score_reproduces_the_evaluated_maps(ray_local, tmp_path):
-    """``make run``, then the README's scoring command, on the tiny preset."""
+@pytest.mark.parametrize("finalist", [False, True], ids=["default", "denoiser_finalist"])
+def test_run_registers_the_champion_and_score_reproduces_the_evaluated_maps(ray_local, tmp_path, finalist):
+    """``make run``, then the README's scoring command, on the tiny preset; and the same with
+    issue 15's finalist (pipelines/pork_belly_denoiser.yaml's model, loss and baseline)."""
     import json
     import os
     import subprocess
@@ -64,7 +83,7 @@ def test_run_registers_the_champion_and_score_reproduces_the_evaluated_maps(ray_
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [f"workdir={tmp_path}", f"cluster.tracking_uri={uri}", "train.folds=[1]", "train.epochs=1"]
-    cfg = load_config(ROOT / "configs" / "ci.yaml", sets)
+    cfg = load_config(ROOT / "configs" / "ci.yaml", [*sets, *(_finalist_sets() if finalist else [])])
     out = run(cfg, progress=False, log=lambda s: None)
     registered = json.loads((out["register"] / "_COMPLETE.json").read_text())
     assert (registered["name"], registered["version"], registered["alias"]) == (cfg.name, "1", "champion")

@@ -74,6 +74,9 @@ class BrightnessFit:
     """
 
     sums: dict[tuple[int, float], np.ndarray] = field(default_factory=dict)  # (fold, sigma) -> 5 sums
+    # The folds :meth:`oof_rmse` scores (None: all). Slopes are fitted on every fold added, as
+    # the PLS models are: a reduced fold set scores its folds with slopes from the others.
+    scored: frozenset[int] | None = None
 
     def add(self, fold: int, sigma: float, b: np.ndarray, t: np.ndarray, lab: float) -> None:
         """One scan's mask pixels: smoothed brightness ``b`` and truth ``t``, both ``(n,)``."""
@@ -94,6 +97,8 @@ class BrightnessFit:
         """Pooled RMSE of each fold's scans mapped with the slope of the other folds."""
         sse, n = 0.0, 0.0
         for fold in self.folds():
+            if self.scored is not None and fold not in self.scored:
+                continue
             sxx, sxy, syy, ncc, px = self.sums[fold, sigma]
             b = self.slope(sigma, leave_out=fold)
             sse += ncc + b * b * sxx - 2 * b * sxy + syy
@@ -163,16 +168,19 @@ def _add_scan(
     pls_map: np.ndarray,
     lab: float,
     unet_map: np.ndarray | None,
+    scored: bool = True,
 ) -> None:
     """One training scan's out-of-fold maps of one target into the tallies.
 
-    Maps are made on the sample mask; errors are taken where the truth has a value.
+    Maps are made on the sample mask; errors are taken where the truth has a value. A scan
+    of a fold that is not ``scored`` adds only to the brightness fit (its slopes).
     """
     mask, truth = scan["mask"], scan["truth"]
     known = mask & np.isfinite(truth)
-    for key, bm in pls_candidates(pls_map, mask).items():
-        oof.add_error(key, bm.full, known, truth)
-    oof.add_error("flat_lab", np.full(mask.shape, lab), known, truth)
+    if scored:
+        for key, bm in pls_candidates(pls_map, mask).items():
+            oof.add_error(key, bm.full, known, truth)
+        oof.add_error("flat_lab", np.full(mask.shape, lab), known, truth)
     if unet_map is not None:
         oof.add_error("unet", unet_map, known, truth)
     for sigma in BRIGHTNESS_SIGMAS:
@@ -206,13 +214,16 @@ def out_of_fold(
     Returns:
         target -> :class:`OutOfFold`.
     """
-    out = {t: OutOfFold(kept=[] if keep_maps else None) for t in targets}
+    splits = training_splits(data)
+    # A reduced fold set (train.folds) scores the folds it trained, every method on the same
+    # scans; the other folds' scans still fit the brightness slopes and train pls_n2v.
+    scored = frozenset(unet_by_fold) or frozenset(splits)
+    out = {
+        t: OutOfFold(brightness=BrightnessFit(scored=scored), kept=[] if keep_maps else None) for t in targets
+    }
     channels = list(range(len(targets))) if channels is None else list(channels)
     index = [data.targets.index(t) for t in targets]
-    splits = training_splits(data)
-    # A reduced fold set (train.folds) scores the folds it trained, every method on the same scans.
-    scored = set(unet_by_fold) or set(splits)
-    ids = data.ids([s for s in splits if s in scored or keep_maps])
+    ids = data.ids(splits)
     for sid in track(ids, description="out-of-fold maps", disable=not progress or tick is not None):
         info = data.samples[sid]
         for scan_id in info.scans:
@@ -236,9 +247,8 @@ def out_of_fold(
                 if out[t].kept is not None:
                     pls_map = pls_maps[j].astype(np.float32)
                     out[t].kept.append((info.split, pls_map, mask, scan["truth"], info.split in scored))
-                if info.split in scored:
-                    _add_scan(out[t], info.split, scan, pls_maps[j], lab, umap)
-                    out[t].scans += 1
+                _add_scan(out[t], info.split, scan, pls_maps[j], lab, umap, info.split in scored)
+                out[t].scans += info.split in scored
         if tick is not None:
             tick()
     return out

@@ -124,6 +124,13 @@ def test_a_reduced_fold_set_scores_every_method_on_the_trained_folds_scans_only(
     pixels = sum(int((data.mask(s) & np.isfinite(data.truth(s)["fat"])).sum()) for s in scans)
     assert oof.scans == len(scans) < sum(len(data.samples[s].scans) for s in data.ids([1, 2, 3, 4, 5]))
     assert oof.sse["unet"][1] == oof.sse["pls"][1] == oof.sse["pls_median@3"][1] == pixels
+    # The brightness slopes still come from every fold; one trained fold is scored with the others'.
+    everything = out_of_fold(data, ["fat"], by_fold, {}, progress=False)["fat"]
+    one = out_of_fold(data, ["fat"], by_fold, {1: net}, progress=False)["fat"]
+    sigma = BRIGHTNESS_SIGMAS[1]
+    assert one.brightness.slope(sigma) == pytest.approx(everything.brightness.slope(sigma), rel=1e-12)
+    fold1 = [s for sid in data.ids([1]) for s in data.samples[sid].scans]
+    assert one.scans == len(fold1) and np.isfinite(choose(one).oof_rmse[setting_key("brightness_lab", sigma)])
 
 
 def test_the_blind_spot_baseline_scores_each_fold_with_a_denoiser_that_never_saw_it(monkeypatch):
