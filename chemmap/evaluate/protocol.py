@@ -165,7 +165,7 @@ def _add_scan(
     oof: OutOfFold,
     fold: int,
     scan: dict[str, Any],
-    pls_map: np.ndarray,
+    pls_map: np.ndarray | None,  # None only for a scan that is not scored
     lab: float,
     unet_map: np.ndarray | None,
     scored: bool = True,
@@ -232,7 +232,8 @@ def out_of_fold(
             mask = data.mask(scan_id)
             net = unet_by_fold.get(info.split)
             unet = None if net is None else predict_map(net, data.model_input(cube), geometry).numpy()
-            pls_maps = pls_by_fold[info.split].predict_cube(cube, mask) if truth else None  # (T, H, W)
+            wants_pls = truth and (info.split in scored or keep_maps)  # else: the brightness fit only
+            pls_maps = pls_by_fold[info.split].predict_cube(cube, mask) if wants_pls else None  # (T, H, W)
             for j, t in enumerate(targets):
                 lab = info.targets[index[j]]
                 umap = None if unet is None else unet[channels[j]]
@@ -247,7 +248,8 @@ def out_of_fold(
                 if out[t].kept is not None:
                     pls_map = pls_maps[j].astype(np.float32)
                     out[t].kept.append((info.split, pls_map, mask, scan["truth"], info.split in scored))
-                _add_scan(out[t], info.split, scan, pls_maps[j], lab, umap, info.split in scored)
+                pls_j = None if pls_maps is None else pls_maps[j]
+                _add_scan(out[t], info.split, scan, pls_j, lab, umap, info.split in scored)
                 out[t].scans += info.split in scored
         if tick is not None:
             tick()
