@@ -153,7 +153,7 @@ def figures(metrics: dict[str, Any], target: str, targets: list[str]) -> dict[st
     if maps.get("unet", {}).get("pixel_rmse") is None:
         raise SystemExit("the evaluation has no per-pixel RMSE of the U-Net: acceptance needs true maps")
     unet, pls = models["unet"]["rmse"], models["pls"]["rmse"]
-    keep = ("role", "setting", "pixel_rmse", "out_of_range_fraction")
+    keep = ("role", "setting", "pixel_rmse", "out_of_range_fraction", "mean_rmse_lab")
     return {
         "n_test": int(metrics["n_test"]),
         "mean_fat": {

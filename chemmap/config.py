@@ -266,6 +266,11 @@ class ModelSection(_Section):
     denoiser_input: Literal["path+features", "path", "path+spectra"] = "path+features"
     # The head's output in percent (added as it is) or "scaled" like its input: 50 + 25 x output.
     denoiser_output: Literal["percent", "scaled"] = "percent"
+    # The fold models' mean map clamped to 0-100 % (a mass fraction's range) wherever it is
+    # made: the evaluation, the registered model, chemmap score. Not a training setting (not
+    # in the training's key; the members' own maps are not clamped): the evaluation also
+    # reports the map before the clamp, as "unet_unbounded".
+    bounded: bool = False
     # Given only to check them: they must equal the dataset's channels and the number of targets.
     in_channels: int | None = Field(None, ge=1)
     out_channels: int | None = Field(None, ge=1)

@@ -133,6 +133,14 @@ def _stage_keys(cfg: ChemmapConfig) -> dict[str, str]:
     return {"synth": synth.key, "preprocess": pre.key, "train": train.key, "evaluate": evaluate.key}
 
 
+def test_the_map_bound_keys_the_evaluation_and_not_the_training():
+    """``model.bounded`` is applied after the fold models' mean: trainings are found again."""
+    free = _stage_keys(load_config(ROOT / "pipelines" / "pork_belly.yaml"))
+    bounded = _stage_keys(load_config(ROOT / "pipelines" / "pork_belly.yaml", ["model.bounded=true"]))
+    assert [free[s] for s in STAGES[:3]] == [bounded[s] for s in STAGES[:3]]
+    assert free["evaluate"] != bounded["evaluate"]
+
+
 def _scale_out_table() -> list[tuple[str, str]]:
     """(setting, stage-keys claim) rows of README's table under "At scale, the same file"."""
     lines = (ROOT / "README.md").read_text().splitlines()

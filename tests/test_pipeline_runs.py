@@ -79,6 +79,7 @@ def test_run_registers_the_champion_and_score_reproduces_the_evaluated_maps(ray_
 
     from mlflow.tracking import MlflowClient
 
+    from chemmap.inference.bundle import read_bundle
     from chemmap.inference.score_output import read_map_zarr
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -112,6 +113,11 @@ def test_run_registers_the_champion_and_score_reproduces_the_evaluated_maps(ray_
         assert np.array_equal(mask, ref_mask) and attrs["model_version"] == "1"
         np.testing.assert_allclose(got, ref, atol=1e-5, equal_nan=True)
     assert (maps_dir / "summary.csv").is_file()
+    if finalist:  # model.bounded: the registered map is the evaluated one, clamped to 0-100 %
+        assert read_bundle(out["register"] / "bundle").bound == (0.0, 100.0)
+        maps = json.loads((out["evaluate"] / "metrics.json").read_text())["maps"]
+        assert maps["unet"]["out_of_range_fraction"] == 0.0 and "unet_unbounded" in maps
+        assert maps["unet"]["pixel_rmse"] <= maps["unet_unbounded"]["pixel_rmse"]
 
     version = MlflowClient(uri).get_model_version(cfg.name, "1")
     assert version.run_id == json.loads((out["evaluate"] / "_COMPLETE.json").read_text())["mlflow_run_id"]

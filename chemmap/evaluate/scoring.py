@@ -33,7 +33,7 @@ from chemmap.evaluate.blindspot import MapDenoiser
 from chemmap.evaluate.metrics import TISSUE_FAT_THRESHOLD, MapTally
 from chemmap.evaluate.protocol import LABEL_FREE, Choices
 from chemmap.figures import plot_maps
-from chemmap.inference.ensemble import MapEnsemble, member_maps
+from chemmap.inference.ensemble import MapEnsemble, bound_map, member_maps
 from chemmap.inference.score_output import write_map_zarr
 from chemmap.models.pls import PLSBaseline
 from chemmap.models.tiling import Geometry
@@ -66,6 +66,7 @@ def method_roles(folds: Sequence[int]) -> dict[str, str]:
     """Every map method of the report, in table order, with what it is."""
     roles = {"unet": "model: the fold ensemble"}
     roles |= {f"unet_fold{k}": f"model: fold {k} alone" for k in folds}
+    roles["unet_unbounded"] = "reference: the fold ensemble before the 0-100 % bound (model.bounded)"
     roles |= dict.fromkeys(LABEL_FREE, "baseline: label-free")
     return roles | HEADROOM
 
@@ -149,8 +150,12 @@ def _unet_maps(data: Dataset, scan_id: str, models: EvaluatedModels) -> tuple[di
     ch = models.channels
     full, native = maps.ensemble()
     out = {"unet": (full[ch], None if native is None else native[ch])}
-    for m, k in enumerate(models.folds):
-        out[f"unet_fold{k}"] = (maps.full[m][ch], None if maps.native is None else maps.native[m][ch])
+    for m, k in enumerate(models.folds):  # each alone, bounded as the ensemble is
+        fold_native = None if maps.native is None else bound_map(maps.native[m][ch], maps.bound)
+        out[f"unet_fold{k}"] = (bound_map(maps.full[m][ch], maps.bound), fold_native)
+    if maps.bound is not None:  # what the clamp changed
+        full, native = maps.ensemble(bounded=False)
+        out["unet_unbounded"] = (full[ch], None if native is None else native[ch])
     return out, maps.step
 
 

@@ -53,7 +53,7 @@ from chemmap.evaluate.scoring import (
 )
 from chemmap.figures import plot_residuals, plot_scatter
 from chemmap.files import write_bytes_atomic, write_json_atomic
-from chemmap.inference.ensemble import load_ensemble
+from chemmap.inference.ensemble import MAP_RANGE, MapEnsemble, load_ensemble
 from chemmap.models.pls import MAX_COMPONENTS, PLSBaseline
 from chemmap.models.tiling import model_geometry
 from chemmap.preprocess.store import Dataset
@@ -132,14 +132,23 @@ def fit_pls(
 
 
 def load_models(
-    data: Dataset, training: StageDir, pls: PLSBaseline, targets: Sequence[str]
+    data: Dataset,
+    training: StageDir,
+    pls: PLSBaseline,
+    targets: Sequence[str],
+    bound: tuple[float, float] | None = None,
 ) -> tuple[EvaluatedModels, dict[int, Any]]:
     """The training's fold ensemble (as it will be registered) beside the fitted PLS.
+
+    Args:
+        bound: the range the maps are clamped to (``model.bounded``), or None. A fold's
+            member is then a one-model ensemble with that bound, so its out-of-fold maps
+            are bounded as the registered ensemble's maps are.
 
     Returns:
         ``(models, fold -> member)``; the models' ``choices`` are still empty.
     """
-    unet, card = load_ensemble(training.path)
+    unet, card = load_ensemble(training.path, bound)
     folds = [int(k) for k in card.get("folds", range(1, len(unet.members) + 1))]
     if len(folds) != len(unet.members):
         raise InputError(
@@ -148,7 +157,8 @@ def load_models(
     models = EvaluatedModels(
         unet, target_index(data, targets), folds, model_geometry(unet.members[0]), pls, choices={}
     )
-    return models, dict(zip(folds, unet.members, strict=True))
+    members = list(unet.members) if bound is None else [MapEnsemble([m], bound).eval() for m in unet.members]
+    return models, dict(zip(folds, members, strict=True))
 
 
 def choose_settings(
@@ -475,7 +485,8 @@ def _evaluate(
     spectra = mean_spectra(data)
     pls = fit_pls(data, spectra, targets)
     write_json_atomic(out / "pls.json", pls.to_dict(include_cv_predictions=False))
-    models, members = load_models(data, training_stage, pls, targets)
+    bound = MAP_RANGE if cfg.model.bounded else None
+    models, members = load_models(data, training_stage, pls, targets, bound)
     log(f"evaluate: {len(members)} fold models vs PLS ({pls.n_components[0]} components) and map baselines")
     # One bar for the stage: the training splits' out-of-fold maps, then the test split.
     n_samples = len(data.ids(training_splits(data))) + len(data.ids([0]))
@@ -506,6 +517,8 @@ def evaluation_dir(cfg: ChemmapConfig, dataset_stage: StageDir, training_stage: 
     section = {"n_boot": N_BOOT, "seed": cfg.seed, "targets": list(cfg.targets), "protocol": PROTOCOL_VERSION}
     if cfg.evaluate.blindspot_steps:  # keys of earlier evaluations stay as they were without it
         section["blindspot_steps"] = cfg.evaluate.blindspot_steps
+    if cfg.model.bounded:
+        section["bound"] = list(MAP_RANGE)
     return stage_dir(cfg.workdir_path, "evaluate", section, [dataset_stage.key, training_stage.key])
 
 

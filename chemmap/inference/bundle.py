@@ -4,8 +4,9 @@
 
     chemmap.json     the manifest: format, U-Net config, targets, folds, the preprocessing
                      recipe (with the raw wavelengths it expects and the mask settings), the
-                     tiling settings, where the model came from and how it scored, and
-                     the training data's spectral model (outlier limits for scoring)
+                     tiling settings, where the model came from and how it scored, the
+                     training data's spectral model (outlier limits for scoring), and
+                     the range its map is clamped to ("bound", absent: none)
     fold<k>.pt       each fold model's state dict (tensors only), with its SHA-256 in the manifest
 
 This is what the register stage logs to MLflow (beside the pyfunc wrapper) and what
@@ -27,7 +28,7 @@ import torch
 
 from chemmap.errors import InputError
 from chemmap.files import atomic_path, write_json_atomic
-from chemmap.inference.ensemble import TILE_ABOVE_PIXELS, TILE_CORE, MapEnsemble, load_weights
+from chemmap.inference.ensemble import TILE_ABOVE_PIXELS, TILE_CORE, MapEnsemble, check_bound, load_weights
 from chemmap.inference.flags import SpectralModel
 from chemmap.models.unet import UNet, UNetConfig
 from chemmap.preprocess.recipe import Recipe
@@ -87,6 +88,12 @@ class ModelBundle:
         d = self.manifest.get("spectral_model")
         return None if d is None else SpectralModel.from_dict(d)
 
+    @property
+    def bound(self) -> tuple[float, float] | None:
+        """The range the ensemble's map is clamped to (``model.bounded``), or None."""
+        b = self.manifest.get("bound")
+        return None if b is None else (float(b[0]), float(b[1]))
+
     def ensemble(self) -> MapEnsemble:
         """The fold ensemble, every member's weights loaded with ``weights_only=True``."""
         members = []
@@ -94,7 +101,7 @@ class ModelBundle:
             net = UNet(self.config)
             net.load_state_dict(load_weights(self.path / rel))
             members.append(net.eval())
-        return MapEnsemble(members).eval()
+        return MapEnsemble(members, self.bound).eval()
 
 
 def write_bundle(
@@ -104,6 +111,7 @@ def write_bundle(
     *,
     provenance: Mapping[str, Any] | None = None,
     spectral_model: SpectralModel | None = None,
+    bound: tuple[float, float] | None = None,
 ) -> Path:
     """Copy a finished training's fold weights into a bundle folder with its manifest.
 
@@ -115,6 +123,8 @@ def write_bundle(
             sample ids and metrics), stored as they are.
         spectral_model: the PCA of the training data's mean spectra and its limits, which
             flag scans unlike the training data (:mod:`chemmap.inference.flags`).
+        bound: the range the ensemble's map is clamped to, or None (then not in the manifest,
+            as in bundles written before bounds existed).
 
     Returns:
         ``dest``.
@@ -142,6 +152,8 @@ def write_bundle(
         "provenance": dict(provenance or {}),
         "spectral_model": None if spectral_model is None else spectral_model.to_dict(),
     }
+    if bound is not None:
+        manifest["bound"] = list(check_bound(bound))
     write_json_atomic(dest / MANIFEST, manifest)
     return dest
 
@@ -205,6 +217,7 @@ def read_bundle(path: str | Path) -> ModelBundle:
     try:
         config = UNetConfig(**manifest["unet"])
         recipe = Recipe.from_dict(manifest["recipe"])
+        check_bound(manifest.get("bound"))
     except (TypeError, ValueError, KeyError) as err:
         raise InputError(f"{path / MANIFEST}: {err}") from None
     if len(manifest["weights"]) != len(manifest["folds"]):

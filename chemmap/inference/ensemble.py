@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +23,11 @@ from chemmap.models.tiling import Geometry, predict_full, predict_tiled
 from chemmap.models.unet import UNet, UNetConfig
 
 __all__ = [
+    "MAP_RANGE",
     "MapEnsemble",
     "MemberMaps",
+    "bound_map",
+    "check_bound",
     "load_ensemble",
     "load_weights",
     "member_maps",
@@ -37,26 +40,59 @@ TILE_ABOVE_PIXELS = 1024 * 1024
 TILE_CORE = 256
 
 
+MAP_RANGE = (0.0, 100.0)  # percent: what a map of a mass fraction can hold (model.bounded)
+
+
+def check_bound(bound: Sequence[float] | None) -> tuple[float, float] | None:
+    """``(low, high)`` as floats with low < high, or None; anything else is refused."""
+    if bound is None:
+        return None
+    lo, hi = (float(v) for v in bound)
+    if not lo < hi:
+        raise ValueError(f"a map bound needs low < high, got {list(bound)}")
+    return lo, hi
+
+
+def bound_map(maps: Any, bound: tuple[float, float] | None) -> Any:
+    """Maps (tensor or array) clamped to ``bound``, or as they are without one (NaN stays NaN).
+
+    A clamp is per pixel, so an ensemble with a bound still tiles exactly.
+    """
+    if bound is None:
+        return maps
+    if isinstance(maps, torch.Tensor):
+        return maps.clamp(*bound)
+    return np.clip(maps, *bound)
+
+
 class MapEnsemble(nn.Module):
     """Averages the maps of several U-Nets of one configuration: ``(B, C, H, W) -> (B, T, H, W)``.
 
-    It behaves like one U-Net for tiling (same margin, stride and receptive radius), so
-    :func:`chemmap.models.tiling.predict_tiled` scores it exactly.
+    With a ``bound`` (``model.bounded``: :data:`MAP_RANGE`) the mean is clamped to it; the
+    members' own maps are not. It behaves like one U-Net for tiling (same margin, stride and
+    receptive radius; a clamp is per pixel), so :func:`chemmap.models.tiling.predict_tiled`
+    scores it exactly.
     """
 
-    def __init__(self, models: list[nn.Module]) -> None:
+    def __init__(self, models: list[nn.Module], bound: tuple[float, float] | None = None) -> None:
         super().__init__()
         if not models:
             raise ValueError("an ensemble needs at least one model")
         self.members = nn.ModuleList(models)
         first = models[0]
         self.config = getattr(first, "config", None)
+        self.bound = check_bound(bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.members[0](x)
         for m in self.members[1:]:
             out = out + m(x)
-        return out / len(self.members)
+        return bound_map(out / len(self.members), self.bound)
+
+    @property
+    def geometry_member(self) -> nn.Module:
+        """The member whose tiling geometry is the ensemble's (every member has the same config)."""
+        return self.members[0]
 
     def __getattr__(self, name: str) -> Any:
         # Geometry helpers of the U-Net (margin, accepts, valid_size, ...) come from a member.
@@ -132,8 +168,14 @@ def _member(config: UNetConfig, path: Path) -> UNet:
     return net.eval()
 
 
-def load_ensemble(model_dir: Path) -> tuple[MapEnsemble, dict[str, Any]]:
+def load_ensemble(
+    model_dir: Path, bound: tuple[float, float] | None = None
+) -> tuple[MapEnsemble, dict[str, Any]]:
     """The fold ensemble written by the training stage (``model.json`` + ``fold<k>/best.pt``).
+
+    Args:
+        model_dir: the training stage folder.
+        bound: the range the ensemble's map is clamped to (``model.bounded``), or None.
 
     Returns:
         ``(ensemble, card)``: the mean of the fold models in eval mode, and ``model.json`` as read
@@ -146,7 +188,7 @@ def load_ensemble(model_dir: Path) -> tuple[MapEnsemble, dict[str, Any]]:
     except (TypeError, ValueError) as err:
         raise InputError(f"{model_dir / 'model.json'}: unet: {err}") from None
     members = [_member(config, model_dir / rel) for rel in card["weights"]]
-    return MapEnsemble(members).eval(), card
+    return MapEnsemble(members, bound).eval(), card
 
 
 def predict_map(model: nn.Module, x: Any, geometry: Geometry | None = None) -> torch.Tensor:
@@ -196,21 +238,25 @@ class MemberMaps:
         native: ``(M, T, ceil(H / step), ceil(W / step))`` the maps as the members made them
             (before up-sampling), or None for a scan scored in tiles.
         step: scan pixels per native pixel (:func:`output_step`).
+        bound: the ensemble's bound (:attr:`MapEnsemble.bound`), or None.
     """
 
     full: np.ndarray
     native: np.ndarray | None
     step: int
+    bound: tuple[float, float] | None = None
 
-    def ensemble(self) -> tuple[np.ndarray, np.ndarray | None]:
+    def ensemble(self, bounded: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """The ensemble's maps ``(T, H, W)`` and ``(T, h, w)``: members summed in order, then / M,
-        as :meth:`MapEnsemble.forward` does (so the same float32 bits)."""
+        then clamped to the bound (unless ``bounded`` is False), as :meth:`MapEnsemble.forward`
+        does (so the same float32 bits)."""
+        bound = self.bound if bounded else None
 
         def mean(maps: np.ndarray) -> np.ndarray:
             out = torch.from_numpy(maps[0].copy())
             for m in maps[1:]:
                 out = out + torch.from_numpy(m)
-            return (out / len(maps)).numpy()
+            return bound_map(out / len(maps), bound).numpy()
 
         return mean(self.full), None if self.native is None else mean(self.native)
 
@@ -236,4 +282,4 @@ def member_maps(model: MapEnsemble, x: Any, geometry: Geometry | None = None) ->
                 fulls.append(predict_full(net, x).float().numpy())
             native = seen[-1][0] if step > 1 else torch.from_numpy(fulls[-1])
             natives.append(native[:, : math.ceil(h / step), : math.ceil(w / step)].float().numpy())
-    return MemberMaps(np.stack(fulls), np.stack(natives) if natives else None, step)
+    return MemberMaps(np.stack(fulls), np.stack(natives) if natives else None, step, model.bound)

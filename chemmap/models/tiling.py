@@ -60,9 +60,14 @@ _GEOMETRY_CACHE: dict[Any, Geometry] = {}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel (or similar) wrapper, for its geometry."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
+    """The module whose geometry is the model's: the one inside a DistributedDataParallel (or
+    similar) wrapper, or the member an ensemble of equal members names (``geometry_member``;
+    a clamp after the ensemble's mean would hide a probe's reach)."""
+    for name in ("module", "geometry_member"):
+        inner = getattr(model, name, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return model
 
 
 def _margin(model: nn.Module) -> int:

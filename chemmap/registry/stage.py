@@ -121,8 +121,14 @@ def register_model(
     }
     facts = provenance(data, keys, run_ids, metrics)
     spectral = fit_spectral_model(data, percentile=cfg.flags.percentile)  # the limits scoring flags with
+    bound = evaluate_stage.config.get("bound")  # the map as it was evaluated is what is registered
     bundle = write_bundle(
-        out / "bundle", training_stage.path, data.recipe, provenance=facts, spectral_model=spectral
+        out / "bundle",
+        training_stage.path,
+        data.recipe,
+        provenance=facts,
+        spectral_model=spectral,
+        bound=bound,
     )
     model_uri = log_model(cfg.tracking_uri, evaluate_run, bundle, bands=len(data.recipe.raw_wavelengths))
     reg = register(cfg.tracking_uri, name, model_uri, evaluation=metrics, tags={**keys, **run_ids})

@@ -42,6 +42,9 @@ Log = Callable[[str], None]
 # train: settings that change how robustly or how fast training runs, not what it learns:
 # not in the stage key (where it runs, cluster:, never was).
 NOT_IN_KEY = {"max_failures", "prefetch", "torch_threads", "checkpoints_to_keep"}
+# model: keys that are not the U-Net's: checked channel counts, and the bound the ensemble
+# applies after the fold models' mean (so not in the training's key either).
+NOT_UNET = {"in_channels", "out_channels", "bounded"}
 
 
 def model_config(cfg: ChemmapConfig, n_channels: int, n_targets: int) -> UNetConfig:
@@ -55,7 +58,7 @@ def model_config(cfg: ChemmapConfig, n_channels: int, n_targets: int) -> UNetCon
                 f"({'channels after preprocessing' if key == 'in_channels' else 'targets'})"
             )
     try:
-        return UNetConfig(**cfg.model.model_dump(exclude={"in_channels", "out_channels"}), **have)
+        return UNetConfig(**cfg.model.model_dump(exclude=NOT_UNET), **have)
     except (TypeError, ValueError) as err:
         raise InputError(f"{cfg.source}: model: {err}") from None
 

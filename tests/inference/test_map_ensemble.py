@@ -12,12 +12,14 @@ import torch
 import chemmap.inference.ensemble as ensemble_module
 from chemmap.inference.ensemble import (
     MapEnsemble,
+    check_bound,
     load_ensemble,
     load_weights,
     member_maps,
     output_step,
     predict_map,
 )
+from chemmap.models.tiling import model_geometry
 from chemmap.models.unet import UNet, UNetConfig
 
 # The paper's layout in small: a stride-2 spectral front-end, two targets.
@@ -116,3 +118,30 @@ def test_member_maps_without_a_front_end_are_native_already(tmp_path):
     ensemble = MapEnsemble([UNet(config).eval()])
     maps = member_maps(ensemble, _scan())
     assert maps.step == 1 and np.array_equal(maps.native, maps.full)
+
+
+def test_a_bound_clamps_the_ensemble_mean_not_its_members_and_tiles_stay_exact(model_dir, monkeypatch):
+    free, _ = load_ensemble(model_dir)
+    x = _scan()
+    raw = predict_map(free, x).numpy()
+    lo, hi = (float(q) for q in np.quantile(raw, [0.25, 0.75]))  # a bound that half the pixels cross
+    bounded, _ = load_ensemble(model_dir, (lo, hi))
+    assert bounded.bound == (lo, hi) and free.bound is None
+    got = predict_map(bounded, x).numpy()
+    assert np.array_equal(got, np.clip(raw, lo, hi)) and (raw < lo).any() and (raw > hi).any()
+    maps = member_maps(bounded, x)
+    full, native = maps.ensemble()
+    assert np.array_equal(full, got) and native.min() >= lo and native.max() <= hi
+    assert np.array_equal(maps.ensemble(bounded=False)[0], raw)  # what the clamp changed stays visible
+    assert maps.full.min() < lo and maps.full.max() > hi  # the members' own maps are not clamped
+    # Its geometry is its members' (measured on a member: the clamp would hide the probe's reach).
+    assert model_geometry(bounded, cache=False) == model_geometry(bounded.members[0], cache=False)
+    monkeypatch.setattr(ensemble_module, "TILE_ABOVE_PIXELS", 100)
+    monkeypatch.setattr(ensemble_module, "TILE_CORE", 16)
+    np.testing.assert_allclose(predict_map(bounded, _WindowReader(x)).numpy(), got, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bound", [(5.0, 5.0), (100.0, 0.0)])
+def test_a_bound_must_have_low_below_high(bound):
+    with pytest.raises(ValueError, match="low < high"):
+        check_bound(bound)

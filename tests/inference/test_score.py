@@ -128,6 +128,18 @@ def scored(setup):
     return summary, out, lines, _read_csv(out / "summary.csv"), _read_csv(out / "samples.csv")
 
 
+def test_a_bundle_keeps_its_bound_and_refuses_a_bad_one(setup, tmp_path):
+    data, bundle, _, work = setup
+    assert bundle.bound is None and "bound" not in bundle.manifest  # as bundles were before bounds
+    bounded = read_bundle(write_bundle(tmp_path / "bounded", work / "train", data.recipe, bound=(0, 100)))
+    assert bounded.bound == (0.0, 100.0) and bounded.ensemble().bound == (0.0, 100.0)
+    manifest = json.loads((tmp_path / "bounded" / "chemmap.json").read_text())
+    manifest["bound"] = [100, 0]
+    (tmp_path / "bounded" / "chemmap.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"chemmap\.json: a map bound needs low < high"):
+        read_bundle(tmp_path / "bounded")
+
+
 # ---------------------------------------------------------------------------------------------
 # A scored folder
 # ---------------------------------------------------------------------------------------------
