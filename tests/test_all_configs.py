@@ -96,6 +96,15 @@ def test_the_paper_pipeline_is_the_papers():
     assert t.use_gpu
 
 
+def test_the_nir_finalist_is_the_finalist_on_the_nir_pipelines_data():
+    """pipelines/pork_belly_nir_denoiser.yaml repeats the NIR recipe: it must not drift from it."""
+    nir = load_config(ROOT / "pipelines" / "pork_belly_nir.yaml")
+    finalist = load_config(ROOT / "pipelines" / "pork_belly_denoiser.yaml")
+    both = load_config(ROOT / "pipelines" / "pork_belly_nir_denoiser.yaml")
+    assert (both.synth, both.preprocess, both.data) == (nir.synth, nir.preprocess, nir.data)
+    assert (both.model, both.train, both.evaluate) == (finalist.model, finalist.train, finalist.evaluate)
+
+
 def test_the_nir_pipeline_has_its_own_recipe():
     cfg = load_config(ROOT / "pipelines" / "pork_belly_nir.yaml")
     wl = SynthSpec.from_config(cfg.synth).wavelengths()
