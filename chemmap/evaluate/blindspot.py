@@ -14,19 +14,30 @@ model would (``model.denoiser_input: path``). The loss uses mask pixels only.
 
     net = train_map_denoiser([(s, mask), ...], BlindSpotConfig(steps=1500))
     clean = net.apply(s)   # (H, W) float32
+
+:func:`cached_map_denoiser` finds a denoiser again that the same maps and settings trained
+before (a content-addressed cache of state dicts): evaluations of different trainings on one
+dataset train the same ``pls_n2v`` denoisers, a few minutes each.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from chemmap.files import atomic_path
+
 CENTRE, SCALE = 50.0, 25.0  # percent: the clipped map enters as (S - 50) / 25
 REACH = 2  # the replacing neighbour is within this many pixels on each axis, never the pixel
+# In the cache key: a change of how a denoiser trains (not of its settings) must make it anew.
+TRAINING_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,41 @@ def train_map_denoiser(
         if progress is not None and step % max(1, cfg.steps // 10) == 0:
             progress(step, float(loss))
     return MapDenoiser(net)
+
+
+def denoiser_key(maps: Sequence[tuple[np.ndarray, np.ndarray]], cfg: BlindSpotConfig) -> str:
+    """SHA-256 of the settings, :data:`TRAINING_VERSION` and every map and mask, in order."""
+    h = hashlib.sha256(json.dumps([TRAINING_VERSION, asdict(cfg)], sort_keys=True).encode())
+    for s, m in maps:
+        for a in (np.ascontiguousarray(s, np.float32), np.ascontiguousarray(m, bool)):
+            h.update(repr(a.shape).encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def cached_map_denoiser(
+    maps: Sequence[tuple[np.ndarray, np.ndarray]], cfg: BlindSpotConfig, cache: str | Path | None
+) -> MapDenoiser:
+    """:func:`train_map_denoiser`, or the denoiser the same maps and settings trained before.
+
+    ``cache/<key>.pt`` (:func:`denoiser_key`) holds the network's state dict, written
+    atomically and read with ``weights_only=True``; a file that does not load as one is
+    trained again and replaced. No cache: trained every time.
+    """
+    if cache is None:
+        return train_map_denoiser(maps, cfg)
+    path = Path(cache) / f"{denoiser_key(maps, cfg)}.pt"
+    if path.is_file():
+        net = make_net(cfg.features, cfg.dilations)
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return MapDenoiser(net)
+        except Exception:  # a damaged cache entry is only trained again
+            pass
+    found = train_map_denoiser(maps, cfg)
+    with atomic_path(path) as tmp:
+        torch.save(found.nets[0].state_dict(), tmp)
+    return found
 
 
 def _pad_to(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from chemmap.evaluate.baselines import (
     setting_key,
     smoothed_brightness,
 )
-from chemmap.evaluate.blindspot import BlindSpotConfig, MapDenoiser, train_map_denoiser
+from chemmap.evaluate.blindspot import BlindSpotConfig, MapDenoiser, cached_map_denoiser
 from chemmap.inference.ensemble import predict_map
 from chemmap.models.pls import PLSBaseline
 from chemmap.models.tiling import Geometry
@@ -304,12 +305,15 @@ def _best(scores: Mapping[str, float], keys: Sequence[str]) -> str:
     return min(keys, key=lambda k: (scores[k], keys.index(k)))
 
 
-def add_denoised(oof: OutOfFold, cfg: BlindSpotConfig) -> MapDenoiser | None:
+def add_denoised(oof: OutOfFold, cfg: BlindSpotConfig, cache: Path | None = None) -> MapDenoiser | None:
     """The ``pls_n2v`` baseline of one target, cross-fitted like the U-Net: for each scored
     fold, a blind-spot denoiser trained on the other folds' out-of-fold PLS maps (no lab
     value, no true map) maps that fold's scans, clipped to the valid range like the other
     smoothed maps. A denoiser never scores maps it was trained on, though it could (it needs
     no label): the test split's maps are new to it too.
+
+    Args:
+        cache: a folder of denoisers trained before (:func:`cached_map_denoiser`), or None.
 
     Returns:
         the fold denoisers as one ensemble (their mean, as the U-Net's fold models are
@@ -322,7 +326,7 @@ def add_denoised(oof: OutOfFold, cfg: BlindSpotConfig) -> MapDenoiser | None:
         train = [(s, m) for f, s, m, _, _ in oof.kept if f != fold]
         if not train:
             raise ValueError(f"pls_n2v: no other fold's maps to train fold {fold}'s denoiser on")
-        net = train_map_denoiser(train, cfg)
+        net = cached_map_denoiser(train, cfg, cache)
         for _, s, mask, truth, _ in (k for k in oof.kept if k[0] == fold):
             known = mask & np.isfinite(truth)
             oof.add_error("pls_n2v", np.clip(net.apply(s), *VALID_RANGE), known, truth)

@@ -171,12 +171,15 @@ def choose_settings(
     progress: bool = True,
     tick: Callable[[], Any] | None = None,
     blindspot: BlindSpotConfig | None = None,
+    blindspot_cache: Path | None = None,
 ) -> tuple[dict[str, Choices], float, dict[str, MapDenoiser]]:
     """The protocol: out-of-fold maps of the training splits, and the settings they choose.
 
     Args:
         blindspot: with a config, the ``pls_n2v`` baseline too (a denoiser per target,
             trained on the out-of-fold PLS maps).
+        blindspot_cache: a folder where those denoisers are found again when the same maps
+            and settings trained them before (any training's evaluation on the same dataset).
 
     Returns:
         ``(target -> choices, the U-Net's pooled RMSECV of the first target, target ->
@@ -196,7 +199,7 @@ def choose_settings(
     )
     denoisers = {}
     for t in targets if blindspot is not None else []:
-        net = add_denoised(oof[t], blindspot)
+        net = add_denoised(oof[t], blindspot, blindspot_cache)
         if net is not None:
             denoisers[t] = net
     return {t: choose(oof[t]) for t in targets}, oof[targets[0]].unet_rmsecv(), denoisers
@@ -494,7 +497,14 @@ def _evaluate(
         steps = cfg.evaluate.blindspot_steps
         blindspot = BlindSpotConfig(steps=steps, seed=cfg.seed) if steps else None
         choices, rmsecv_unet, denoisers = choose_settings(
-            data, spectra, models, members, targets, tick=tick, blindspot=blindspot
+            data,
+            spectra,
+            models,
+            members,
+            targets,
+            tick=tick,
+            blindspot=blindspot,
+            blindspot_cache=cfg.workdir_path / "cache" / "pls_n2v",
         )
         models = replace(models, choices=choices, denoisers=denoisers)
         scores = score_test_split(data, spectra, models, targets, out, tick=tick)

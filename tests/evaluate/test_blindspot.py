@@ -3,10 +3,19 @@ denoiser brings a noisy map closer to its clean version without ever seeing the 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from chemmap.evaluate.blindspot import REACH, BlindSpotConfig, _crop, train_map_denoiser
+from chemmap.evaluate.blindspot import (
+    REACH,
+    BlindSpotConfig,
+    _crop,
+    cached_map_denoiser,
+    denoiser_key,
+    train_map_denoiser,
+)
 
 
 def test_a_blind_pixel_gets_a_neighbours_value_never_its_own() -> None:
@@ -54,3 +63,29 @@ def test_bad_input_is_one_clear_error() -> None:
     net = train_map_denoiser([(np.ones((8, 8)), np.ones((8, 8), bool))], BlindSpotConfig(steps=1, crop=8))
     with pytest.raises(ValueError, match=r"\(H, W\)"):
         net.apply(np.ones((2, 8, 8)))
+
+
+def _noisy_maps(seed: int, n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((20, 24), bool)
+    mask[2:18, 3:21] = True
+    return [((40 + rng.normal(0, 10, mask.shape)).astype(np.float32), mask) for _ in range(n)]
+
+
+def test_a_cached_denoiser_is_found_again_only_for_the_same_maps_and_settings(tmp_path, monkeypatch) -> None:
+    import chemmap.evaluate.blindspot as blindspot
+
+    maps, cfg = _noisy_maps(0), BlindSpotConfig(steps=5, batch=2, crop=16, features=4, dilations=(1, 2))
+    first = cached_map_denoiser(maps, cfg, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{denoiser_key(maps, cfg)}.pt"]
+    trained = []
+    real = blindspot.train_map_denoiser
+    monkeypatch.setattr(blindspot, "train_map_denoiser", lambda m, c: trained.append(c) or real(m, c))
+    again = cached_map_denoiser(maps, cfg, tmp_path)
+    assert trained == [] and np.array_equal(again.apply(maps[0][0]), first.apply(maps[0][0]))
+    cached_map_denoiser(_noisy_maps(1), cfg, tmp_path)  # other maps
+    cached_map_denoiser(maps, replace(cfg, seed=1), tmp_path)  # another setting
+    assert len(trained) == 2 and len(list(tmp_path.glob("*.pt"))) == 3
+    (tmp_path / f"{denoiser_key(maps, cfg)}.pt").write_bytes(b"not a state dict")  # damaged: made again
+    cached_map_denoiser(maps, cfg, tmp_path)
+    assert len(trained) == 3 and not list(tmp_path.glob("*.tmp*"))

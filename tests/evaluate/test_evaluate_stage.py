@@ -371,3 +371,22 @@ def test_the_blind_spot_baseline_is_fitted_out_of_fold_and_scored_when_asked(eva
     assert np.isfinite(m["protocol"]["oof_pixel_rmse"]["pls_n2v"]) and np.isfinite(row["oof_pixel_rmse"])
     for name in ("pls", "pls_median", "unet"):  # the rest is the same evaluation
         assert m["maps"][name]["pixel_rmse"] == pytest.approx(plain["maps"][name]["pixel_rmse"], rel=1e-9)
+    cached = sorted((steps.workdir_path / "cache" / "pls_n2v").glob("*.pt"))
+    assert cached  # one per scored fold: another training's evaluation on this dataset finds them
+
+
+def test_the_map_bound_keeps_the_maps_in_range_and_reports_the_map_before_it(evaluated):
+    """``model.bounded``: the same training evaluated again; the U-Net's rows are its maps
+    clamped to 0-100 %, and ``unet_unbounded`` is the evaluation without the bound."""
+    cfg, dataset, training, ev, plain = evaluated
+    bounded = cfg.model_copy(update={"model": cfg.model.model_copy(update={"bounded": True})})
+    again = evaluate_ensemble(bounded, dataset, training, progress=False, log=lambda s: None)
+    assert again.path != ev.path
+    m = json.loads((again.path / "metrics.json").read_text())["maps"]
+    assert m["unet"]["out_of_range_fraction"] == 0.0
+    # The fixture's one-epoch map leaves the range (about 0.5 % of pixels): the clamp does work.
+    assert m["unet_unbounded"]["out_of_range_fraction"] > 0
+    assert m["unet"]["pixel_rmse"] < m["unet_unbounded"]["pixel_rmse"]
+    for key in ("pixel_rmse", "out_of_range_fraction", "mean_rmse_lab"):
+        assert m["unet_unbounded"][key] == pytest.approx(plain["maps"]["unet"][key], rel=1e-9)
+    assert m["unet_unbounded"]["role"].startswith("reference")
