@@ -14,6 +14,7 @@ from chemmap.config import load_config
 from chemmap.models.geometry import core_windows, unet_geometry
 from chemmap.models.tiling import model_geometry
 from chemmap.models.unet import UNet, UNetConfig
+from chemmap.train.trainer import NOT_UNET
 
 ROOT = Path(__file__).resolve().parents[2]
 GEOMETRY_FIELDS = ("depth", "pad", "bilinear", "front_end", "align_corners")
@@ -24,9 +25,7 @@ def _pipeline_models() -> list[UNetConfig]:
     configs = []
     for path in (ROOT / "configs" / "ci.yaml", ROOT / "pipelines" / "pork_belly.yaml"):
         section = load_config(path).model
-        configs.append(
-            UNetConfig(in_channels=9, **section.model_dump(exclude={"in_channels", "out_channels"}))
-        )
+        configs.append(UNetConfig(in_channels=9, **section.model_dump(exclude=NOT_UNET)))
     return configs
 
 
@@ -61,7 +60,7 @@ def test_geometry_from_the_config_equals_the_measurement(config: UNetConfig) -> 
 
 def test_any_object_with_the_fields_will_do_and_widths_do_not_matter() -> None:
     section = load_config(ROOT / "configs" / "ci.yaml").model  # the pipeline's pydantic section
-    fields = section.model_dump(exclude={"in_channels", "out_channels"})
+    fields = section.model_dump(exclude=NOT_UNET)
     config = UNetConfig(in_channels=62, out_channels=3, **fields)
     wider = replace(config, features=64, encoder="resnet", normalization="ln")
     assert unet_geometry(section) == unet_geometry(config) == unet_geometry(wider)
