@@ -105,9 +105,10 @@ def fold_model(train_dir: Path, fold: int, data):
     import yaml
 
     from chemmap.models.unet import UNet, UNetConfig
+    from chemmap.train.trainer import NOT_UNET
 
     section = yaml.safe_load((train_dir / "config.yaml").read_text())["model"]
-    given = {k: v for k, v in section.items() if k not in ("in_channels", "out_channels") and v is not None}
+    given = {k: v for k, v in section.items() if k not in NOT_UNET and v is not None}
     net = UNet(UNetConfig(in_channels=data.n_channels, out_channels=len(data.targets), **given))
     state = torch.load(train_dir / f"fold{fold}" / "best.pt", weights_only=True)
     net.load_state_dict(state.get("model", state))
