@@ -150,11 +150,12 @@ def test_the_blind_spot_baseline_scores_each_fold_with_a_denoiser_that_never_saw
         oof.kept.append((fold, noisy, mask, truth, scored))
     trained_on = []
 
-    def recording(maps, cfg):
+    def recording(maps, cfg, cache):
+        assert cache is None  # add_denoised's default: trained every time
         trained_on.append(sorted(int(s[0, 0]) - 1000 for s, _ in maps))
         return train_map_denoiser(maps, cfg)
 
-    monkeypatch.setattr(protocol, "train_map_denoiser", recording)
+    monkeypatch.setattr(protocol, "cached_map_denoiser", recording)
     ensemble = protocol.add_denoised(oof, BlindSpotConfig(steps=3, batch=2, crop=16))
     assert trained_on == [[2, 3], [1, 1, 3]]  # fold 1's denoiser, then fold 2's; fold 3 is not scored
     assert len(ensemble.nets) == 2
