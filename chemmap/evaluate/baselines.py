@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from chemmap.models.loss import MAP_RANGE
+
 __all__ = [
-    "VALID_RANGE",
     "BaselineMap",
     "bin_map",
     "brightness_map",
@@ -29,7 +30,6 @@ __all__ = [
     "median_in_mask",
 ]
 
-VALID_RANGE = (0.0, 100.0)  # % fat (or any % target): what a map may physically hold
 _MEDIAN_BLOCK = 1 << 22  # window values held at once by median_in_mask
 
 
@@ -53,7 +53,7 @@ class BaselineMap:
         full = np.where(mask, full, np.nan).astype(np.float32)
         return cls(full, full, np.asarray(mask, dtype=bool))
 
-    def clipped(self, valid_range: tuple[float, float] = VALID_RANGE) -> BaselineMap:
+    def clipped(self, valid_range: tuple[float, float] = MAP_RANGE) -> BaselineMap:
         """The same map clipped to ``valid_range`` on both grids (NaN stays NaN)."""
         return BaselineMap(
             np.clip(self.full, *valid_range), np.clip(self.native, *valid_range), self.native_mask

@@ -29,13 +29,13 @@ from chemmap.evaluate.baselines import (
     BRIGHTNESS_SIGMAS,
     MEDIAN_SIZES,
     SIGMAS,
-    VALID_RANGE,
     pls_candidates,
     setting_key,
     smoothed_brightness,
 )
 from chemmap.evaluate.blindspot import BlindSpotConfig, MapDenoiser, cached_map_denoiser
 from chemmap.inference.ensemble import predict_map
+from chemmap.models.loss import MAP_RANGE
 from chemmap.models.pls import PLSBaseline
 from chemmap.models.tiling import Geometry
 from chemmap.preprocess.store import Dataset
@@ -329,7 +329,7 @@ def add_denoised(oof: OutOfFold, cfg: BlindSpotConfig, cache: Path | None = None
         net = cached_map_denoiser(train, cfg, cache)
         for _, s, mask, truth, _ in (k for k in oof.kept if k[0] == fold):
             known = mask & np.isfinite(truth)
-            oof.add_error("pls_n2v", np.clip(net.apply(s), *VALID_RANGE), known, truth)
+            oof.add_error("pls_n2v", np.clip(net.apply(s), *MAP_RANGE), known, truth)
         members.append(net)
     return MapDenoiser.ensemble(members) if members else None
 

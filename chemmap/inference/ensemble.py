@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from chemmap.errors import InputError
+from chemmap.models.loss import MAP_RANGE
 from chemmap.models.tiling import Geometry, predict_full, predict_tiled
 from chemmap.models.unet import UNet, UNetConfig
 
@@ -38,9 +39,6 @@ __all__ = [
 # Above this many pixels a scan is scored in tiles (exact: halo = the model's radius).
 TILE_ABOVE_PIXELS = 1024 * 1024
 TILE_CORE = 256
-
-
-MAP_RANGE = (0.0, 100.0)  # percent: what a map of a mass fraction can hold (model.bounded)
 
 
 def check_bound(bound: Sequence[float] | None) -> tuple[float, float] | None:

@@ -47,7 +47,10 @@ from torch import nn
 
 TERMS = ("mean", "smooth", "out_of_range")
 OOR_NORMS = ("sum", "pixel")  # out_of_range_norm: the term summed over the mask, or per pixel
-UPPER = 100.0  # percent: fat (or any constituent) cannot exceed 100 %
+# percent: what a map of a mass fraction can hold. The one definition: the loss penalises
+# outside it, the baselines are clipped to it, and a bounded ensemble is clamped to it.
+MAP_RANGE = (0.0, 100.0)
+UPPER = MAP_RANGE[1]
 
 
 PENALTIES = ("quadratic", "huber", "tv")
