@@ -7,7 +7,10 @@ here in plain NumPy: every window run alone, weighted, summed, divided.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -583,3 +586,41 @@ def test_cuda_bf16_and_channels_last_stay_close_to_fp32() -> None:
     assert rel(fp32.maps, ref.maps) < 1e-3  # TF32 convolutions
     assert rel(last.maps, fp32.maps) < 1e-3
     assert rel(bf16.maps, fp32.maps) < 5e-2
+
+
+_FORWARDS = """
+import json, resource, sys, torch
+from chemmap.inference.stream import keep_freed_memory
+from chemmap.models.unet import UNet, UNetConfig
+kept = sys.argv[1] == "kept" and keep_freed_memory()
+torch.manual_seed(0)
+model = UNet(UNetConfig(in_channels=4, pad=True, bilinear=True, depth=2, features=16)).eval()
+x = torch.randn(1, 4, 1024, 1024)
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with torch.inference_mode():
+        model(x)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"kept": kept, "faults": faults}))
+"""
+
+
+def _forward_faults(setting: str) -> dict:
+    """Page faults of four forward passes in a fresh process (its heap untouched by other tests)."""
+    res = subprocess.run(
+        [sys.executable, "-c", _FORWARDS, setting], capture_output=True, text=True, check=True
+    )
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_cpu_scoring_reuses_freed_activations_without_faulting_their_pages_in_again():
+    # Activations of 64 MiB, past glibc's largest default mmap threshold (32 MiB): by default
+    # every forward pass maps them afresh and faults every page in again; kept (what
+    # stream_scan does on the CPU), the passes after the first reuse the heap.
+    plain, kept = _forward_faults("plain"), _forward_faults("kept")
+    assert kept["kept"] and not plain["kept"]
+    again_plain, again_kept = min(plain["faults"][1:]), max(kept["faults"][1:])
+    assert again_plain > 0.8 * plain["faults"][0], plain  # the default: every pass faults anew
+    assert again_kept < again_plain / 10, (plain, kept)
