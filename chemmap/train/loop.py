@@ -655,7 +655,7 @@ def print_epoch(f: Fold, metrics: dict[str, float]) -> None:
         f.feed,
         f"fold {f.fold} epoch {epoch + 1}/{f.train.epochs}: train RMSE {metrics['train_rmse']:.3f}, "
         f"val RMSE {metrics['val_rmse']:.3f}, lr {metrics['lr']:.2g}, {metrics['epoch_seconds']:.1f} s"
-        + (" (best)" if f.state["best_epoch"] == epoch else ""),
+        + (" (best)" if f.train.keep_weights != "last" and f.state["best_epoch"] == epoch else ""),
     )
 
 
