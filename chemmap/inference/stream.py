@@ -643,8 +643,9 @@ def _map_block(scan: _Scan, cols: tuple[int, int], l0: int, l1: int) -> tuple[in
         cube = np.asarray(t.cube)  # (C, l1 - l0, c1 - c0)
     assert scan.mask is not None
     sums = cube[:, scan.mask[l0:l1, c0:c1]].sum(axis=1, dtype=np.float64)  # (C,)
-    z = model_input(cube, scan.recipe, overwrite=True)  # the block is this call's own: standardised in place
-    z = np.ascontiguousarray(z, dtype=np.float32)  # (C, l1 - l0, c1 - c0)
+    # The block is this call's own: standardised in place. A column slice of the spilled block
+    # stays a view: the band copies it into its ring anyway.
+    z = model_input(cube, scan.recipe, overwrite=True)  # (C, l1 - l0, c1 - c0) float32
     return l0, z, sums
 
 
