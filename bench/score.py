@@ -19,8 +19,8 @@ Every measurement runs in a fresh process (``--worker``), one after the other, s
 inherits another's memory. Figures: seconds per scan, megapixels of the scan per second,
 and the peak RSS increase over the process once the model is loaded (RSS sampled every
 10 ms by a psutil thread). Each figure is the best of ``--repeat`` runs (2), the methods
-interleaved, with the largest RSS increase of the runs. Ratios are against MONAI measured in
-the same run.
+interleaved (their order rotated each round, so that no method is always first), with the
+largest RSS increase of the runs. Ratios are against MONAI measured in the same run.
 
     .venv/bin/python bench/score.py --json bench/out/score.json   # paper size, ~20 min on 2 cores
     .venv/bin/python bench/score.py --lines 600                   # a quarter scan
@@ -410,8 +410,8 @@ def main() -> None:
             rows = []
             for times in sorted({1, args.long}):  # --long 1: the paper-size scan only
                 tries: dict[str, list[dict]] = {m: [] for m in methods}
-                for _ in range(args.repeat):  # interleaved: a busy moment hits every method alike
-                    for method in methods:
+                for r in range(args.repeat):  # interleaved: a busy moment hits every method alike
+                    for method in methods[r % len(methods) :] + methods[: r % len(methods)]:  # rotated
                         tries[method].append(_measure_apart(method, hdr, times, args, out_dir))
                         print(json.dumps(tries[method][-1]), flush=True)
                 rows += [_best(t) for t in tries.values()]
