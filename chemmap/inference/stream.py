@@ -1054,9 +1054,9 @@ def keep_freed_memory() -> bool:
     and trim thresholds to :data:`KEEP_FREED` keeps them in the heap for the next layer.
     Kept across windows, though, the heap fragments and grows with the scan, so the map pass
     hands the free pages back after every model call (:func:`release_freed_memory`).
-    Measured on the 2-core CPU (docs/benchmarks.md, Scoring): 13 % less time for eight
-    paper-model windows, a peak 7 % higher. False where the C library is not glibc: nothing
-    changes there.
+    On the 2-core CPU (docs/benchmarks.md, Scoring) exact scoring of the paper-size scan went
+    from 14.2 to 12.3 s, and its peak RSS increase from 2058 to 2575 MiB. False where the C
+    library is not glibc: nothing changes there.
     """
     libc = _libc()
     if libc is None:
