@@ -1068,9 +1068,10 @@ def keep_freed_memory() -> bool:
 
 
 def release_freed_memory() -> None:
-    """The heap's free pages back to the OS (glibc's ``malloc_trim``), where they were kept."""
+    """The heap's free pages back to the OS (glibc's ``malloc_trim``), where
+    :func:`keep_freed_memory` kept them; nothing (and no setting changed) where it has not run."""
     libc = _libc()
-    if libc is not None and keep_freed_memory():
+    if libc is not None and keep_freed_memory.cache_info().currsize and keep_freed_memory():
         libc.malloc_trim(0)
 
 
