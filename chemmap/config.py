@@ -188,6 +188,25 @@ class AugmentSection(_Section):
     noise: float = Field(0.0, ge=0)  # sd of per-pixel, per-band noise
 
 
+class PathFitSection(_Section):
+    """The per-pixel path's own fit (``train.spectral_init: pixel``; :mod:`chemmap.train.pathfit`).
+
+    Per step, for a batch of training samples: ``(y - mean of the path over the sample's
+    drawn pixels)^2`` plus ``smooth`` times the mean Huber penalty of the path's difference
+    between drawn pairs of neighbouring mask pixels. The path sees one pixel's spectrum at a
+    time, so the smoothness cannot blur an edge: it is paid for only by reading the spectrum
+    past what varies from pixel to pixel (scatter, shading, path length, noise).
+    """
+
+    steps: int = Field(1200, ge=1)
+    batch: int = Field(16, ge=1)  # samples per step
+    lr: float = Field(1e-3, gt=0)  # AdamW, annealed to 0 (cosine)
+    weight_decay: float = Field(0.01, ge=0)
+    smooth: float = Field(1.0, ge=0)
+    delta: float = Field(5.0, gt=0)  # percent: where the Huber penalty turns linear
+    pixels: int = Field(1024, ge=16)  # drawn per scan, once: as many pixels and as many pairs
+
+
 class TrainSection(_Section):
     """Ray Train: workers, the paper's recipe and the storage of checkpoints."""
 
@@ -221,9 +240,13 @@ class TrainSection(_Section):
     # on the fold's training mean spectra (penalty by leave-one-out), and the U-Net's head at
     # zero, so training starts from the per-pixel spectral map; "pls": at the PLS baseline the
     # evaluation fits for this fold (PLS1 on the same training samples, components by CV over
-    # their folds), so the path's map is the out-of-fold PLS map; "zero": the path starts at 0.
-    spectral_init: Literal["zero", "ridge", "pls"] = "zero"
-    # Hold the spectral path at its ridge or PLS start (no gradient reaches it): the blind-spot
+    # their folds), so the path's map is the out-of-fold PLS map; "pixel": the path (linear
+    # or model.spectral_hidden's MLP) fitted alone before training, from each training
+    # sample's lab value and its own pixels (train.path_fit, chemmap.train.pathfit); "zero":
+    # the path starts at 0.
+    spectral_init: Literal["zero", "ridge", "pls", "pixel"] = "zero"
+    path_fit: PathFitSection = PathFitSection()
+    # Hold the spectral path at its ridge, PLS or pixel start (no gradient reaches it): the blind-spot
     # term then trains the denoiser on a fixed map, as bench/blindspot.py does, and cannot
     # make the target itself easier to predict by smoothing the path.
     spectral_freeze: bool = False
@@ -252,6 +275,9 @@ class ModelSection(_Section):
     encoder: Literal["plain", "resnet"] = "plain"
     checkpointing: bool = False  # recompute blocks in backward: less memory, more time
     spectral_path: bool = False  # add a per-pixel linear map of the spectra (a 1x1 conv at full resolution)
+    # With spectral_path: H > 0 makes the path a per-pixel MLP (1x1 convolutions C -> H -> H
+    # -> targets, GELU), fitted by train.spectral_init: pixel.
+    spectral_hidden: int = Field(0, ge=0)
     # With spectral_path: a K x K kernel-predicting head that filters the path's map per
     # pixel, steered by the U-Net's features (chemmap.models.unet.UNetConfig); 0: none.
     kernel_head: int = Field(0, ge=0)
@@ -283,6 +309,8 @@ class ModelSection(_Section):
             raise ValueError("kernel_head filters the spectral path's map: it needs spectral_path: true")
         if self.kernel_guide and not (self.kernel_head and self.pad):
             raise ValueError("kernel_guide steers the kernel head: it needs kernel_head and pad: true")
+        if self.spectral_hidden and not self.spectral_path:
+            raise ValueError("spectral_hidden shapes the spectral path: it needs spectral_path: true")
         if self.denoiser and not (self.spectral_path and self.pad):
             raise ValueError("denoiser filters the spectral path's map: it needs spectral_path and pad: true")
         if self.denoiser_output == "scaled" and self.denoiser_input == "path+features":
@@ -385,6 +413,11 @@ class ChemmapConfig(_Section):
         if wants and not self.model.spectral_path:
             raise ValueError(f"{wants[0]} needs model.spectral_path: true")
         _check_grid_and_freeze(self.model, train)
+        if self.model.spectral_hidden and train.spectral_init in ("ridge", "pls"):
+            raise ValueError(
+                f"train.spectral_init: {train.spectral_init} starts a linear path: it needs "
+                "model.spectral_hidden: 0 (an MLP path is fitted by spectral_init: pixel)"
+            )
         if wants and train.mode != "whole":
             raise ValueError(f"{wants[0]} is implemented for train.mode: whole only, got {train.mode!r}")
         return self
@@ -580,5 +613,5 @@ def _check_grid_and_freeze(model: ModelSection, train: TrainSection) -> None:
     if train.spectral_freeze and train.spectral_init == "zero":
         raise ValueError(
             "train.spectral_freeze holds the path at its fitted start: it needs train.spectral_init: "
-            "ridge or pls"
+            "ridge, pls or pixel"
         )

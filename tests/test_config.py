@@ -51,8 +51,14 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("train:\n  spectral_init: ridge\n", ["train.spectral_init", "model.spectral_path"]),
         (
             "model:\n  spectral_path: true\ntrain:\n  spectral_freeze: true\n",
-            ["train.spectral_freeze", "train.spectral_init: ridge or pls"],
+            ["train.spectral_freeze", "train.spectral_init: ridge, pls or pixel"],
         ),
+        ("model:\n  spectral_hidden: 8\n", ["spectral_hidden", "spectral_path: true"]),
+        (
+            "model:\n  spectral_path: true\n  spectral_hidden: 8\ntrain:\n  spectral_init: pls\n",
+            ["train.spectral_init: pls", "model.spectral_hidden: 0", "spectral_init: pixel"],
+        ),
+        ("train:\n  path_fit:\n    pixels: 4\n", ["train.path_fit.pixels", "16"]),
         ("train:\n  loss:\n    grid: output\n", ["train.loss.grid: output", "model.front_end"]),
         (
             "model:\n  front_end: true\ntrain:\n  mode: patches\n  loss:\n    grid: output\n",

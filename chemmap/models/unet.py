@@ -65,6 +65,11 @@ class UNetConfig:
     # PLS-like map, and full-resolution spectral detail does not pass through the stride-2
     # front-end and the up-sampling. Zero at the start.
     spectral_path: bool = False
+    # With spectral_path: H > 0 makes the path a per-pixel MLP instead of the linear map: 1x1
+    # convolutions C -> H -> H -> T with GELU between (no spatial context: it can only
+    # denoise by reading the spectrum, not by averaging neighbours). Its output layer starts
+    # at zero; train.spectral_init: pixel fits it before training (chemmap.train.pathfit).
+    spectral_hidden: int = 0
     # With spectral_path: K > 0 (odd) adds a kernel-predicting head at the output's full
     # resolution: from the U-Net's last features (up-sampled with the map) a 1x1 convolution
     # predicts, per pixel, K*K weights a_k, and the map gains sum_k a_k (S(p + k) - S(p)),
@@ -124,6 +129,11 @@ class UNetConfig:
             raise ValueError(
                 f"kernel_head must be 0 or an odd size >= 3 with spectral_path=True, got "
                 f"kernel_head={self.kernel_head}, spectral_path={self.spectral_path}."
+            )
+        if self.spectral_hidden < 0 or (self.spectral_hidden and not self.spectral_path):
+            raise ValueError(
+                f"spectral_hidden must be 0 or > 0 with spectral_path=True, got "
+                f"spectral_hidden={self.spectral_hidden}, spectral_path={self.spectral_path}."
             )
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}.")
@@ -305,6 +315,33 @@ class SpectralFrontEnd(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
+def spectral_path(in_channels: int, out_channels: int, hidden: int = 0) -> nn.Module:
+    """The per-pixel spectral path: a 1x1 convolution (``hidden=0``), or an MLP of 1x1
+    convolutions ``in -> hidden -> hidden -> out`` with GELU between; output zero at the start."""
+    if not hidden:
+        path: nn.Module = nn.Conv2d(in_channels, out_channels, 1)
+    else:
+        path = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1),
+            nn.GELU(),
+            nn.Conv2d(hidden, hidden, 1),
+            nn.GELU(),
+            nn.Conv2d(hidden, out_channels, 1),
+        )
+        for conv in path[:-1:2]:
+            nn.init.kaiming_normal_(conv.weight)
+            nn.init.zeros_(conv.bias)
+    _zero_output(path)
+    return path
+
+
+def _zero_output(module: nn.Module) -> None:
+    """Zero the weight and bias of a head, or of the last layer of a sequence of them."""
+    last = module[-1] if isinstance(module, nn.Sequential) else module
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+
+
 class UNet(nn.Module):
     """U-Net mapping a ``(B, C, H, W)`` cube to ``(B, out_channels, H', W')`` maps.
 
@@ -331,7 +368,7 @@ class UNet(nn.Module):
             Up(widths[level + 1], widths[level], config) for level in range(config.depth - 1)
         )
         self.head = nn.Conv2d(widths[0], config.out_channels, 1)
-        self.spectral: nn.Conv2d | None = None
+        self.spectral: nn.Module | None = None
         # Training with the spectral path's own terms sets this: forward then returns the map
         # and the spectral path's map stacked, (B, 2 T, H', W') (see forward).
         self.emit_parts = False
@@ -342,9 +379,7 @@ class UNet(nn.Module):
         self.reset_parameters()
         self.kernel: nn.Conv2d | None = None
         if config.spectral_path:  # made after the rest is drawn: the U-Net starts as without it
-            self.spectral = nn.Conv2d(config.in_channels, config.out_channels, 1)
-            nn.init.zeros_(self.spectral.weight)
-            nn.init.zeros_(self.spectral.bias)
+            self.spectral = spectral_path(config.in_channels, config.out_channels, config.spectral_hidden)
         self.guide: nn.Sequential | None = None
         if config.kernel_guide:  # drawn like the body's convolutions (reset_parameters' rule)
             self.guide = nn.Sequential(
@@ -395,8 +430,7 @@ class UNet(nn.Module):
                 nn.init.zeros_(module.bias)
         for extra in (self.spectral, getattr(self, "kernel", None)):  # zero: the plain U-Net at the start
             if extra is not None:
-                nn.init.zeros_(extra.weight)
-                nn.init.zeros_(extra.bias)
+                _zero_output(extra)
 
     # ------------------------------------------------------------------ geometry
 
@@ -549,8 +583,10 @@ class UNet(nn.Module):
         model's input units; the U-Net's head starts at zero, so the model's map is the path's
         until training moves the U-Net away from it (its other weights keep their draw).
         """
-        if self.spectral is None:
-            raise ValueError("start_from_spectral needs a U-Net built with spectral_path=True.")
+        if not isinstance(self.spectral, nn.Conv2d):
+            raise ValueError(
+                "start_from_spectral needs a linear path: a U-Net with spectral_path=True, spectral_hidden=0."
+            )
         t, c = self.config.out_channels, self.config.in_channels
         if tuple(coef.shape) != (c, t) or tuple(intercept.shape) != (t,):
             raise ValueError(f"expected coef ({c}, {t}) and intercept ({t},), got "
@@ -558,6 +594,11 @@ class UNet(nn.Module):
         with torch.no_grad():
             self.spectral.weight.copy_(coef.T.reshape(t, c, 1, 1))
             self.spectral.bias.copy_(intercept)
+        self.start_at_path()
+
+    def start_at_path(self) -> None:
+        """Zero the U-Net's head, so that the model's map starts as the spectral path's."""
+        with torch.no_grad():
             nn.init.zeros_(self.head.weight)
             if self.head.bias is not None:
                 nn.init.zeros_(self.head.bias)

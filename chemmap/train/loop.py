@@ -49,6 +49,7 @@ from chemmap.preprocess.store import Dataset, PatchIndex
 from chemmap.train.data import InputCache, Prefetcher, ScanView, sample_views, shard_for_rank
 from chemmap.train.feed import send, send_done
 from chemmap.train.objective import blind_spot, residual_form, sample_loss, scan_sums
+from chemmap.train.pathfit import draw_pixels, fit_path
 
 STATE_FILE = "state.pt"
 
@@ -410,6 +411,8 @@ def build_fold(
             _start_from_ridge(net, data, train_ids)
         elif tcfg.spectral_init == "pls":
             _start_from_pls(net, data, train_ids)
+        elif tcfg.spectral_init == "pixel":
+            _start_from_pixels(net, data, train_ids, tcfg, seed * 1000 + fold, ctx.get_world_rank() == 0)
     if tcfg.spectral_freeze and net.spectral is not None:  # restored or not: the path stays put
         net.spectral.requires_grad_(False)
     # DDP over the workers (moves to the worker's device). Gradients as views into DDP's buckets:
@@ -516,6 +519,24 @@ def _start_from_pls(model: UNet, data: Dataset, train_ids: list[str]) -> None:
     intercept = pls.intercept + mean @ pls.coef
     dtype = next(model.parameters()).dtype
     model.start_from_spectral(*(torch.as_tensor(a, dtype=dtype) for a in (coef, intercept)))
+
+
+def _start_from_pixels(
+    model: UNet, data: Dataset, train_ids: list[str], tcfg: TrainSection, seed: int, say: bool
+) -> None:
+    """The spectral path fitted alone on the training samples' pixels (:mod:`chemmap.train.pathfit`),
+    and the U-Net's head at zero, so training starts from the path's map."""
+    assert model.spectral is not None  # the config requires model.spectral_path
+    started = time.perf_counter()
+    draws = draw_pixels(data, train_ids, tcfg.path_fit.pixels, seed)
+    terms = fit_path(model.spectral, draws, tcfg.path_fit, seed)
+    model.start_at_path()
+    if say:
+        print(
+            f"  spectral path fitted on {len(train_ids)} samples in {time.perf_counter() - started:.0f} s: "
+            f"mean term {terms['mean']:.2f}, smoothness {terms['smooth']:.2f}",
+            flush=True,
+        )
 
 
 def whole_step(f: Fold, batch: list[LoadedSample], sums: EpochSums) -> None:

@@ -345,6 +345,49 @@ def test_a_pls_start_makes_the_model_map_the_evaluations_out_of_fold_pls_map(tin
         _start_from_pls(net, data, data.ids([2]))  # one training fold: nothing to choose components on
 
 
+def test_a_pixel_start_fits_an_mlp_path_and_the_map_starts_as_its_map(tiny_dataset, tmp_path):
+    """``spectral_init: pixel``: the MLP path is fitted to the lab values from the samples'
+    own pixels, every rank the same, and the model's map is the path's (the head at zero)."""
+    import numpy as np
+    import torch
+
+    from chemmap.config import TrainSection
+    from chemmap.models.tiling import predict_full
+    from chemmap.train.loop import _start_from_pixels
+
+    _, pre = tiny_dataset
+    cfg = _cfg(
+        tmp_path,
+        "model.spectral_path=true",
+        "model.spectral_hidden=16",
+        "train.spectral_init=pixel",
+        "train.path_fit.steps=150",
+        "train.path_fit.lr=0.01",
+    )
+    data = Dataset(pre.path / "dataset.zarr")
+    train_ids = data.ids([1, 2, 3, 4])
+    nets = []
+    for _ in range(2):  # two ranks
+        torch.manual_seed(7)
+        net = UNet(model_config(cfg, data.n_channels, len(cfg.targets)))
+        tcfg = TrainSection.model_validate(cfg.train.model_dump())
+        _start_from_pixels(net, data, train_ids, tcfg, 11, False)
+        nets.append(net.double().eval())
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    means = []
+    for sid in train_ids:
+        (scan,) = data.samples[sid].scans
+        mask = torch.from_numpy(data.mask(scan))
+        x = torch.from_numpy(data.model_input(data.cube(scan)[...]).astype(np.float64))
+        with torch.no_grad():
+            got, path = predict_full(nets[0], x)[0], nets[0].spectral(x[None])[0, 0]
+        assert torch.allclose(got, path, atol=1e-6)
+        means.append(float(got[mask].mean()))
+    labels = np.array([data.samples[s].targets[0] for s in train_ids])
+    assert np.corrcoef(means, labels)[0, 1] > 0.8, (means, labels)
+
+
 @pytest.mark.slow
 def test_training_with_the_spectral_path_terms_moves_the_path(ray_local, tiny_dataset, tmp_path):
     """The path's terms (and the blind-spot term) reach the gradient: the path leaves its ridge
