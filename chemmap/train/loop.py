@@ -412,7 +412,9 @@ def build_fold(
         elif tcfg.spectral_init == "pls":
             _start_from_pls(net, data, train_ids)
         elif tcfg.spectral_init == "pixel":
-            _start_from_pixels(net, data, train_ids, tcfg, seed * 1000 + fold, ctx.get_world_rank() == 0)
+            feed = config.get("epoch_feed") if ctx.get_world_rank() == 0 else None
+            say = functools.partial(send, feed) if ctx.get_world_rank() == 0 else None
+            _start_from_pixels(net, data, train_ids, tcfg, seed * 1000 + fold, say)
     if tcfg.spectral_freeze and net.spectral is not None:  # restored or not: the path stays put
         net.spectral.requires_grad_(False)
     # DDP over the workers (moves to the worker's device). Gradients as views into DDP's buckets:
@@ -522,20 +524,20 @@ def _start_from_pls(model: UNet, data: Dataset, train_ids: list[str]) -> None:
 
 
 def _start_from_pixels(
-    model: UNet, data: Dataset, train_ids: list[str], tcfg: TrainSection, seed: int, say: bool
+    model: UNet, data: Dataset, train_ids: list[str], tcfg: TrainSection, seed: int, say: Any = None
 ) -> None:
     """The spectral path fitted alone on the training samples' pixels (:mod:`chemmap.train.pathfit`),
-    and the U-Net's head at zero, so training starts from the path's map."""
+    and the U-Net's head at zero, so training starts from the path's map. ``say``: called with
+    a line on what the fit did (rank 0 sends it to the driver's console), or None."""
     assert model.spectral is not None  # the config requires model.spectral_path
     started = time.perf_counter()
     draws = draw_pixels(data, train_ids, tcfg.path_fit.pixels, seed)
     terms = fit_path(model.spectral, draws, tcfg.path_fit, seed)
     model.start_at_path()
-    if say:
-        print(
+    if say is not None:
+        say(
             f"  spectral path fitted on {len(train_ids)} samples in {time.perf_counter() - started:.0f} s: "
-            f"mean term {terms['mean']:.2f}, smoothness {terms['smooth']:.2f}",
-            flush=True,
+            f"mean term {terms['mean']:.2f}, smoothness {terms['smooth']:.2f} (last step)"
         )
 
 

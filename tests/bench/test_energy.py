@@ -61,3 +61,16 @@ def test_the_blind_spot_script_runs_and_refuses_the_test_split(tiny_dataset):
     assert all(float(v) > 0 for v in figures.values())
     res = subprocess.run([*cmd[:3], "--fit-folds", "0"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode != 0 and "test split" in res.stderr
+
+
+def test_the_pixel_path_script_prints_every_map_and_refuses_the_test_split(tiny_dataset):
+    """bench/pixelpath.py: a few steps of each fit on the CI preset's dataset, a row per map."""
+    _, pre = tiny_dataset
+    script, store = str(ROOT / "bench" / "pixelpath.py"), str(pre.path / "dataset.zarr")
+    cmd = [sys.executable, script, store, "--scans", "2", "--steps", "3", "--n2v-steps", "2", "--hidden", "8"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    rows = dict(re.findall(r"^(pls|mlp[^\d]*?[\w )]*?)\s+([0-9.]+)\s+[0-9.]+\s+[0-9.]+$", out, flags=re.M))
+    assert set(rows) == {"pls", "mlp, smooth 0", "mlp, smooth 1", "mlp on pixel truth (headroom)"}, out
+    assert all(float(v) > 0 for v in rows.values())
+    res = subprocess.run([*cmd[:3], "--fit-folds", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode != 0 and "test split" in res.stderr

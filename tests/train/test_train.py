@@ -366,15 +366,16 @@ def test_a_pixel_start_fits_an_mlp_path_and_the_map_starts_as_its_map(tiny_datas
     )
     data = Dataset(pre.path / "dataset.zarr")
     train_ids = data.ids([1, 2, 3, 4])
-    nets = []
+    nets, lines = [], []
     for _ in range(2):  # two ranks
         torch.manual_seed(7)
         net = UNet(model_config(cfg, data.n_channels, len(cfg.targets)))
         tcfg = TrainSection.model_validate(cfg.train.model_dump())
-        _start_from_pixels(net, data, train_ids, tcfg, 11, False)
+        _start_from_pixels(net, data, train_ids, tcfg, 11, lines.append)
         nets.append(net.double().eval())
     for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    assert len(lines) == 2 and f"spectral path fitted on {len(train_ids)} samples" in lines[0], lines
     means = []
     for sid in train_ids:
         (scan,) = data.samples[sid].scans
