@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--smooth", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--steps", type=int, default=1200, help="the path's fit (train.path_fit.steps)")
+    ap.add_argument("--pixels", type=int, default=1024, help="drawn per scan (train.path_fit.pixels)")
     ap.add_argument("--n2v-steps", type=int, default=1500, help="the blind-spot denoiser's; 0: none")
     ap.add_argument("--no-oracle", action="store_true", help="skip the MLP fitted on pixel truth")
     args = ap.parse_args()
@@ -104,7 +105,7 @@ def main() -> None:
     fit_ids, eval_ids = data.ids(args.fit_folds), data.ids(args.eval_folds)[: args.scans]
     pls = fit_pls(data, mean_spectra(data), data.targets[:1], fit_ids)
     maps = {"pls": lambda scan: pls.predict_cube(data.cube(scan)[...], data.mask(scan))[0].astype(np.float64)}
-    draws = draw_pixels(data, fit_ids, 1024, seed=0)
+    draws = draw_pixels(data, fit_ids, args.pixels, seed=0)
     for smooth in args.smooth:
         torch.manual_seed(0)
         path = spectral_path(data.n_channels, 1, args.hidden)

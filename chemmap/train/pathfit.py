@@ -85,14 +85,19 @@ def fit_path(
 ) -> dict[str, float]:
     """Fit ``path`` (a module on ``(N, C, 1, 1)`` inputs) in place; returns the last step's terms.
 
-    The output layer's bias starts at the samples' mean lab value, so the first steps fit
-    the contrast, not the offset.
+    The fit draws the path afresh (PyTorch's default initialisation, from ``seed``), with
+    the output layer's bias at the samples' mean lab value, so the first steps fit the
+    contrast, not the offset.
     """
     gen = torch.Generator().manual_seed(seed)
     dtype = next(path.parameters()).dtype
-    last = path[-1] if isinstance(path, torch.nn.Sequential) else path
-    with torch.no_grad():
-        last.bias.copy_(torch.stack([d.target for d in draws]).mean(0).to(dtype))
+    layers = list(path) if isinstance(path, torch.nn.Sequential) else [path]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for layer in layers:  # PyTorch's default draw (docs/loss.md: a kaiming-normal one fitted worse)
+            if isinstance(layer, torch.nn.Conv2d):
+                layer.reset_parameters()
+        layers[-1].bias.copy_(torch.stack([d.target for d in draws]).mean(0).to(dtype))
     opt = torch.optim.AdamW(path.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
 

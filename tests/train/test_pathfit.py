@@ -58,9 +58,9 @@ def test_the_smoothness_makes_the_path_read_past_the_shading(hidden, lr):
         with torch.no_grad():
             pred = path(torch.from_numpy(x)[:, :, None, None])[:, 0, 0, 0].numpy()
         errors[smooth] = float(np.sqrt(np.mean((pred - fat) ** 2)))
-    # Without it the shading passes into the map (40 x 0.5 = 20 % per pixel); with it the
-    # path subtracts channel 1.
-    assert errors[1.0] < 2.0 and errors[0.0] > 10.0, errors
+    # Without it the shading passes into the map (up to 40 x 0.5 = 20 % per pixel: what the
+    # random start happens to cancel stays cancelled); with it the path subtracts channel 1.
+    assert errors[1.0] < 1.0 and errors[0.0] > 3.0, errors
 
 
 def test_an_mlp_path_starts_at_zero_and_only_a_linear_path_takes_a_linear_start():
