@@ -317,7 +317,9 @@ class SpectralFrontEnd(nn.Module):
 
 def spectral_path(in_channels: int, out_channels: int, hidden: int = 0) -> nn.Module:
     """The per-pixel spectral path: a 1x1 convolution (``hidden=0``), or an MLP of 1x1
-    convolutions ``in -> hidden -> hidden -> out`` with GELU between; output zero at the start."""
+    convolutions ``in -> hidden -> hidden -> out`` with GELU between; output zero at the start.
+    The hidden layers keep PyTorch's default draw, which :func:`chemmap.train.pathfit.fit_path`
+    also starts from."""
     if not hidden:
         path: nn.Module = nn.Conv2d(in_channels, out_channels, 1)
     else:
@@ -328,9 +330,6 @@ def spectral_path(in_channels: int, out_channels: int, hidden: int = 0) -> nn.Mo
             nn.GELU(),
             nn.Conv2d(hidden, out_channels, 1),
         )
-        for conv in path[:-1:2]:
-            nn.init.kaiming_normal_(conv.weight)
-            nn.init.zeros_(conv.bias)
     _zero_output(path)
     return path
 
