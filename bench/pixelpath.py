@@ -68,6 +68,11 @@ def _mlp_on_truth(data, ids: list[str], hidden: int, steps: int, seed: int):
     return path
 
 
+def _rmse(parts: list[np.ndarray]) -> float:
+    """Pooled RMSE of error arrays; NaN for none (a column not computed)."""
+    return float(np.sqrt(np.mean(np.concatenate(parts) ** 2))) if parts else float("nan")
+
+
 def _path_map(path, data, scan: str) -> np.ndarray:
     import torch
 
@@ -131,8 +136,7 @@ def main() -> None:
                 if denoiser is not None:
                     den.append(np.clip(denoiser.apply(m), 0, 100)[ok] - truth[ok])
                 means.append(m[mask].mean() - data.samples[sid].targets[0])
-        rmse = lambda parts: float(np.sqrt(np.mean(np.concatenate(parts) ** 2))) if parts else float("nan")  # noqa: E731
-        rows.append((name, rmse(raw), rmse(den), float(np.sqrt(np.mean(np.square(means))))))
+        rows.append((name, _rmse(raw), _rmse(den), float(np.sqrt(np.mean(np.square(means))))))
         print(f"scored {name} ({time.perf_counter() - started:.0f} s)", flush=True)
     scored = f"scored on {len(eval_ids)} samples of folds {args.eval_folds}"
     print(f"\n{args.dataset}: fitted on folds {args.fit_folds}, {scored}")
