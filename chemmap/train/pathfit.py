@@ -80,6 +80,20 @@ def draw_pixels(data: Dataset, sample_ids: list[str], n: int, seed: int) -> list
     return draws
 
 
+def rows(layers: list[torch.nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The path's layers (1x1 convolutions and activations) on ``(n, C)`` rows of spectra.
+
+    The same map as the convolutions on ``(n, C, 1, 1)``, as matrix products: a convolution
+    over a batch of 1x1 images took about twice as long per step on the 2-core machine.
+    """
+    for layer in layers:
+        if isinstance(layer, torch.nn.Conv2d):
+            x = F.linear(x, layer.weight.flatten(1), layer.bias)
+        else:
+            x = layer(x)
+    return x
+
+
 def fit_path(
     path: torch.nn.Module, draws: list[PixelDraws], cfg: PathFitSection, seed: int
 ) -> dict[str, float]:
@@ -102,7 +116,7 @@ def fit_path(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
 
     def run(x: torch.Tensor) -> torch.Tensor:  # (n, C) -> (n, T)
-        return path(x.to(dtype)[:, :, None, None])[:, :, 0, 0]
+        return rows(layers, x.to(dtype))
 
     terms = {"mean": 0.0, "smooth": 0.0}
     for _ in range(cfg.steps):

@@ -10,7 +10,7 @@ import torch
 
 from chemmap.config import PathFitSection
 from chemmap.models.unet import UNet, UNetConfig, spectral_path
-from chemmap.train.pathfit import PixelDraws, _neighbour_pairs, fit_path
+from chemmap.train.pathfit import PixelDraws, _neighbour_pairs, fit_path, rows
 
 
 def test_neighbour_pairs_are_the_4_neighbours_inside_the_mask():
@@ -19,6 +19,17 @@ def test_neighbour_pairs_are_the_4_neighbours_inside_the_mask():
     got = {tuple(sorted(p)) for p in zip(a.tolist(), b.tolist(), strict=True)}
     # flat indices: 0 1 2 / 3 4 5 / 6 7 8
     assert got == {(0, 1), (6, 7), (7, 8), (0, 3), (3, 6), (5, 8)}
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_the_fit_runs_the_path_as_the_model_does(hidden):
+    path = spectral_path(5, 2, hidden)
+    for p in path.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(30, 5)
+    layers = list(path) if hidden else [path]
+    want = path(x[:, :, None, None])[:, :, 0, 0]
+    torch.testing.assert_close(rows(layers, x), want, rtol=1e-5, atol=1e-5)
 
 
 def _shaded_samples(n_samples: int, seed: int) -> tuple[list[PixelDraws], np.ndarray, np.ndarray]:
