@@ -105,6 +105,24 @@ def test_the_nir_finalist_is_the_finalist_on_the_nir_pipelines_data():
     assert (both.model, both.train, both.evaluate) == (finalist.model, finalist.train, finalist.evaluate)
 
 
+def test_the_third_finalist_is_the_second_plus_its_recipe_and_path():
+    """pipelines/pork_belly_pixel.yaml changes only what was screened (docs/loss.md, "Seventh
+    step"); its NIR check is the NIR pipeline's data and recipe, with SNV, under its model."""
+    second = load_config(ROOT / "pipelines" / "pork_belly_denoiser.yaml")
+    third = load_config(ROOT / "pipelines" / "pork_belly_pixel.yaml")
+    screened = load_config(
+        ROOT / "pipelines" / "pork_belly_denoiser.yaml",
+        ["preprocess.transform=absorbance", "preprocess.snv=true", "model.spectral_hidden=64",
+         "train.spectral_init=pixel", "name=pork_belly_pixel"],
+    )  # fmt: skip
+    assert third.model_dump() == screened.model_dump() != second.model_dump()
+    nir = load_config(ROOT / "pipelines" / "pork_belly_nir.yaml")
+    both = load_config(ROOT / "pipelines" / "pork_belly_nir_pixel.yaml")
+    assert (both.synth, both.data) == (nir.synth, nir.data)
+    assert both.preprocess == nir.preprocess.model_copy(update={"snv": True})
+    assert (both.model, both.train, both.evaluate) == (third.model, third.train, third.evaluate)
+
+
 def test_the_nir_pipeline_has_its_own_recipe():
     cfg = load_config(ROOT / "pipelines" / "pork_belly_nir.yaml")
     wl = SynthSpec.from_config(cfg.synth).wavelengths()
