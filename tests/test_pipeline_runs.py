@@ -50,12 +50,11 @@ def test_one_pipeline_run_per_invocation_and_cached_stages_linked_not_reparented
     assert [r.data.tags.get("chemmap.fold") for r in folds] == ["1"]
 
 
-def _finalist_sets() -> list[str]:
-    """pipelines/pork_belly_denoiser.yaml's own settings as overrides of the tiny preset
-    (its pls_n2v baseline shortened to a few steps)."""
+def _finalist_sets(name: str) -> list[str]:
+    """A finalist's own settings (pipelines/<name> and the files it is based on, down to
+    pork_belly.yaml) as overrides of the tiny preset; its pls_n2v baseline and a pixel path's
+    fit shortened to a few steps."""
     import yaml
-
-    own = yaml.safe_load((ROOT / "pipelines" / "pork_belly_denoiser.yaml").read_text())
 
     def flat(d: dict, prefix: str = "") -> list[str]:
         out = []
@@ -63,15 +62,25 @@ def _finalist_sets() -> list[str]:
             out += flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}={v}"]
         return out
 
-    sets = [s for section in ("model", "train", "evaluate") for s in flat(own[section], f"{section}.")]
-    return [s for s in sets if not s.startswith("evaluate.blindspot_steps=")] + ["evaluate.blindspot_steps=5"]
+    chain = []
+    while name != "pork_belly.yaml":
+        own = yaml.safe_load((ROOT / "pipelines" / name).read_text())
+        chain.insert(0, own)
+        name = own["base"]
+    sections = ("preprocess", "model", "train", "evaluate")
+    sets = [s for own in chain for section in sections for s in flat(own.get(section, {}), f"{section}.")]
+    return [*sets, "evaluate.blindspot_steps=5", "train.path_fit.steps=20"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("finalist", [False, True], ids=["default", "denoiser_finalist"])
+@pytest.mark.parametrize(
+    "finalist",
+    [None, "pork_belly_denoiser.yaml", "pork_belly_pixel.yaml"],
+    ids=["default", "denoiser_finalist", "pixel_finalist"],
+)
 def test_run_registers_the_champion_and_score_reproduces_the_evaluated_maps(ray_local, tmp_path, finalist):
     """``make run``, then the README's scoring command, on the tiny preset; and the same with
-    issue 15's finalist (pipelines/pork_belly_denoiser.yaml's model, loss and baseline)."""
+    issue 15's second and third finalists (their recipe, model, loss and baseline)."""
     import json
     import os
     import subprocess
@@ -84,7 +93,13 @@ def test_run_registers_the_champion_and_score_reproduces_the_evaluated_maps(ray_
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [f"workdir={tmp_path}", f"cluster.tracking_uri={uri}", "train.folds=[1]", "train.epochs=1"]
-    cfg = load_config(ROOT / "configs" / "ci.yaml", [*sets, *(_finalist_sets() if finalist else [])])
+    cfg = load_config(ROOT / "configs" / "ci.yaml", [*sets, *(_finalist_sets(finalist) if finalist else [])])
+    if finalist:  # the finalist's model and recipe, on the tiny preset's data and sizes
+        own = load_config(ROOT / "pipelines" / finalist)
+        recipe = {"transform", "snv"}
+        assert cfg.preprocess.model_dump(include=recipe) == own.preprocess.model_dump(include=recipe)
+        assert cfg.model.spectral_hidden == own.model.spectral_hidden
+        assert cfg.train.spectral_init == own.train.spectral_init
     out = run(cfg, progress=False, log=lambda s: None)
     registered = json.loads((out["register"] / "_COMPLETE.json").read_text())
     assert (registered["name"], registered["version"], registered["alias"]) == (cfg.name, "1", "champion")
