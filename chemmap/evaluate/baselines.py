@@ -186,13 +186,16 @@ def pls_candidates(pls_map: np.ndarray, mask: np.ndarray) -> dict[str, BaselineM
     return out
 
 
-def smoothed_brightness(cube: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
-    """Mean over channels of a stored cube ``(C, H, W)``, smoothed inside the mask (sigma 0: not).
+def smoothed_brightness(brightness: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """A scan's brightness ``(H, W)`` (:meth:`Dataset.brightness`), smoothed inside the mask (sigma 0: not).
+
+    The brightness is read from the dataset, not from the stored cube: a recipe with SNV
+    sets every pixel's channel mean to 0, which would leave nothing to scale.
 
     Returns:
         ``(H, W)`` float64, NaN outside the mask.
     """
-    b = np.asarray(cube, dtype=np.float64).mean(axis=0)
+    b = np.asarray(brightness, dtype=np.float64)
     if sigma > 0:
         return gaussian_in_mask(b, mask, sigma).full.astype(np.float64)
     return np.where(mask, b, np.nan)

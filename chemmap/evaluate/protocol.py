@@ -185,7 +185,7 @@ def _add_scan(
     if unet_map is not None:
         oof.add_error("unet", unet_map, known, truth)
     for sigma in BRIGHTNESS_SIGMAS:
-        b = smoothed_brightness(scan["cube"], mask, sigma)
+        b = smoothed_brightness(scan["brightness"], mask, sigma)
         oof.brightness.add(fold, sigma, b[known], truth[known], lab)
 
 
@@ -231,6 +231,7 @@ def out_of_fold(
             truth = data.truth(scan_id) or {}
             cube = np.asarray(data.cube(scan_id)[...])
             mask = data.mask(scan_id)
+            brightness = data.brightness(scan_id) if truth else None
             net = unet_by_fold.get(info.split)
             unet = None if net is None else predict_map(net, data.model_input(cube), geometry).numpy()
             wants_pls = truth and (info.split in scored or keep_maps)  # else: the brightness fit only
@@ -245,7 +246,7 @@ def out_of_fold(
                 if t not in truth:
                     out[t].no_truth += info.split in scored
                     continue
-                scan = {"mask": mask, "truth": truth[t].astype(np.float64), "cube": cube}
+                scan = {"mask": mask, "truth": truth[t].astype(np.float64), "brightness": brightness}
                 if out[t].kept is not None:
                     pls_map = pls_maps[j].astype(np.float32)
                     out[t].kept.append((info.split, pls_map, mask, scan["truth"], info.split in scored))

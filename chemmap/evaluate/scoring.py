@@ -169,7 +169,7 @@ def _as_baseline(full: np.ndarray, native: np.ndarray | None, mask: np.ndarray, 
 
 
 def _scan_methods(
-    cube: np.ndarray, mask: np.ndarray, pls_map: np.ndarray, lab: float, choices: Choices
+    brightness: np.ndarray, mask: np.ndarray, pls_map: np.ndarray, lab: float, choices: Choices
 ) -> dict[str, BaselineMap]:
     """Every baseline of one target on one test scan; smoothed PLS at every sigma (for the oracle)."""
     candidates = pls_candidates(pls_map, mask)
@@ -177,7 +177,7 @@ def _scan_methods(
     out |= {setting_key("pls_gauss", s): candidates[setting_key("pls_gauss", s)] for s in SIGMAS}
     out["flat_lab"] = flat_map(mask, lab)
     if choices.brightness_sigma is not None:
-        b = smoothed_brightness(cube, mask, choices.brightness_sigma)
+        b = smoothed_brightness(brightness, mask, choices.brightness_sigma)
         out["brightness_lab"] = brightness_map(b, mask, lab, choices.brightness_slope)
     return out
 
@@ -195,6 +195,7 @@ def _score_scan(
     mask = data.mask(scan_id)
     truth = data.truth(scan_id) or {}
     cube = np.asarray(data.cube(scan_id)[...])
+    brightness = data.brightness(scan_id)
     unet, step = _unet_maps(data, scan_id, models)
     pls = models.pls.predict_cube(cube, mask)  # (T, H, W)
     fat = truth.get("fat")
@@ -205,7 +206,7 @@ def _score_scan(
             name: _as_baseline(full[j], None if native is None else native[j], mask, step)
             for name, (full, native) in unet.items()
         }
-        maps |= _scan_methods(cube, mask, pls[j], float(scores.reference[k, j]), models.choices[t])
+        maps |= _scan_methods(brightness, mask, pls[j], float(scores.reference[k, j]), models.choices[t])
         if t in models.denoisers:
             maps["pls_n2v"] = BaselineMap.on_scan_grid(models.denoisers[t].apply(pls[j]), mask).clipped()
         for name, bm in maps.items():

@@ -7,6 +7,8 @@ Layout (Zarr v3)::
       scans/<scan_id>/
         cube        float32 (band, y, x), chunks (all bands, chunk_lines, chunk_samples)
         mask        bool    (y, x)
+        brightness  float32 (y, x)           -- mean reflectance over the mask's bands, before
+                                                any transform (what SNV would take away)
         wavelength  float64 (band,)          -- the cube's coordinate
         attrs: sample_id, source files, per-band sums over the mask, complete
         truth/<target> float32 (y, x)         -- true maps, where the scanner wrote them (synthetic)
@@ -44,7 +46,8 @@ from chemmap.preprocess.scan import check_finite, reference_means, sample_mask, 
 # Calibrated reflectance of noisy pixels compresses poorly and zstd costs CPU on every read;
 # stored uncompressed, a window read is a plain memcpy (measured in bench/preprocess.py).
 CUBE_COMPRESSORS: Any = None
-DATASET_FORMAT = 2  # 2: true maps copied in, one patch index named in the root attributes
+# 2: true maps copied in, one patch index named in the root attributes; 3: each scan's brightness
+DATASET_FORMAT = 3
 BLOCKS_IN_FLIGHT = 2  # write units per worker thread in one Dask compute
 
 
@@ -231,10 +234,19 @@ def _finite_or_none(v: float) -> float | None:
     return float(v) if np.isfinite(v) else None
 
 
-def _write_mask_and_wavelengths(group, mask: np.ndarray, recipe: Recipe) -> None:
-    group.create_array(
-        "mask", shape=mask.shape, dtype="bool", chunks=mask.shape, dimension_names=("y", "x"), overwrite=True
-    )[...] = mask
+def _write_mask_and_wavelengths(group, mask: np.ndarray, brightness: np.ndarray, recipe: Recipe) -> None:
+    for name, values in (("mask", mask), ("brightness", brightness)):
+        arr = group.create_array(
+            name,
+            shape=values.shape,
+            dtype=values.dtype,
+            chunks=values.shape,
+            dimension_names=("y", "x"),
+            overwrite=True,
+        )
+        arr[...] = values
+    units = "counts" if recipe.config.calibration == "none" else "reflectance"
+    group["brightness"].attrs.update({"units": units})
     channels = recipe.n_channels
     wl = group.create_array(
         "wavelength",
@@ -375,7 +387,7 @@ class DatasetBuilder:
             flags.reflectance_mean, flags.bad, self.config.mask, mask_file=scan_in.mask_file, source=source
         )
         check_finite(flags.nonfinite, sm.mask, source)
-        _write_mask_and_wavelengths(group, sm.mask, recipe)
+        _write_mask_and_wavelengths(group, sm.mask, flags.reflectance_mean, recipe)
         _copy_truth(group, scan_in.truth_file, self.targets, (lines, samples))
         arr.attrs.update({"coordinates": "wavelength", "units": recipe.config.transform})
         info = {

@@ -109,6 +109,17 @@ class Dataset:
     def mask(self, scan_id: str) -> np.ndarray:
         return self.root[f"scans/{scan_id}/mask"][...]
 
+    def brightness(self, scan_id: str) -> np.ndarray:
+        """A scan's mean reflectance ``(lines, samples)`` over the mask's bands, before any transform.
+
+        Raises:
+            InputError: the dataset predates it (format 3): build it again.
+        """
+        key = f"scans/{scan_id}/brightness"
+        if key not in self.root:
+            raise InputError(f"{self.path}: scan {scan_id!r} has no brightness map; build the dataset again")
+        return self.root[key][...]
+
     def mean_spectrum(self, sample_id: str) -> np.ndarray:
         """A sample's mean stored spectrum ``(C,)`` float64 over the masked pixels of all its scans."""
         total, count = np.zeros(self.n_channels), 0

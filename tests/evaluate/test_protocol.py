@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from chemmap.evaluate.baselines import BRIGHTNESS_SIGMAS, SIGMAS, setting_key
-from chemmap.evaluate.protocol import BrightnessFit, OutOfFold, choose, fold_pls_models, out_of_fold
+from chemmap.evaluate.protocol import (
+    BrightnessFit,
+    OutOfFold,
+    choose,
+    fold_pls_models,
+    out_of_fold,
+    training_splits,
+)
 from chemmap.evaluate.stage import fit_pls, mean_spectra
 from chemmap.preprocess.store import Dataset
 
@@ -131,6 +138,27 @@ def test_a_reduced_fold_set_scores_every_method_on_the_trained_folds_scans_only(
     assert one.brightness.slope(sigma) == pytest.approx(everything.brightness.slope(sigma), rel=1e-12)
     fold1 = [s for sid in data.ids([1]) for s in data.samples[sid].scans]
     assert one.scans == len(fold1) and np.isfinite(choose(one).oof_rmse[setting_key("brightness_lab", sigma)])
+
+
+@pytest.mark.slow
+def test_the_brightness_baseline_scales_the_stored_brightness_not_the_cube(tiny_dataset):
+    """Its slope is the least-squares slope of the truth on the dataset's brightness map (mean
+    reflectance before any transform), per scan about its mean: a recipe with SNV, whose cube
+    has a channel mean of 0 at every pixel, still has a brightness to scale."""
+    _, pre = tiny_dataset
+    data = Dataset(pre.path / "dataset.zarr")
+    by_fold = fold_pls_models(data, mean_spectra(data), ["fat"], fit_pls)
+    oof = out_of_fold(data, ["fat"], by_fold, {}, progress=False)["fat"]
+    sxx = sxy = 0.0
+    for sid in data.ids(training_splits(data)):
+        for scan in data.samples[sid].scans:
+            known = data.mask(scan) & np.isfinite(data.truth(scan)["fat"])
+            b = data.brightness(scan)[known].astype(np.float64)
+            t = data.truth(scan)["fat"][known].astype(np.float64)
+            sxx += ((b - b.mean()) ** 2).sum()
+            sxy += ((b - b.mean()) * (t - t.mean())).sum()
+    assert oof.brightness.slope(0.0) == pytest.approx(sxy / sxx, rel=1e-9)
+    assert abs(sxy / sxx) > 1.0  # % fat per unit reflectance: fat is whiter than lean
 
 
 def test_the_blind_spot_baseline_scores_each_fold_with_a_denoiser_that_never_saw_it(monkeypatch):

@@ -71,6 +71,34 @@ def test_dataset_contents_match_the_recipe_on_the_raw_scan(tmp_path, folder):
     assert (stage.path / "config.yaml").is_file()
 
 
+def test_brightness_is_kept_when_snv_takes_it_out_of_the_cube(tmp_path, folder):
+    """SNV sets each pixel's channel mean to 0; the dataset keeps the mean reflectance beside it."""
+    from chemmap.preprocess.store import Dataset
+
+    cfg = _cfg(tmp_path, "preprocess.transform=absorbance", "preprocess.snv=true")
+    data = Dataset(preprocess_stage(cfg, **QUIET).path / "dataset.zarr")
+    recipe = data.recipe
+    scan = open_scan(folder / "S03" / "capture" / "S03.hdr")
+    white, dark = np.full((16, 20), 3000.0), np.full((16, 20), 100.0)
+    cube, reflectance_mean, _ = recipe.apply(scan.data.compute(), white, dark, 4095)
+    mask = data.mask("S03")
+    assert np.abs(cube.mean(axis=0)[mask]).max() < 1e-5  # nothing left to scale in the cube
+    b = data.brightness("S03")
+    np.testing.assert_allclose(b, reflectance_mean, rtol=1e-6)
+    assert b[mask].std() > 100 * np.abs(cube.mean(axis=0)[mask]).max()  # the pixel noise survives
+    assert b.shape == mask.shape and b.dtype == np.float32
+
+
+def test_a_dataset_without_brightness_is_one_clear_error(tmp_path, folder):
+    from chemmap.preprocess.store import Dataset
+
+    store = preprocess_stage(_cfg(tmp_path), **QUIET).path / "dataset.zarr"
+    del zarr.open_group(store, mode="r+", use_consolidated=False)["scans/S02/brightness"]
+    zarr.consolidate_metadata(store)  # as a dataset of format 2 was written
+    with pytest.raises(InputError, match=r"S02.*no brightness map; build the dataset again"):
+        Dataset(store).brightness("S02")
+
+
 def test_xarray_opens_named_dimensions_and_wavelengths(tmp_path, folder):
     store = preprocess_stage(_cfg(tmp_path), **QUIET).path / "dataset.zarr"
     ds = xr.open_zarr(store, group="scans/S02")
