@@ -93,7 +93,7 @@ from chemmap.models.tiling import (
     plan_window,
     read_padded,
 )
-from chemmap.models.unet import UNet
+from chemmap.models.unet import UNet, channels_last_2d
 from chemmap.preprocess.recipe import Recipe
 from chemmap.preprocess.scan import check_finite, model_input, sample_mask, transform
 
@@ -1083,10 +1083,8 @@ def _prepare_model(model: nn.Module, run: _Settings) -> nn.Module:
     param = next(model.parameters(), None)
     if param is not None and param.device != run.device:
         model.to(run.device)
-    if run.channels_last:  # 2-D convolutions only: the front-end's Conv3d weight has no such format
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-                module.to(memory_format=torch.channels_last)
+    if run.channels_last:
+        channels_last_2d(model)
     return model
 
 

@@ -334,6 +334,18 @@ def spectral_path(in_channels: int, out_channels: int, hidden: int = 0) -> nn.Mo
     return path
 
 
+def channels_last_2d(model: nn.Module) -> nn.Module:
+    """Put the weights of every 2-D (transposed) convolution in channels-last layout, in place.
+
+    ``model.to(memory_format=torch.channels_last)`` refuses a model with the front-end: it
+    converts every 4-D and 5-D tensor, and a ``Conv3d`` weight is 5-D. Returns ``model``.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+            module.to(memory_format=torch.channels_last)
+    return model
+
+
 def _zero_output(module: nn.Module) -> None:
     """Zero the weight and bias of a head, or of the last layer of a sequence of them."""
     last = module[-1] if isinstance(module, nn.Sequential) else module

@@ -44,7 +44,7 @@ from chemmap.models.patched import patched_backward, patched_sum
 from chemmap.models.pls import MAX_COMPONENTS, PLSBaseline
 from chemmap.models.ridge import ridge_loo
 from chemmap.models.tiling import Geometry, canvas_pads, forward_full, predict_full, read_padded
-from chemmap.models.unet import UNet, UNetConfig
+from chemmap.models.unet import UNet, UNetConfig, channels_last_2d
 from chemmap.preprocess.store import Dataset, PatchIndex
 from chemmap.train.data import InputCache, Prefetcher, ScanView, sample_views, shard_for_rank
 from chemmap.train.feed import send, send_done
@@ -422,8 +422,8 @@ def build_fold(
     # two CPU workers), the same sums.
     model = rt.prepare_model(net, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
     device = rt.get_device()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":  # the 2-D convolutions: the front-end's Conv3d weight has no such layout
+        channels_last_2d(model)
     rank = ctx.get_world_rank()
     run_id = (config.get("run_ids") or {}).get(fold) if rank == 0 else None
     return Fold(

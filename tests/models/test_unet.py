@@ -537,3 +537,22 @@ def test_a_scaled_denoiser_output_is_in_its_inputs_units() -> None:
 def test_a_bad_denoiser_is_one_clear_error(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="denoiser"):
         UNetConfig(in_channels=3, **kwargs)
+
+
+def test_channels_last_2d_converts_the_2d_convolutions_and_leaves_the_front_end() -> None:
+    """The GPU training loop and scoring both lay the 2-D convolutions out channels-last; the
+    whole-model call, which the training loop made before, refuses the front-end's 5-D weight."""
+    from chemmap.models.unet import channels_last_2d
+
+    net = UNet(UNetConfig(in_channels=20, out_channels=1, depth=2, features=4, front_end=True))
+    x = torch.randn(1, 20, 32, 32)
+    before = net(x)
+    with pytest.raises(RuntimeError, match="rank 4"):
+        net.to(memory_format=torch.channels_last)
+    assert channels_last_2d(net) is net
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert any(m.weight.ndim == 4 and m.weight.shape[-1] > 1 for m in convs)  # not only 1x1 (trivially both)
+    front = net.front_end.conv.weight
+    assert front.ndim == 5 and front.is_contiguous()
+    torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-6)
