@@ -21,6 +21,7 @@ loop reading the inputs and building the model. Runs are interleaved, ``--repeat
     .venv/bin/python bench/train.py                  # ~6 min on 2 cores (the dataset: `make run`'s, or made)
     .venv/bin/python bench/train.py --json bench/out/train.json
     .venv/bin/python bench/train.py --tiny           # smoke run, seconds: CI preset, Ray Train's local mode
+    python bench/train.py --gpu --repeats 2          # a CUDA machine: both loops on the GPU, bf16, 1 worker
 
 Target: chemmap with one worker >= 0.9x the plain loop's steady-state pixels/s at the same
 number of threads; the speed-up with two workers is reported against both plain loops.
@@ -63,8 +64,13 @@ FOLD = 1
 
 
 def plain_loop(cfg: ChemmapConfig, pre: StageDir, epochs: int, threads: int) -> dict[str, Any]:
-    """The textbook loop on the same model, data, loss and optimiser; its per-epoch figures."""
+    """The textbook loop on the same model, data, loss and optimiser; its per-epoch figures.
+
+    With ``train.use_gpu`` it runs on the first CUDA device, every input moved there first,
+    under bf16 autocast as chemmap's loop runs there (``train.amp: auto``).
+    """
     torch.set_num_threads(threads)
+    device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
     t0 = time.perf_counter()
     plan = plan_training(cfg, pre)
     data = Dataset(plan.store)
@@ -76,13 +82,16 @@ def plain_loop(cfg: ChemmapConfig, pre: StageDir, epochs: int, threads: int) -> 
         for scan in data.samples[sid].scans:
             h, w = data.shape(scan)
             x = data.model_input(data.raw_window(scan, 0, 0, h, w))  # (C, H, W)
-            out.append((torch.from_numpy(x), torch.from_numpy(data.mask(scan))))
+            out.append((torch.from_numpy(x).to(device), torch.from_numpy(data.mask(scan)).to(device)))
         return out
 
     inputs = {sid: load(sid) for sid in train_ids + val_ids}
-    targets = {sid: torch.tensor(data.samples[sid].targets, dtype=torch.float32) for sid in inputs}
+    targets = {
+        sid: torch.tensor(data.samples[sid].targets, dtype=torch.float32, device=device) for sid in inputs
+    }
     torch.manual_seed(cfg.seed * 1000 + FOLD)
-    net = UNet(plan.unet)
+    net = UNet(plan.unet).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for x, _ in inputs[train_ids[0]]:
         if not (net.accepts(x.shape[-2]) and net.accepts(x.shape[-1])):
             raise SystemExit(
@@ -105,14 +114,16 @@ def plain_loop(cfg: ChemmapConfig, pre: StageDir, epochs: int, threads: int) -> 
                 dims = [d for d in (-2, -1) if tcfg.augment.flips and rng.integers(2)]
                 if dims:
                     x, m = x.flip(dims), m.flip(dims)
-                parts.append(scan_sums(net(x[None])[0], m))  # (T, H, W) map
+                with autocast:
+                    parts.append(scan_sums(net(x[None])[0], m))  # (T, H, W) map
                 pixels += int(m.sum())
             loss = sample_loss(parts, targets[sid], tcfg.loss)["loss"] + tcfg.loss.l2 * l2_penalty(net)
             loss.backward()
             opt.step()
+        _sync(device)
         train_s = time.perf_counter() - t
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             sq = 0.0
             for sid in val_ids:
                 parts = [scan_sums(net(x[None])[0], m) for x, m in inputs[sid]]
@@ -121,10 +132,17 @@ def plain_loop(cfg: ChemmapConfig, pre: StageDir, epochs: int, threads: int) -> 
     return {"startup_s": startup, "history": history}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------- chemmap
 
 
-def _train_cfg(config: Path, work: Path, epochs: int, workers: int, threads: int) -> ChemmapConfig:
+def _train_cfg(
+    config: Path, work: Path, epochs: int, workers: int, threads: int, gpu: bool = False
+) -> ChemmapConfig:
     return load_config(
         config,
         [
@@ -135,6 +153,7 @@ def _train_cfg(config: Path, work: Path, epochs: int, workers: int, threads: int
             f"train.early_stopping={epochs}",  # the same number of epochs in every run
             f"train.num_workers={max(workers, 1)}",
             f"train.torch_threads={threads}",
+            f"train.use_gpu={str(gpu).lower()}",
         ],
     )
 
@@ -239,16 +258,24 @@ def main() -> None:
     parser.add_argument(
         "--tiny", action="store_true", help="CI preset, 2 epochs, Ray Train local mode: seconds"
     )
+    parser.add_argument(
+        "--gpu", action="store_true", help="both loops on the first CUDA device, bf16 autocast; one worker"
+    )
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="chemmap-bench-train-")
     work = Path(tmp.name)
     if args.tiny:
         args.config, args.workdir = ROOT / "configs" / "ci.yaml", work / "data"
         args.epochs, args.warmup, args.workers, args.repeats = 2, 1, [0], 1
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu: this machine has no CUDA device")
+        args.workers = [1]  # one device: DDP (NCCL) cannot put two ranks on it
     print(
         f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs, "
         f"{args.threads} torch thread(s) per process; {args.config.name}, fold {FOLD}, "
-        f"{args.epochs} epochs ({args.warmup} warm-up)",
+        f"{args.epochs} epochs ({args.warmup} warm-up)"
+        + (f"; {torch.cuda.get_device_name(0)}, bf16 autocast" if args.gpu else ""),
         flush=True,
     )
     pre = dataset(args.config, args.workdir)
@@ -264,9 +291,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         for loop, workers, threads in plans:
-            cfg = _train_cfg(
-                args.config, work / f"{loop}-w{workers}-t{threads}-r{rep}", args.epochs, workers, threads
-            )
+            run_dir = work / f"{loop}-w{workers}-t{threads}-r{rep}"
+            cfg = _train_cfg(args.config, run_dir, args.epochs, workers, threads, args.gpu)
             if loop == "plain":
                 run = plain_loop(cfg, pre, args.epochs, threads)
             else:
