@@ -234,8 +234,9 @@ def _finite_or_none(v: float) -> float | None:
     return float(v) if np.isfinite(v) else None
 
 
-def _write_mask_and_wavelengths(group, mask: np.ndarray, brightness: np.ndarray, recipe: Recipe) -> None:
-    for name, values in (("mask", mask), ("brightness", brightness)):
+def _write_maps_and_wavelengths(group, mask: np.ndarray, brightness: np.ndarray, recipe: Recipe) -> None:
+    maps = (("mask", np.asarray(mask, dtype=bool)), ("brightness", np.asarray(brightness, dtype=np.float32)))
+    for name, values in maps:
         arr = group.create_array(
             name,
             shape=values.shape,
@@ -387,7 +388,7 @@ class DatasetBuilder:
             flags.reflectance_mean, flags.bad, self.config.mask, mask_file=scan_in.mask_file, source=source
         )
         check_finite(flags.nonfinite, sm.mask, source)
-        _write_mask_and_wavelengths(group, sm.mask, flags.reflectance_mean, recipe)
+        _write_maps_and_wavelengths(group, sm.mask, flags.reflectance_mean, recipe)
         _copy_truth(group, scan_in.truth_file, self.targets, (lines, samples))
         arr.attrs.update({"coordinates": "wavelength", "units": recipe.config.transform})
         info = {
